@@ -1,0 +1,46 @@
+# make demo: install what is needed, then run three hosts in network namespaces.
+# make test: the whole suite (unit tests; as root also TUN, namespaces, etcd).
+PY ?= python3
+APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping
+STAMP := build/.setup-stamp
+
+.PHONY: setup build demo demo-etcd test test-unit lint bench bench-quick clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "apt-get install$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@mkdir -p build && touch $(STAMP)
+
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+demo: build
+	$(PY) -m tunproxy.demo
+
+demo-etcd: build
+	$(PY) -m tunproxy.demo --etcd
+
+test: build
+	$(PY) -m pytest -q tests
+
+test-unit: build
+	$(PY) -m pytest -q tests/unit
+
+lint:
+	ruff check tunproxy tests bench
+	mypy tunproxy
+
+bench: build
+	$(PY) -m bench
+
+bench-quick: build
+	$(PY) -m bench --quick
+
+clean:
+	rm -rf build *.egg-info tunproxy/_fastpath_cffi* .pytest_cache .hypothesis

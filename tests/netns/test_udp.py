@@ -1,0 +1,170 @@
+"""The udp backend end to end: real TUN devices, namespaces, tunproxy processes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tunproxy import headers
+from tunproxy.lab import Lab, transfer
+
+from .udp_lab import HOSTS, build, counter, overlay, start
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    """Three hosts running tunproxy with each other as peers, plus h9, a host that is no peer."""
+    with Lab() as lab:
+        hosts = build(lab, stranger=True)
+        procs = {name: start(hosts[name], "--stats-interval", "0.5") for name in HOSTS}
+        yield lab, hosts, procs
+
+
+def test_every_pair_reaches_every_other(mesh):
+    _, hosts, _ = mesh
+    for a, b in itertools.permutations(HOSTS, 2):
+        hosts[a].wait_ping(overlay(b), timeout=10)
+
+
+def test_tun_device_route_and_mtu(mesh):
+    _, hosts, _ = mesh
+    link = json.loads(hosts["h1"].ns.run("ip", "-j", "-d", "link", "show", "tunproxy0").stdout)[0]
+    assert link["mtu"] == 1500 - 28
+    addrs = hosts["h1"].ns.run("ip", "-4", "-o", "addr", "show", "tunproxy0").stdout
+    assert "10.100.5.0/32" in addrs
+    route = hosts["h1"].ns.run("ip", "route", "show", "10.100.0.0/16").stdout
+    assert "dev tunproxy0" in route
+
+
+def test_tcp_transfer_arrives_byte_identical(mesh):
+    _, hosts, _ = mesh
+    sent, received = transfer(hosts["h1"], hosts["h2"], overlay("h2"), 24 << 20)
+    assert received == sent
+
+
+def test_unleased_subnet_gets_net_unreachable(mesh):
+    _, hosts, procs = mesh
+    before = counter(procs["h1"], "no_route")
+    out = hosts["h1"].ping("10.100.99.1", count=1)
+    assert "Destination Net Unreachable" in out.stdout, out.stdout
+    assert counter(procs["h1"], "no_route") > before
+
+
+def test_ttl_one_gets_time_exceeded(mesh):
+    _, hosts, procs = mesh
+    out = hosts["h1"].ping(overlay("h2"), count=1, extra=("-t", "1"))
+    assert "Time to live exceeded" in out.stdout, out.stdout
+    assert counter(procs["h1"], "ttl") >= 1
+
+
+def _send_udp_from(host, source: str, target: str, payloads: list[bytes]) -> None:
+    code = (
+        "import socket,sys,json\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+        "s.bind((sys.argv[1],0))\n"
+        "for p in json.load(open(sys.argv[3])): s.sendto(bytes.fromhex(p),(sys.argv[2],8285))\n"
+    )
+    path = host.lab.workdir / f"payloads-{os.getpid()}-{len(payloads)}.json"
+    path.write_text(json.dumps([p.hex() for p in payloads]))
+    host.ns.run(sys.executable, "-c", code, source, target, str(path))
+
+
+def test_datagram_from_a_stranger_is_dropped_and_counted(mesh):
+    _, hosts, procs = mesh
+    before_drop = counter(procs["h1"], "unknown_peer")
+    before_rx = counter(procs["h1"], "rx_packets", wait_for_new=False)
+    # A well-formed packet for h1's subnet, but from 192.0.2.99, which is nobody's peer.
+    packet = headers.build_ipv4(src="10.100.7.9", dst="10.100.5.0", proto=17, payload=b"x" * 32, ttl=64)
+    _send_udp_from(hosts["h9"], "192.0.2.99", "192.0.2.11", [packet] * 5)
+    assert counter(procs["h1"], "unknown_peer") >= before_drop + 5
+    assert counter(procs["h1"], "rx_packets", wait_for_new=False) == before_rx
+
+
+def test_garbage_is_counted_while_a_transfer_keeps_going(mesh):
+    _, hosts, procs = mesh
+    before = counter(procs["h1"], "malformed")
+    rng = __import__("random").Random(7)
+    garbage = [rng.randbytes(rng.randrange(0, 1400)) for _ in range(300)]
+    garbage = [g for g in garbage if not (len(g) >= 20 and g[0] == 0x45)]  # surely not IPv4
+    sender = subprocess.Popen(
+        hosts["h3"].ns.cmd(
+            sys.executable,
+            "-c",
+            "import socket,time,random\n"
+            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('192.0.2.13',0))\n"
+            "r=random.Random(1); end=time.time()+3\n"
+            "while time.time()<end:\n"
+            "  s.sendto(r.randbytes(r.randrange(0,1400)),('192.0.2.11',8285)); time.sleep(0.001)\n",
+        )
+    )
+    try:
+        _send_udp_from(hosts["h3"], "192.0.2.13", "192.0.2.11", garbage)
+        sent, received = transfer(hosts["h2"], hosts["h1"], overlay("h1"), 20 << 20)
+    finally:
+        sender.wait(10)
+    assert received == sent
+    assert counter(procs["h1"], "malformed") >= before + len(garbage)
+    assert all(p.alive() for p in procs.values())
+
+
+def test_batches_carry_many_packets_under_a_flood(mesh):
+    _, hosts, procs = mesh
+    hosts["h2"].start("iperf3", "-s", "-1", "-B", overlay("h2"), name="iperf3-flood")
+    hosts["h1"].ns.run("sleep", "0.5")
+    hosts["h1"].ns.run(
+        "iperf3", "-c", overlay("h2"), "-u", "-b", "0", "-l", "64", "-t", "2", check=False, timeout=20
+    )
+    assert counter(procs["h1"], "tx_multi_batches") > 0
+    assert counter(procs["h2"], "rx_multi_batches") > 0
+
+
+def test_stats_at_exit_and_clean_shutdown():
+    with Lab() as lab:
+        hosts = build(lab, names=("h1", "h2"))
+        proc = start(hosts["h1"], peers=("h2",))
+        proc.stop()
+        assert proc.popen.returncode == 0, proc.output()
+        assert "stats:" in proc.output()
+        assert "tunproxy0" not in hosts["h1"].ns.run("ip", "link").stdout
+        assert "10.100.0.0/16" not in hosts["h1"].ns.run("ip", "route").stdout
+        assert "Traceback" not in proc.output()
+
+
+def test_peers_file_reload_on_sighup_adds_and_removes_peers():
+    with Lab() as lab:
+        hosts = build(lab)
+        peers_file = lab.workdir / "h1-peers.json"
+
+        def write(names):
+            peers_file.write_text(
+                json.dumps([{"PublicIP": HOSTS[n][0], "Subnet": HOSTS[n][1]} for n in names])
+            )
+
+        write(["h2"])
+        procs = {"h1": start(hosts["h1"], "--peers-file", str(peers_file), peers=())}
+        procs["h2"] = start(hosts["h2"])
+        procs["h3"] = start(hosts["h3"])
+        hosts["h1"].wait_ping(overlay("h2"))
+        assert "Net Unreachable" in hosts["h1"].ping(overlay("h3")).stdout
+
+        write(["h2", "h3"])
+        procs["h1"].popen.send_signal(1)  # SIGHUP
+        hosts["h1"].wait_ping(overlay("h3"), timeout=5)
+
+        write(["h3"])
+        procs["h1"].popen.send_signal(1)
+        procs["h1"].wait_for("peer removed: 10.100.18.0/24")
+        assert "Net Unreachable" in hosts["h1"].ping(overlay("h2")).stdout
+        hosts["h1"].wait_ping(overlay("h3"))
+
+        peers_file.write_text("[{not json")
+        procs["h1"].popen.send_signal(1)
+        procs["h1"].wait_for("peers not reloaded")
+        hosts["h1"].wait_ping(overlay("h3"))  # the old table stays in force

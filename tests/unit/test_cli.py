@@ -1,0 +1,62 @@
+"""The command line in-process: flags from the environment, errors as one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunproxy import cli
+
+
+def run_main(argv, capsys):
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_not_root_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)
+    code, err = run_main(
+        ["run", "--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--subnet-file", ""], capsys
+    )
+    assert code == 2
+    assert err.strip() == (
+        "tunproxy: error: tunproxy run needs root (CAP_NET_ADMIN) to create devices and routes"
+    )
+
+
+def test_environment_supplies_flags_and_the_command_line_wins(monkeypatch, capsys):
+    monkeypatch.setenv("TUNPROXY_NETWORK", "10.100.0.0/16")
+    monkeypatch.setenv("TUNPROXY_SUBNET", "10.100.5.0/24")
+    monkeypatch.setenv("TUNPROXY_PEER", "192.0.2.12=10.100.5.0/24,192.0.2.13=10.100.7.0/24")
+    code, err = run_main(["run", "--subnet-file", ""], capsys)
+    assert code == 2 and "192.0.2.12=10.100.5.0/24 overlaps our own subnet" in err
+    code, err = run_main(["run", "--subnet-file", "", "--subnet", "10.200.0.0/24"], capsys)
+    assert code == 2 and "--subnet 10.200.0.0/24 is outside the network 10.100.0.0/16" in err
+
+
+def test_net_config_file(tmp_path, monkeypatch, capsys):
+    conf = tmp_path / "net-conf.json"
+    conf.write_text('{"Network": "10.100.0.0/16", "SubnetLen": 24, "Backend": {"Type": "udp", "Port": 8285}}')
+    parser = cli.build_parser()
+    args = parser.parse_args(["run", "--net-config", str(conf), "--subnet", "10.100.5.0/24"])
+    config = cli.static_network_config(args)
+    assert str(config.network) == "10.100.0.0/16" and config.backend == {"Port": 8285}
+    conf.write_text("{")
+    code, err = run_main(["run", "--net-config", str(conf), "--subnet", "10.100.5.0/24"], capsys)
+    assert code == 2 and "not valid JSON" in err
+    code, err = run_main(["run", "--net-config", str(tmp_path / "nope"), "--subnet", "10.100.5.0/24"], capsys)
+    assert code == 2 and "cannot read --net-config" in err
+
+
+def test_peers_file_errors(tmp_path, capsys):
+    peers = tmp_path / "peers.json"
+    peers.write_text('[{"PublicIP": "192.0.2.12"}]')
+    base = ["run", "--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--subnet-file", ""]
+    code, err = run_main([*base, "--peers-file", str(peers)], capsys)
+    assert code == 2 and "entry 0 needs PublicIP and Subnet" in err
+
+
+@pytest.mark.parametrize("flag", ["--batch=0", "--batch=2000", "--port=70000"])
+def test_range_checks(flag, capsys):
+    base = ["run", "--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--subnet-file", ""]
+    code, err = run_main([*base, flag], capsys)
+    assert code == 2 and flag.split("=")[0] in err

@@ -1,0 +1,46 @@
+"""cffi builder for tunproxy._fastpath_cffi (used by setup.py's cffi_modules).
+
+The declarations come from _fastpath.h itself, minus its preprocessor lines,
+so the header is the single source of truth.  The system structs the ring
+embeds are declared with ``...;``: cffi learns their size from the compiler,
+which is all Python needs to allocate arrays of them.
+"""
+
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+SYSTEM_STRUCTS = """
+struct sockaddr_in { ...; };
+struct iovec { ...; };
+struct mmsghdr { ...; };
+"""
+
+
+def _cdef_text(header: Path) -> str:
+    lines = header.read_text().splitlines()
+    return "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+
+
+def _source_path(path: Path) -> str:
+    # setuptools wants sources relative to the project root, which is the cwd
+    # under both `setup.py build_ext` and pip; fall back to absolute.
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(SYSTEM_STRUCTS + _cdef_text(HERE / "_fastpath.h"))
+ffibuilder.set_source(
+    "tunproxy._fastpath_cffi",
+    '#include "_fastpath.h"',
+    sources=[_source_path(HERE / "_fastpath.c")],
+    include_dirs=[str(HERE)],
+    extra_compile_args=["-O2", "-Wall", "-Wextra"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,169 @@
+"""The udp backend: IP packets from a TUN device, sent unchanged in UDP datagrams.
+
+This is flannel's udp wire format (the inner IPv4 packet is the whole payload),
+so a flannel udp node or ``socat`` can be a peer. The event loop only wakes the
+C fast path: on readiness of either fd one C call drains up to a batch, so the
+Python cost is paid per wakeup, not per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+import time
+from ipaddress import IPv4Network
+from pathlib import Path
+
+import pytun
+
+from ..fastpath import FastPath
+from ..netlink import delete_link, ensure_address, link_index, replace_route, with_ipr
+from ..subnets import ConfigError, Lease
+from .base import Backend
+
+log = logging.getLogger(__name__)
+
+IP_UDP_OVERHEAD = 20 + 8
+SOCKET_BUFFER = 4 << 20  # cuts drops at the receiving socket; see bench/ and REFERENCE.md
+TUN_TXQUEUELEN = 4096
+
+
+def now_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+class UdpBackend(Backend):
+    name = "udp"
+
+    def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(ctx)
+        opts = ctx.options
+        self.tun_name: str = opts.get("tun_name") or "tunproxy0"
+        self.port: int = int(ctx.network.backend.get("Port") or opts.get("port") or 8285)
+        self.batch: int = int(opts.get("batch") or 64)
+        self._mtu = ctx.underlay.mtu - IP_UDP_OVERHEAD
+        self.tun: pytun.TunTapDevice | None = None
+        self.sock: socket.socket | None = None
+        self.fastpath: FastPath | None = None
+        self.subnet: IPv4Network | None = None
+        self._readers = False
+
+    @property
+    def mtu(self) -> int:
+        return self._mtu
+
+    async def open(self) -> None:
+        if not os.path.exists("/dev/net/tun"):
+            raise ConfigError("/dev/net/tun is missing (modprobe tun, or give the container the device)")
+        await asyncio.to_thread(delete_link, self.tun_name)  # a leftover from a killed run
+        try:
+            tun = pytun.TunTapDevice(name=self.tun_name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        except pytun.Error as e:
+            raise ConfigError(f"cannot create TUN device {self.tun_name!r}: {e}") from None
+        self.tun = tun
+        # pytun opens without O_CLOEXEC and blocking; the C path needs EAGAIN, children need nothing.
+        fd = tun.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+        os.set_blocking(fd, False)
+        self.sock = self._bind_socket()
+
+        def up(ipr):  # type: ignore[no-untyped-def]
+            index = link_index(ipr, self.tun_name)
+            ipr.link("set", index=index, mtu=self._mtu, txqlen=TUN_TXQUEUELEN, state="up")
+
+        # IPv4 only, or the kernel sends IPv6 solicitations into the TUN. accept_local: the
+        # ICMP errors the fast path writes come from the TUN's own address, which the kernel
+        # would otherwise drop as a martian source.
+        for knob in ("ipv6/conf/{}/disable_ipv6", "ipv4/conf/{}/accept_local"):
+            with contextlib.suppress(OSError):
+                Path("/proc/sys/net/" + knob.format(self.tun_name)).write_text("1")
+        await asyncio.to_thread(with_ipr, up)
+
+    def _bind_socket(self) -> socket.socket:
+        addr = str(self.ctx.underlay.address)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((addr, self.port))
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"UDP port {self.port} on {addr} is already in use") from None
+            raise ConfigError(f"cannot bind UDP {addr}:{self.port}: {e.strerror}") from None
+        sock.setblocking(False)
+        for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+        return sock
+
+    async def set_subnet(self, subnet: IPv4Network) -> None:
+        assert self.tun and self.sock
+        local = subnet.network_address  # flannel's choice: the subnet's first address on the tun
+        routes = self.fastpath.routes() if self.fastpath else {}
+        if self.fastpath is None or self.subnet != subnet:
+            self.fastpath = FastPath(mtu=self._mtu, local_addr=local, port=self.port, batch=self.batch)
+            self.fastpath.set_routes(routes)
+        self.subnet = subnet
+        network = self.ctx.network.network
+
+        def configure(ipr):  # type: ignore[no-untyped-def]
+            index = link_index(ipr, self.tun_name)
+            ensure_address(ipr, index, local, 32)
+            replace_route(ipr, dst=str(network), oif=index, scope=253, prefsrc=str(local))
+
+        await asyncio.to_thread(with_ipr, configure)
+        if not self._readers:
+            loop = asyncio.get_running_loop()
+            loop.add_reader(self.tun.fileno(), self._on_tun)
+            loop.add_reader(self.sock.fileno(), self._on_udp)
+            self._readers = True
+
+    def _on_tun(self) -> None:
+        assert self.fastpath and self.tun and self.sock
+        try:
+            self.fastpath.tun_to_udp(self.tun.fileno(), self.sock.fileno(), now_ms())
+        except OSError as e:  # the data path must not die; the counters say what was lost
+            log.error("tun->udp: %s", e)
+
+    def _on_udp(self) -> None:
+        assert self.fastpath and self.tun and self.sock
+        try:
+            self.fastpath.udp_to_tun(self.sock.fileno(), self.tun.fileno(), now_ms())
+        except OSError as e:
+            log.error("udp->tun: %s", e)
+
+    async def add_peer(self, lease: Lease) -> None:
+        assert self.fastpath
+        self.fastpath.add_route(lease.subnet, lease.public_ip)
+
+    async def remove_peer(self, lease: Lease) -> None:
+        if self.fastpath and lease.subnet in self.fastpath.routes():
+            self.fastpath.remove_route(lease.subnet)
+
+    def stats(self) -> str | None:
+        return self.fastpath.counters().summary() if self.fastpath else None
+
+    async def close(self) -> None:
+        if self._readers:
+            loop = asyncio.get_running_loop()
+            if self.tun:
+                loop.remove_reader(self.tun.fileno())
+            if self.sock:
+                loop.remove_reader(self.sock.fileno())
+            self._readers = False
+        if self.sock:
+            self.sock.close()
+            self.sock = None
+        if self.tun:
+            # Closing the only fd of a non-persistent TUN deletes it, with its address and routes.
+            self.tun.close()
+            self.tun = None
+
+
+BACKEND = UdpBackend

@@ -1,0 +1,345 @@
+"""Python face of the C fast path of the udp backend (``_fastpath.c``).
+
+``FastPath`` allocates, once, all the memory the C side works in: the context
+(configuration, token bucket, counters), the packet ring with its
+mmsghdr/iovec/sockaddr arrays, two route tables and two peer tables (the spare
+ones let a route change be built aside and swapped in by one C call).  After
+that each ``tun_to_udp``/``udp_to_tun`` call is one C call that handles a whole
+batch and returns a count; a negative errno comes back as ``FastPathError``,
+except EAGAIN/EINTR which just mean "nothing to do" (0).
+
+Arguments are checked here, not in C; the C code trusts its caller.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from tunproxy._fastpath_cffi import ffi, lib
+
+DROP_REASONS = ("no_route", "ttl", "malformed", "unknown_peer", "too_big", "tun_write", "send")
+MAX_PACKET = lib.FP_MAX_PACKET
+MAX_BATCH = 1024
+MAX_HEADROOM = 4096
+MAX_ROUTES = 1 << 20
+MAX_ICMP_RATE = 1_000_000
+
+_PEER = struct.Struct("=II4Q")  # struct fp_peer
+assert _PEER.size == ffi.sizeof("struct fp_peer")
+_NOTHING_TO_DO = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+
+
+class FastPathError(OSError):
+    """A system call in the fast path failed, or the C side refused a request."""
+
+
+@dataclass(frozen=True)
+class PeerCounters:
+    tx_packets: int
+    tx_bytes: int
+    rx_packets: int
+    rx_bytes: int
+
+
+@dataclass(frozen=True)
+class Counters:
+    """A snapshot of the fast path's counters (they only ever grow)."""
+
+    tx_packets: int
+    tx_bytes: int
+    rx_packets: int
+    rx_bytes: int
+    drops: dict[str, int]
+    icmp_sent: int
+    icmp_ratelimited: int
+    tx_batches: int
+    tx_multi_batches: int
+    tx_max_batch: int
+    rx_batches: int
+    rx_multi_batches: int
+    rx_max_batch: int
+    peers: dict[IPv4Address, PeerCounters]
+
+    def summary(self) -> str:
+        """One grep-able line of ``name=value`` for a log; names as in the README."""
+        fields = {
+            "tx_packets": self.tx_packets,
+            "tx_bytes": self.tx_bytes,
+            "rx_packets": self.rx_packets,
+            "rx_bytes": self.rx_bytes,
+            **self.drops,
+            "icmp_sent": self.icmp_sent,
+            "icmp_ratelimited": self.icmp_ratelimited,
+            "tx_batches": self.tx_batches,
+            "tx_multi_batches": self.tx_multi_batches,
+            "tx_max_batch": self.tx_max_batch,
+            "rx_batches": self.rx_batches,
+            "rx_multi_batches": self.rx_multi_batches,
+            "rx_max_batch": self.rx_max_batch,
+            "peers": len(self.peers),
+        }
+        return " ".join(f"{name}={value}" for name, value in fields.items())
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def _network(subnet: IPv4Network | str) -> IPv4Network:
+    if isinstance(subnet, IPv4Network):
+        return subnet
+    if isinstance(subnet, str):
+        try:
+            return IPv4Network(subnet)  # strict: host bits must be zero
+        except ValueError as e:
+            raise ValueError(f"bad subnet {subnet!r}: {e}") from None
+    raise TypeError(f"subnet must be an IPv4Network, not {type(subnet).__name__}")
+
+
+def _peer(peer: IPv4Address | str) -> IPv4Address:
+    if isinstance(peer, str):
+        try:
+            peer = IPv4Address(peer)
+        except ValueError as e:
+            raise ValueError(f"bad peer address {peer!r}: {e}") from None
+    if not isinstance(peer, IPv4Address):
+        raise TypeError(f"peer must be an IPv4Address, not {type(peer).__name__}")
+    if peer.is_unspecified or peer.is_multicast or int(peer) >= 0xF0000000:
+        raise ValueError(f"peer {peer} is not a unicast address")
+    return peer
+
+
+def _raise(rc: int, what: str) -> None:
+    raise FastPathError(-rc, f"{what}: {os.strerror(-rc)}")
+
+
+class FastPath:
+    """The per-packet engine of the udp backend; single-threaded, not reentrant.
+
+    ``mtu`` is the largest inner packet sent with DF set (bigger ones get an
+    ICMP "fragmentation needed"); ``local_addr`` is the tunnel's own address,
+    the source of the ICMP errors; every peer listens on UDP ``port``, and a
+    datagram from any other address or port is dropped as ``unknown_peer``.
+    ``slot_size`` (default ``headroom + 65535``, so any IPv4 packet fits) is
+    the bytes per ring slot; the ring has ``batch`` slots.
+    """
+
+    def __init__(
+        self,
+        *,
+        mtu: int,
+        local_addr: IPv4Address | str,
+        port: int = 8285,
+        batch: int = 64,
+        headroom: int = 64,
+        max_routes: int = 4096,
+        icmp_rate: int = 100,
+        icmp_burst: int = 50,
+        slot_size: int | None = None,
+    ) -> None:
+        _check_int("mtu", mtu, 68, MAX_PACKET)
+        _check_int("port", port, 1, 65535)
+        _check_int("batch", batch, 1, MAX_BATCH)
+        _check_int("headroom", headroom, 0, MAX_HEADROOM)
+        _check_int("max_routes", max_routes, 1, MAX_ROUTES)
+        _check_int("icmp_rate", icmp_rate, 0, MAX_ICMP_RATE)
+        _check_int("icmp_burst", icmp_burst, 0, MAX_ICMP_RATE)
+        if slot_size is None:
+            slot_size = headroom + MAX_PACKET
+        _check_int("slot_size", slot_size, headroom + mtu, headroom + MAX_PACKET)
+        try:
+            local = IPv4Address(local_addr)
+        except ValueError as e:
+            raise ValueError(f"bad local_addr {local_addr!r}: {e}") from None
+
+        self._local_addr = local
+        self._port = port
+        self._mtu = mtu
+        self._batch = batch
+        self._max_routes = max_routes
+        self._peer_cap = 1 << (2 * max_routes - 1).bit_length()  # power of 2 >= 2*max_routes
+
+        c = self._ctx = ffi.new("struct fp_ctx *")
+        c.mtu = mtu
+        c.local_addr = int(local)
+        c.port = port
+        c.batch = batch
+        c.icmp_rate = icmp_rate
+        c.icmp_burst = icmp_burst
+        c.max_routes = max_routes
+        c.peer_cap = self._peer_cap
+        # The slots need no clearing; leaving them untouched keeps them unbacked.
+        raw = ffi.new_allocator(should_clear_after_alloc=False)
+        # cdata assigned into a struct is not kept alive by it: hold it here.
+        self._memory = {
+            "data": raw("uint8_t[]", batch * slot_size),
+            "len": ffi.new("uint32_t[]", batch),
+            "addr": ffi.new("struct sockaddr_in[]", batch),
+            "iov": ffi.new("struct iovec[]", batch),
+            "msg": ffi.new("struct mmsghdr[]", batch),
+            "routes": ffi.new("struct fp_route[]", max_routes),
+            "routes_alt": ffi.new("struct fp_route[]", max_routes),
+            "peers": ffi.new("struct fp_peer[]", self._peer_cap),
+            "peers_alt": ffi.new("struct fp_peer[]", self._peer_cap),
+        }
+        m = self._memory
+        ring = c.ring
+        ring.data, ring.len, ring.addr, ring.iov, ring.msg = (
+            m["data"],
+            m["len"],
+            m["addr"],
+            m["iov"],
+            m["msg"],
+        )
+        ring.nslots = batch
+        ring.slot_size = slot_size
+        ring.headroom = headroom
+        c.routes, c.routes_alt = m["routes"], m["routes_alt"]
+        c.peers, c.peers_alt = m["peers"], m["peers_alt"]
+        rc = lib.fp_init(c)
+        if rc < 0:
+            _raise(rc, "fp_init")
+        self._tun_to_udp = lib.fp_tun_to_udp
+        self._udp_to_tun = lib.fp_udp_to_tun
+
+    @property
+    def mtu(self) -> int:
+        return self._mtu
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def batch(self) -> int:
+        return self._batch
+
+    @property
+    def local_addr(self) -> IPv4Address:
+        return self._local_addr
+
+    @property
+    def max_routes(self) -> int:
+        return self._max_routes
+
+    # ---- routes ----
+
+    def set_routes(self, routes: Mapping[IPv4Network, IPv4Address]) -> None:
+        """Replace the whole table in one step; on error the old one stays."""
+        items = [(_network(net), _peer(peer)) for net, peer in routes.items()]
+        if len(items) > self._max_routes:
+            raise FastPathError(
+                errno.ENOSPC, f"{len(items)} routes exceed the capacity of {self._max_routes}"
+            )
+        table = ffi.new("struct fp_route[]", max(len(items), 1))
+        for i, (net, peer) in enumerate(items):
+            table[i].prefix = int(net.network_address)
+            table[i].len = net.prefixlen
+            table[i].peer = int(peer)
+        rc = lib.fp_set_routes(self._ctx, table, len(items))
+        if rc < 0:
+            _raise(rc, "set_routes")
+
+    def add_route(self, subnet: IPv4Network, peer: IPv4Address) -> None:
+        """Add a route, or point an existing one at a new peer."""
+        net, addr = _network(subnet), _peer(peer)
+        rc = lib.fp_add_route(self._ctx, int(net.network_address), net.prefixlen, int(addr))
+        if rc == -errno.ENOSPC:
+            raise FastPathError(errno.ENOSPC, f"route table full ({self._max_routes} routes)")
+        if rc < 0:
+            _raise(rc, f"add_route {net}")
+
+    def remove_route(self, subnet: IPv4Network) -> None:
+        """Remove a route; ``KeyError`` if there is none for exactly this subnet."""
+        net = _network(subnet)
+        rc = lib.fp_del_route(self._ctx, int(net.network_address), net.prefixlen)
+        if rc == -errno.ENOENT:
+            raise KeyError(net)
+        if rc < 0:
+            _raise(rc, f"remove_route {net}")
+
+    def routes(self) -> dict[IPv4Network, IPv4Address]:
+        """The table, longest prefixes first."""
+        c = self._ctx
+        out = {}
+        for i in range(c.nroutes):
+            r = c.routes[i]
+            out[IPv4Network((r.prefix, r.len))] = IPv4Address(r.peer)
+        return out
+
+    def lookup(self, addr: IPv4Address | str) -> IPv4Address | None:
+        """The peer a packet to ``addr`` goes to (longest prefix match), if any."""
+        peer = lib.fp_lookup(self._ctx, int(ipaddress.IPv4Address(addr)))
+        return IPv4Address(peer) if peer else None
+
+    # ---- packets ----
+
+    def tun_to_udp(self, tun_fd: int, udp_fd: int, now_ms: int) -> int:
+        """Read up to ``batch`` packets from the TUN, send them to their peers.
+
+        Returns the number of packets read (each was sent or counted as a
+        drop).  ``now_ms`` is a monotonic clock in milliseconds.
+        """
+        n: int = self._tun_to_udp(self._ctx, tun_fd, udp_fd, now_ms)
+        if n >= 0:
+            return n
+        if -n in _NOTHING_TO_DO:
+            return 0
+        raise FastPathError(-n, f"tun_to_udp: {os.strerror(-n)}")
+
+    def udp_to_tun(self, udp_fd: int, tun_fd: int, now_ms: int) -> int:
+        """Receive up to ``batch`` datagrams, write their packets to the TUN.
+
+        Returns the number of datagrams received (each was written or counted
+        as a drop).
+        """
+        n: int = self._udp_to_tun(self._ctx, udp_fd, tun_fd, now_ms)
+        if n >= 0:
+            return n
+        if -n in _NOTHING_TO_DO:
+            return 0
+        raise FastPathError(-n, f"udp_to_tun: {os.strerror(-n)}")
+
+    # ---- counters ----
+
+    def counters(self) -> Counters:
+        """A snapshot; peers appear as long as some route points at them."""
+        k = self._ctx.cnt
+        raw = ffi.buffer(self._ctx.peers, self._peer_cap * _PEER.size)
+        peers = {
+            IPv4Address(addr): PeerCounters(txp, txb, rxp, rxb)
+            for addr, _, txp, txb, rxp, rxb in _PEER.iter_unpack(raw)
+            if addr
+        }
+        return Counters(
+            tx_packets=k.tx_packets,
+            tx_bytes=k.tx_bytes,
+            rx_packets=k.rx_packets,
+            rx_bytes=k.rx_bytes,
+            drops={name: getattr(k, "drop_" + name) for name in DROP_REASONS},
+            icmp_sent=k.icmp_sent,
+            icmp_ratelimited=k.icmp_ratelimited,
+            tx_batches=k.tx_batches,
+            tx_multi_batches=k.tx_multi_batches,
+            tx_max_batch=k.tx_max_batch,
+            rx_batches=k.rx_batches,
+            rx_multi_batches=k.rx_multi_batches,
+            rx_max_batch=k.rx_max_batch,
+            peers=peers,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"FastPath(mtu={self._mtu}, local_addr={self._local_addr}, port={self._port}, "
+            f"batch={self._batch}, routes={self._ctx.nroutes}/{self._max_routes})"
+        )

@@ -1,0 +1,224 @@
+"""IPv4 header arithmetic in pure Python: the reference twin of ``_fastpath.c``.
+
+Every rule the C fast path applies per packet is written here once more, slowly
+and plainly, so tests can compare the two byte for byte:
+
+* ``parse_ipv4`` accepts exactly the packets the C accepts (version 4, IHL >= 5,
+  header inside the packet, IHL*4 <= total length <= bytes read, header
+  checksum correct); bytes past the total length are ignored.
+* ``forward`` is the C rewrite: trim to the total length, TTL - 1, checksum
+  patched incrementally (RFC 1624 eqn. 3, which never yields the 0xFFFF form).
+* ``icmp_error`` builds the errors the C sends: source = the tunnel's local
+  address, TTL 64, IP ID 0, no flags, quoting the offending header plus 8 bytes
+  (RFC 792); ``icmp_error_due`` says when one may be sent at all (RFC 1812
+  4.3.2.7).
+
+It also builds packets for tests (``build_ipv4``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+IPV4_MIN_HEADER = 20
+PROTO_ICMP = 1
+
+FLAG_DF = 0x4000
+FLAG_MF = 0x2000
+FRAG_OFFSET_MASK = 0x1FFF
+
+ICMP_DEST_UNREACH = 3
+ICMP_SOURCE_QUENCH = 4
+ICMP_REDIRECT = 5
+ICMP_TIME_EXCEEDED = 11
+ICMP_PARAM_PROBLEM = 12
+ICMP_ERROR_TYPES = frozenset(
+    {ICMP_DEST_UNREACH, ICMP_SOURCE_QUENCH, ICMP_REDIRECT, ICMP_TIME_EXCEEDED, ICMP_PARAM_PROBLEM}
+)
+CODE_NET_UNREACH = 0
+CODE_FRAG_NEEDED = 4
+CODE_TTL_EXCEEDED = 0
+
+ICMP_ERROR_TTL = 64
+
+Address = ipaddress.IPv4Address | str | int
+
+
+class MalformedPacket(ValueError):
+    """The bytes are not an IPv4 packet the fast path would forward."""
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """RFC 1071 internet checksum (odd lengths are padded with a zero byte)."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def incremental_update(hc: int, old: int, new: int) -> int:
+    """RFC 1624 eqn. 3: the checksum after one 16-bit word changes old -> new."""
+    total = (~hc & 0xFFFF) + (~old & 0xFFFF) + new
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+@dataclass(frozen=True)
+class IPv4Header:
+    """A parsed IPv4 header (addresses as ``IPv4Address``)."""
+
+    ihl: int  # in 32-bit words
+    tos: int
+    total_length: int
+    ident: int
+    flags_frag: int  # the raw flags + fragment offset word
+    ttl: int
+    proto: int
+    checksum: int
+    src: ipaddress.IPv4Address
+    dst: ipaddress.IPv4Address
+    options: bytes
+
+    @property
+    def header_length(self) -> int:
+        return self.ihl * 4
+
+    @property
+    def dont_fragment(self) -> bool:
+        return bool(self.flags_frag & FLAG_DF)
+
+    @property
+    def frag_offset(self) -> int:
+        return self.flags_frag & FRAG_OFFSET_MASK
+
+
+def parse_ipv4(packet: bytes | bytearray) -> IPv4Header:
+    """Parse and validate like the fast path does; raise ``MalformedPacket``."""
+    n = len(packet)
+    if n < IPV4_MIN_HEADER:
+        raise MalformedPacket(f"{n} bytes is shorter than an IPv4 header")
+    if packet[0] >> 4 != 4:
+        raise MalformedPacket(f"IP version {packet[0] >> 4}, not 4")
+    hlen = (packet[0] & 15) * 4
+    total = int.from_bytes(packet[2:4], "big")
+    if hlen < IPV4_MIN_HEADER or hlen > n:
+        raise MalformedPacket(f"header length {hlen} does not fit in {n} bytes")
+    if total < hlen or total > n:
+        raise MalformedPacket(f"total length {total} is not within {hlen}..{n}")
+    if checksum(packet[:hlen]) != 0:
+        raise MalformedPacket("bad header checksum")
+    tos, _, ident, flags_frag, ttl, proto, csum = struct.unpack("!BHHHBBH", packet[1:12])
+    return IPv4Header(
+        ihl=hlen // 4,
+        tos=tos,
+        total_length=total,
+        ident=ident,
+        flags_frag=flags_frag,
+        ttl=ttl,
+        proto=proto,
+        checksum=csum,
+        src=ipaddress.IPv4Address(packet[12:16]),
+        dst=ipaddress.IPv4Address(packet[16:20]),
+        options=bytes(packet[20:hlen]),
+    )
+
+
+def build_ipv4(
+    *,
+    src: Address,
+    dst: Address,
+    payload: bytes = b"",
+    proto: int = 17,
+    ttl: int = 64,
+    ident: int = 0,
+    tos: int = 0,
+    df: bool = False,
+    mf: bool = False,
+    frag_offset: int = 0,
+    options: bytes = b"",
+    total_length: int | None = None,
+    csum: int | None = None,
+) -> bytes:
+    """An IPv4 packet; the checksum is computed unless ``csum`` is given."""
+    if len(options) % 4 or len(options) > 40:
+        raise ValueError("options must be a multiple of 4 bytes, at most 40")
+    hlen = IPV4_MIN_HEADER + len(options)
+    total = hlen + len(payload) if total_length is None else total_length
+    flags = (FLAG_DF if df else 0) | (FLAG_MF if mf else 0) | frag_offset
+    header = bytearray(
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x40 | hlen // 4,
+            tos,
+            total,
+            ident,
+            flags,
+            ttl,
+            proto,
+            0,
+            ipaddress.IPv4Address(src).packed,
+            ipaddress.IPv4Address(dst).packed,
+        )
+        + options
+    )
+    header[10:12] = (checksum(header) if csum is None else csum).to_bytes(2, "big")
+    return bytes(header) + payload
+
+
+def decrement_ttl(packet: bytes) -> bytes:
+    """TTL - 1 with the incremental checksum update (TTL must be >= 1)."""
+    if packet[8] < 1:
+        raise ValueError("TTL is already 0")
+    out = bytearray(packet)
+    old = int.from_bytes(out[8:10], "big")
+    out[8] -= 1
+    new = int.from_bytes(out[8:10], "big")
+    hc = int.from_bytes(out[10:12], "big")
+    out[10:12] = incremental_update(hc, old, new).to_bytes(2, "big")
+    return bytes(out)
+
+
+def forward(packet: bytes) -> bytes:
+    """What the fast path sends on for ``packet``: trimmed, TTL - 1."""
+    header = parse_ipv4(packet)
+    return decrement_ttl(packet[: header.total_length])
+
+
+def icmp_error_due(packet: bytes) -> bool:
+    """Whether an ICMP error may be sent about this (valid) packet at all."""
+    header = parse_ipv4(packet)
+    if header.frag_offset or int(header.src) == 0:
+        return False
+    # 224.0.0.0 and up: multicast, class E and the limited broadcast.
+    if int(header.src) >= 0xE0000000 or int(header.dst) >= 0xE0000000:
+        return False
+    if header.proto == PROTO_ICMP:
+        hlen = header.header_length
+        return header.total_length > hlen and packet[hlen] not in ICMP_ERROR_TYPES
+    return True
+
+
+def icmp_error(packet: bytes, *, src: Address, icmp_type: int, code: int, mtu: int = 0) -> bytes:
+    """The ICMP error about ``packet``, from ``src`` back to its sender."""
+    header = parse_ipv4(packet)
+    quote = packet[: min(header.header_length + 8, header.total_length)]
+    body = struct.pack("!BBHHH", icmp_type, code, 0, 0, mtu) + quote
+    body = body[:2] + checksum(body).to_bytes(2, "big") + body[4:]
+    return build_ipv4(src=src, dst=header.src, payload=body, proto=PROTO_ICMP, ttl=ICMP_ERROR_TTL)
+
+
+def icmp_net_unreachable(packet: bytes, src: Address) -> bytes:
+    return icmp_error(packet, src=src, icmp_type=ICMP_DEST_UNREACH, code=CODE_NET_UNREACH)
+
+
+def icmp_time_exceeded(packet: bytes, src: Address) -> bytes:
+    return icmp_error(packet, src=src, icmp_type=ICMP_TIME_EXCEEDED, code=CODE_TTL_EXCEEDED)
+
+
+def icmp_frag_needed(packet: bytes, src: Address, mtu: int) -> bytes:
+    return icmp_error(packet, src=src, icmp_type=ICMP_DEST_UNREACH, code=CODE_FRAG_NEEDED, mtu=mtu)

@@ -1,0 +1,56 @@
+"""The registry interface: the daemon's only view of where leases come from.
+
+A registry yields ``Update`` values: a full ``Snapshot`` of the peers' leases
+(at start and whenever it had to relist) or ``Changes`` from a watch, plus
+``OwnLease`` when our own lease had to be acquired again. The daemon folds
+them through a ``LeaseWatcher`` and hands the result to the backend.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any
+
+from ..leases import LeaseEvent
+from ..subnets import Lease, NetworkConfig
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    leases: tuple[Lease, ...]
+
+
+@dataclass(frozen=True)
+class Changes:
+    events: tuple[LeaseEvent, ...]
+
+
+@dataclass(frozen=True)
+class OwnLease:
+    lease: Lease
+
+
+Update = Snapshot | Changes | OwnLease
+
+
+class Registry(abc.ABC):
+    @abc.abstractmethod
+    async def network_config(self) -> NetworkConfig:
+        """The network config; may wait (and log) until a valid one exists."""
+
+    @abc.abstractmethod
+    async def acquire(self, public_ip: IPv4Address, backend_type: str, backend_data: Any) -> Lease:
+        """Lease our subnet, advertising how peers reach us."""
+
+    @abc.abstractmethod
+    def updates(self) -> AsyncIterator[Update]:
+        """Peers' leases, as a snapshot first and then as they change; runs until cancelled."""
+
+    def reload(self) -> None:  # noqa: B027 - optional hook
+        """SIGHUP: re-read whatever can be re-read."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; a lease stays until it expires, so a restart keeps its subnet."""
