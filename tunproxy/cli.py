@@ -9,6 +9,7 @@ non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -114,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds between counter summaries in the log (0: only at exit)",
     )
+    misc.add_argument(
+        "--check-interval",
+        type=float,
+        default=10.0,
+        help="seconds between checks that restore routes/devices removed behind our back",
+    )
     misc.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
     leases = sub.add_parser("leases", help="list the leases in etcd")
@@ -184,6 +191,8 @@ def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             raise ConfigError(f"peer subnet {subnet} is listed twice")
         peers[subnet] = ip
     static_data = getattr(backend_class(config.backend_type), "static_backend_data", None)
+    if static_data is not None:
+        static_data = functools.partial(static_data, config=config)
     return StaticRegistry(
         config,
         parse_network(args.subnet, "--subnet"),
@@ -208,6 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         public_ip=parse_address(args.public_ip, "--public-ip") if args.public_ip else None,
         subnet_file=Path(args.subnet_file) if args.subnet_file else None,
         stats_interval=args.stats_interval,
+        check_interval=args.check_interval,
         ipmasq=args.ip_masq,
         backend_options={"tun_name": args.tun_name, "batch": args.batch, "port": args.port},
     )

@@ -70,6 +70,7 @@ class Daemon:
         opts = self.options
         underlay = await asyncio.to_thread(find_underlay, opts.iface, opts.public_ip)
         public_ip = opts.public_ip or underlay.address
+        self.watcher.own_public_ip = public_ip
         self.config = config = await self.registry.network_config()
         ctx = BackendContext(config, underlay, public_ip, opts.backend_options)
         self.backend = backend = create_backend(ctx)

@@ -8,7 +8,9 @@ Each call opens its own ``IPRoute`` so that no socket is shared across threads.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -38,8 +40,21 @@ class Underlay:
 
 
 def with_ipr(fn: Callable[[IPRoute], T]) -> T:
-    with IPRoute() as ipr:
-        return fn(ipr)
+    """Run fn with a fresh IPRoute; a NetlinkError comes out as the OSError it is.
+
+    The daemon logs an OSError from one peer's add/remove in one line and goes
+    on; pyroute2's NetlinkError is not an OSError and would stop it.
+    """
+    try:
+        with IPRoute() as ipr:
+            return fn(ipr)
+    except NetlinkError as e:
+        raise OSError(e.code, f"netlink: {os.strerror(e.code)}") from None
+
+
+async def run_netlink(fn: Callable[[IPRoute], T]) -> T:
+    """with_ipr in a worker thread: the only way async code here touches netlink."""
+    return await asyncio.to_thread(with_ipr, fn)
 
 
 def link_index(ipr: IPRoute, name: str) -> int | None:

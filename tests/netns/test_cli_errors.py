@@ -22,7 +22,6 @@ def run(argv, ns=None, prefix=(), timeout=20):
         capture_output=True,
         text=True,
         timeout=timeout,
-
         cwd=os.getcwd(),
         env=dict(os.environ, PYTHONPATH=os.getcwd()),
     )

@@ -13,7 +13,8 @@ import pytest
 from tunproxy import headers
 from tunproxy.lab import Lab, transfer
 
-from .udp_lab import HOSTS, build, counter, overlay, start
+from .labkit import HOSTS, build_udp, counter, start_udp
+from .labkit import overlay_of as overlay
 
 pytestmark = pytest.mark.root
 
@@ -22,8 +23,8 @@ pytestmark = pytest.mark.root
 def mesh():
     """Three hosts running tunproxy with each other as peers, plus h9, a host that is no peer."""
     with Lab() as lab:
-        hosts = build(lab, stranger=True)
-        procs = {name: start(hosts[name], "--stats-interval", "0.5") for name in HOSTS}
+        hosts = build_udp(lab, stranger=True)
+        procs = {name: start_udp(hosts[name], "--stats-interval", "0.5") for name in HOSTS}
         yield lab, hosts, procs
 
 
@@ -127,8 +128,8 @@ def test_batches_carry_many_packets_under_a_flood(mesh):
 
 def test_stats_at_exit_and_clean_shutdown():
     with Lab() as lab:
-        hosts = build(lab, names=("h1", "h2"))
-        proc = start(hosts["h1"], peers=("h2",))
+        hosts = build_udp(lab, names=("h1", "h2"))
+        proc = start_udp(hosts["h1"], peers=("h2",))
         proc.stop()
         assert proc.popen.returncode == 0, proc.output()
         assert "stats:" in proc.output()
@@ -139,7 +140,7 @@ def test_stats_at_exit_and_clean_shutdown():
 
 def test_peers_file_reload_on_sighup_adds_and_removes_peers():
     with Lab() as lab:
-        hosts = build(lab)
+        hosts = build_udp(lab)
         peers_file = lab.workdir / "h1-peers.json"
 
         def write(names):
@@ -148,9 +149,9 @@ def test_peers_file_reload_on_sighup_adds_and_removes_peers():
             )
 
         write(["h2"])
-        procs = {"h1": start(hosts["h1"], "--peers-file", str(peers_file), peers=())}
-        procs["h2"] = start(hosts["h2"])
-        procs["h3"] = start(hosts["h3"])
+        procs = {"h1": start_udp(hosts["h1"], "--peers-file", str(peers_file), peers=())}
+        procs["h2"] = start_udp(hosts["h2"])
+        procs["h3"] = start_udp(hosts["h3"])
         hosts["h1"].wait_ping(overlay("h2"))
         assert "Net Unreachable" in hosts["h1"].ping(overlay("h3")).stdout
 

@@ -73,3 +73,13 @@ def test_events_replayed_on_an_empty_table_give_the_last_snapshot(snapshots):
             else:
                 assert mirror.pop(event.lease.subnet) == event.lease
     assert mirror == {l.subnet: l for l in snapshots[-1] if l.subnet != OWN}  # noqa: E741
+
+
+def test_leases_naming_our_public_ip_are_never_routed():
+    w = LeaseWatcher(OWN, own_public_ip=IPv4Address("192.0.2.11"))
+    assert w.reset([lease(1, host=11), lease(2)]) == [LeaseEvent.added(lease(2))]
+    assert w.update([LeaseEvent.added(lease(3, host=11))]) == []
+    # Our new lease shows up in the watch where a peer's used to be: drop the peer's route.
+    assert kinds(w.update([LeaseEvent.added(lease(2, host=11))])) == [
+        ("removed", "10.100.2.0/24", "192.0.2.12")
+    ]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytun
 
 from ..fastpath import FastPath
-from ..netlink import delete_link, ensure_address, link_index, replace_route, with_ipr
+from ..netlink import delete_link, ensure_address, link_index, replace_route, run_netlink
 from ..subnets import ConfigError, Lease
 from .base import Backend
 
@@ -82,7 +82,7 @@ class UdpBackend(Backend):
         for knob in ("ipv6/conf/{}/disable_ipv6", "ipv4/conf/{}/accept_local"):
             with contextlib.suppress(OSError):
                 Path("/proc/sys/net/" + knob.format(self.tun_name)).write_text("1")
-        await asyncio.to_thread(with_ipr, up)
+        await run_netlink(up)
 
     def _bind_socket(self) -> socket.socket:
         addr = str(self.ctx.underlay.address)
@@ -117,7 +117,7 @@ class UdpBackend(Backend):
             ensure_address(ipr, index, local, 32)
             replace_route(ipr, dst=str(network), oif=index, scope=253, prefsrc=str(local))
 
-        await asyncio.to_thread(with_ipr, configure)
+        await run_netlink(configure)
         if not self._readers:
             loop = asyncio.get_running_loop()
             loop.add_reader(self.tun.fileno(), self._on_tun)

@@ -1,0 +1,34 @@
+"""Fixtures for the namespace tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tunproxy.lab import EtcdServer, Host, Lab, Process
+
+from .labkit import HOSTS, etcd_in_lab, start_etcd
+
+
+@pytest.fixture
+def etcd_mesh_factory(lab: Lab) -> Iterator[Callable[..., Any]]:
+    """Builds three hosts on br0 leasing from an etcd in the lab; stops etcd afterwards."""
+    servers: list[EtcdServer] = []
+
+    def build(backend: str, **options: Any) -> tuple[EtcdServer, dict[str, Host], dict[str, Process], dict]:
+        lab.segment("br0", "192.0.2.0/24")
+        server = etcd_in_lab(lab, backend, **options)
+        servers.append(server)
+        nodes = {name: lab.add_host(name, "br0", ip) for name, (ip, _) in HOSTS.items()}
+        procs, subnets = {}, {}
+        for name, host in nodes.items():
+            procs[name], subnets[name] = start_etcd(host, server)
+        return server, nodes, procs, subnets
+
+    yield build
+    for proc in lab.processes:  # tunproxy first, so it does not spend the teardown retrying etcd
+        proc.stop(timeout=5)
+    for server in servers:
+        server.close()

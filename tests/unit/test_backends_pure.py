@@ -1,0 +1,205 @@
+"""The vxlan and host-gw backends' pure decisions: options, MACs, peers, direct routes."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tunproxy.backends import BackendContext, backend_class, create_backend
+from tunproxy.backends.base import PeerRefused
+from tunproxy.backends.host_gw import refusal
+from tunproxy.backends.vxlan import (
+    DEFAULT_PORT,
+    VxlanBackend,
+    VxlanOptions,
+    device_name,
+    link_mismatch,
+    peer_vtep_mac,
+    routes_directly,
+    vtep_mac,
+)
+from tunproxy.netlink import Underlay
+from tunproxy.subnets import ConfigError, Lease, NetworkConfig
+
+UNDERLAY = Underlay("eth1", 2, IPv4Address("192.0.2.11"), 24, 1500)
+SUBNET = IPv4Network("10.100.18.0/24")
+
+
+def lease(data, ip="192.0.2.12", backend="vxlan") -> Lease:
+    return Lease(SUBNET, IPv4Address(ip), backend, data)
+
+
+# --- options ---------------------------------------------------------------------------------------
+
+
+def test_defaults_are_flannels():
+    o = VxlanOptions.parse({}, 1500)
+    assert (o.vni, o.port, o.gbp, o.direct_routing, o.mtu) == (1, 8472, False, False, 1450)
+
+
+def test_mtu_default_follows_the_underlay():
+    assert VxlanOptions.parse({}, 9000).mtu == 8950
+
+
+def test_options_are_read():
+    o = VxlanOptions.parse({"VNI": 42, "Port": 4789, "GBP": True, "DirectRouting": True, "MTU": 1400}, 1500)
+    assert (o.vni, o.port, o.gbp, o.direct_routing, o.mtu) == (42, 4789, True, True, 1400)
+
+
+def test_port_zero_means_the_default():
+    assert VxlanOptions.parse({"Port": 0}, 1500).port == DEFAULT_PORT
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"VNI": "1"}, "Backend.VNI must be an integer from 0 to 16777215, not '1'"),
+        ({"VNI": 1 << 24}, "Backend.VNI must be an integer"),
+        ({"VNI": -1}, "Backend.VNI must be an integer"),
+        ({"VNI": True}, "Backend.VNI must be an integer"),
+        ({"VNI": 1.5}, "Backend.VNI must be an integer"),
+        ({"Port": 65536}, "Backend.Port must be an integer from 0 to 65535"),
+        ({"GBP": "true"}, "Backend.GBP must be true or false, not 'true'"),
+        ({"GBP": 1}, "Backend.GBP must be true or false, not 1"),
+        ({"DirectRouting": "no"}, "Backend.DirectRouting must be true or false"),
+        ({"MTU": 1451}, "Backend.MTU must be an integer from 68 to 1450, not 1451"),
+        ({"MTU": 67}, "Backend.MTU must be an integer from 68 to 1450"),
+    ],
+)
+def test_bad_options_are_config_errors_naming_the_key(options, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(")):
+        VxlanOptions.parse(options, 1500)
+
+
+def test_tiny_underlay_mtu_is_refused():
+    with pytest.raises(ConfigError, match="underlay MTU 100 is too small"):
+        VxlanOptions.parse({}, 100)
+
+
+def test_bad_options_fail_when_the_backend_is_made():
+    config = NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "vxlan", "VNI": "x"}})
+    with pytest.raises(ConfigError, match="Backend.VNI"):
+        create_backend(BackendContext(config, UNDERLAY, UNDERLAY.address))
+
+
+def test_backend_mtu_and_data():
+    config = NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "vxlan", "VNI": 7}})
+    backend = VxlanBackend(BackendContext(config, UNDERLAY, IPv4Address("192.0.2.11")))
+    assert backend.mtu == 1450
+    assert backend.device == "tunproxy.7"
+    assert backend.backend_data == {"VNI": 7, "VtepMAC": "0e:74:c0:00:02:0b"}
+
+
+# --- names and MACs --------------------------------------------------------------------------------
+
+
+def test_device_name_fits_ifnamsiz():
+    assert device_name(1) == "tunproxy.1"
+    assert device_name(999999) == "tunproxy.999999"
+    assert device_name(16777215) == "tpvx.16777215"
+    assert all(len(device_name(v)) <= 15 for v in (0, 10**6, (1 << 24) - 1))
+
+
+def test_vtep_mac_is_the_address_behind_a_local_prefix():
+    assert vtep_mac(IPv4Address("192.0.2.11")) == "0e:74:c0:00:02:0b"
+
+
+@given(st.integers(0, (1 << 32) - 1))
+def test_vtep_mac_is_locally_administered_unicast_and_round_trips(n):
+    mac = vtep_mac(IPv4Address(n))
+    first = int(mac[:2], 16)
+    assert first & 0b10 and not first & 0b01
+    assert IPv4Address(bytes.fromhex(mac.replace(":", ""))[2:]) == IPv4Address(n)
+    assert peer_vtep_mac(lease({"VtepMAC": mac})) == mac
+
+
+@given(st.integers(0, (1 << 32) - 1), st.integers(0, (1 << 32) - 1))
+def test_vtep_macs_of_different_hosts_differ(a, b):
+    assert (vtep_mac(IPv4Address(a)) == vtep_mac(IPv4Address(b))) == (a == b)
+
+
+def test_static_backend_data_hook():
+    cls = backend_class("vxlan")
+    data = cls.static_backend_data(IPv4Address("192.0.2.12"))
+    assert data == {"VNI": 1, "VtepMAC": "0e:74:c0:00:02:0c"}
+    config = NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "vxlan", "VNI": 9}})
+    assert cls.static_backend_data(IPv4Address("192.0.2.12"), config)["VNI"] == 9
+    assert getattr(backend_class("host-gw"), "static_backend_data", None) is None
+
+
+# --- peers -----------------------------------------------------------------------------------------
+
+
+def test_peer_mac_is_read_and_lowercased():
+    assert peer_vtep_mac(lease({"VNI": 1, "VtepMAC": "0E:74:C0:00:02:0C"})) == "0e:74:c0:00:02:0c"
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (None, "its lease has no VtepMAC in BackendData (None)"),
+        ("garbage", "its lease has no VtepMAC in BackendData (garbage)"),
+        ({"VNI": 1}, "its lease has no VtepMAC"),
+        ({"VtepMAC": 17}, "its VtepMAC 17 is not a MAC address"),
+        ({"VtepMAC": "0e:74:c0:00:02"}, "is not a MAC address"),
+        ({"VtepMAC": "0e:74:c0:00:02:0g"}, "is not a MAC address"),
+        ({"VtepMAC": " e:74:c0:00:02:0c"}, "is not a MAC address"),
+        ({"VtepMAC": "01:00:5e:00:00:01"}, "is not a unicast address"),
+        ({"VtepMAC": "ff:ff:ff:ff:ff:ff"}, "is not a unicast address"),
+        ({"VtepMAC": "00:00:00:00:00:00"}, "is not a unicast address"),
+    ],
+)
+def test_garbage_backend_data_is_refused_with_a_reason(data, reason):
+    with pytest.raises(PeerRefused, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        peer_vtep_mac(lease(data))
+
+
+@pytest.mark.parametrize(
+    "ip, direct",
+    [
+        ("192.0.2.12", True),
+        ("192.0.2.254", True),
+        ("192.0.2.11", False),  # ourselves
+        ("198.51.100.12", False),  # behind a router
+        ("192.0.3.12", False),
+    ],
+)
+def test_direct_routing_only_on_the_underlay_subnet(ip, direct):
+    assert routes_directly(IPv4Address(ip), UNDERLAY) is direct
+
+
+@given(st.integers(0, (1 << 32) - 1), st.integers(8, 30))
+def test_direct_routing_matches_a_brute_force_prefix_compare(n, plen):
+    underlay = Underlay("eth1", 2, IPv4Address("10.1.2.3"), plen, 1500)
+    ip = IPv4Address(n)
+    same = (n >> (32 - plen)) == (int(underlay.address) >> (32 - plen))
+    assert routes_directly(ip, underlay) is (same and ip != underlay.address)
+
+
+def test_host_gw_refuses_a_peer_off_the_segment():
+    assert refusal(IPv4Address("192.0.2.12"), UNDERLAY) is None
+    assert refusal(IPv4Address("198.51.100.12"), UNDERLAY) == (
+        "host-gw needs peers on one L2 segment; 198.51.100.12 is not in 192.0.2.0/24"
+    )
+    assert "our own address" in (refusal(IPv4Address("192.0.2.11"), UNDERLAY) or "")
+
+
+def test_host_gw_mtu_is_the_underlays():
+    config = NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "host-gw"}})
+    backend = backend_class("host-gw")(BackendContext(config, UNDERLAY, UNDERLAY.address))
+    assert backend.mtu == 1500
+    assert backend.backend_data is None
+
+
+# --- device reuse ----------------------------------------------------------------------------------
+
+
+def test_link_mismatch_lists_each_difference():
+    want = {"kind": "vxlan", "vni": 1, "port": 8472, "local": "192.0.2.11", "link": 2, "gbp": False}
+    assert link_mismatch(dict(want), want) == []
+    have = dict(want, port=4789, gbp=True)
+    assert link_mismatch(have, want) == ["port 4789 != 8472", "gbp True != False"]
+    assert link_mismatch({"kind": "bridge"}, want)[0] == "kind 'bridge' != 'vxlan'"

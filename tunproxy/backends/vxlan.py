@@ -1,0 +1,425 @@
+"""The vxlan backend: the kernel's VXLAN device, programmed the way flannel programs it.
+
+How it works. One device, ``tunproxy.<VNI>``, with learning off: nothing is
+flooded or learned, every remote is written in. Our own subnet's first
+address goes on the device as a /32 (flannel's choice), and for each peer
+three entries are added, in this order, and removed in the reverse one:
+
+* a permanent neighbour entry: the peer subnet's .0 address -> the peer's VtepMAC,
+* a permanent FDB entry: VtepMAC -> the peer's PublicIP (where to send the UDP),
+* a route: the peer subnet via its .0 address, onlink, on the device.
+
+So the kernel resolves the next hop without ARP and the outer destination
+without flooding. The VtepMAC is derived from the public IP (see
+``vtep_mac``): it is stable across restarts and a static peer's can be
+computed. With ``DirectRouting`` a peer whose PublicIP is on our underlay
+subnet gets a plain route via that PublicIP instead, with no encapsulation.
+
+``open`` reuses a compatible leftover device (same VNI, port, local address,
+underlay, GBP, learning off) and replaces an incompatible one, like flannel's
+``ensureLink``. ``check`` (every few seconds, from the daemon) recreates the
+device if someone deleted or changed it, re-writes every peer's entries, and
+drops routes of ours that no current peer accounts for (a killed run's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..netlink import (
+    Underlay,
+    delete_route,
+    ensure_address,
+    link_index,
+    replace_route,
+    routes_via,
+    run_netlink,
+)
+from ..subnets import ConfigError, Lease
+from .base import Backend, BackendContext, PeerRefused
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_VNI = 1
+DEFAULT_PORT = 8472  # the kernel's (and flannel's) default, not IANA's 4789
+VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+MAX_VNI = (1 << 24) - 1
+MIN_MTU = 68
+IFNAMSIZ = 15
+MAC_PREFIX = (0x0E, 0x74)  # 0x0e: locally administered, unicast; 0x74: "t"
+
+NUD_NOARP = 0x40
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+RTNH_F_ONLINK = 0x04
+SCOPE_LINK = 253
+MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+KNOWN_OPTIONS = ("VNI", "Port", "GBP", "DirectRouting", "MTU")
+
+
+def vtep_mac(public_ip: IPv4Address) -> str:
+    """The VTEP MAC of the host with this public IP: ``0e:74`` and the address's four bytes.
+
+    The public IP is unique on the underlay, so the MAC is unique in the
+    overlay's L2 domain; it does not depend on the VNI, so a static peer's
+    MAC is known from its address alone, whatever config it runs with.
+    """
+    return ":".join(f"{b:02x}" for b in (*MAC_PREFIX, *public_ip.packed))
+
+
+def device_name(vni: int) -> str:
+    """``tunproxy.<VNI>``; a VNI too long for IFNAMSIZ gets the shorter ``tpvx.<VNI>``."""
+    name = f"tunproxy.{vni}"
+    return name if len(name) <= IFNAMSIZ else f"tpvx.{vni}"
+
+
+def _int_option(options: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = options.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"Backend.{key} must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def _bool_option(options: Mapping[str, Any], key: str) -> bool:
+    value = options.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"Backend.{key} must be true or false, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class VxlanOptions:
+    """The ``Backend`` section of the net config for vxlan, validated, defaults filled in."""
+
+    vni: int = DEFAULT_VNI
+    port: int = DEFAULT_PORT
+    gbp: bool = False
+    direct_routing: bool = False
+    mtu: int = 1500 - VXLAN_OVERHEAD
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any], underlay_mtu: int) -> VxlanOptions:
+        """Validate flannel's vxlan options; a bad value is a ConfigError naming the key."""
+        max_mtu = underlay_mtu - VXLAN_OVERHEAD
+        if max_mtu < MIN_MTU:
+            raise ConfigError(
+                f"the underlay MTU {underlay_mtu} is too small for VXLAN (needs {MIN_MTU + 50})"
+            )
+        return cls(
+            vni=_int_option(options, "VNI", DEFAULT_VNI, 0, MAX_VNI),
+            # 0 means "the default", as in flannel.
+            port=_int_option(options, "Port", DEFAULT_PORT, 0, 65535) or DEFAULT_PORT,
+            gbp=_bool_option(options, "GBP"),
+            direct_routing=_bool_option(options, "DirectRouting"),
+            mtu=_int_option(options, "MTU", max_mtu, MIN_MTU, max_mtu),
+        )
+
+
+def peer_vtep_mac(lease: Lease) -> str:
+    """The VtepMAC a peer's lease advertises, or PeerRefused saying what is wrong with it."""
+    data = lease.backend_data
+    if not isinstance(data, Mapping) or "VtepMAC" not in data:
+        raise PeerRefused(f"its lease has no VtepMAC in BackendData ({str(data)[:60]})")
+    mac = data["VtepMAC"]
+    if not isinstance(mac, str) or not MAC_RE.fullmatch(mac):
+        raise PeerRefused(f"its VtepMAC {mac!r} is not a MAC address")
+    octets = bytes.fromhex(mac.replace(":", ""))
+    if octets[0] & 1 or octets == bytes(6):
+        raise PeerRefused(f"its VtepMAC {mac} is not a unicast address")
+    return mac.lower()
+
+
+def routes_directly(public_ip: IPv4Address, underlay: Underlay) -> bool:
+    """DirectRouting's test: the peer is on our underlay subnet, so a plain route reaches it."""
+    return public_ip in underlay.network and public_ip != underlay.address
+
+
+def link_mismatch(info: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]:
+    """What makes an existing device unusable: ``key have != want`` for each difference."""
+    return [f"{k} {info.get(k)!r} != {v!r}" for k, v in want.items() if info.get(k) != v]
+
+
+@dataclass(frozen=True)
+class _Peer:
+    lease: Lease
+    mac: str | None  # None: routed directly on the underlay
+
+    @property
+    def gateway(self) -> IPv4Address:
+        return self.lease.subnet.network_address
+
+
+class VxlanBackend(Backend):
+    name = "vxlan"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
+        self.options = VxlanOptions.parse(ctx.network.backend, ctx.underlay.mtu)
+        unknown = sorted(set(ctx.network.backend) - set(KNOWN_OPTIONS))
+        if unknown:
+            log.warning("vxlan ignores Backend option(s) %s", ", ".join(unknown))
+        self.device = device_name(self.options.vni)
+        self.mac = vtep_mac(ctx.public_ip)
+        self.subnet: IPv4Network | None = None
+        self.peers: dict[IPv4Network, _Peer] = {}
+        self._lock = asyncio.Lock()  # check() and the lease events both write netlink state
+
+    @property
+    def mtu(self) -> int:
+        return self.options.mtu
+
+    @property
+    def backend_data(self) -> Any:
+        return {"VNI": self.options.vni, "VtepMAC": self.mac}
+
+    @staticmethod
+    def static_backend_data(public_ip: IPv4Address, config: Any = None) -> Any:
+        """A static peer's BackendData: its VtepMAC follows from its address (VNI from config, else 1)."""
+        vni = DEFAULT_VNI
+        if config is not None:
+            vni = _int_option(config.backend, "VNI", DEFAULT_VNI, 0, MAX_VNI)
+        return {"VNI": vni, "VtepMAC": vtep_mac(public_ip)}
+
+    # -- blocking netlink work, run in a worker thread ------------------------------------------
+
+    def _wanted_link(self) -> dict[str, Any]:
+        u = self.ctx.underlay
+        return {
+            "vni": self.options.vni,
+            "port": self.options.port,
+            "local": str(u.address),
+            "link": u.index,
+            "gbp": self.options.gbp,
+            "learning": False,
+        }
+
+    @staticmethod
+    def _link_info(link: Any) -> dict[str, Any]:
+        linkinfo = link.get_attr("IFLA_LINKINFO")
+        kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo else None
+        data = linkinfo.get_attr("IFLA_INFO_DATA") if kind == "vxlan" else None
+        if data is None:
+            return {"kind": kind}
+        return {
+            "kind": kind,
+            "vni": data.get_attr("IFLA_VXLAN_ID"),
+            "port": data.get_attr("IFLA_VXLAN_PORT"),
+            "local": data.get_attr("IFLA_VXLAN_LOCAL"),
+            "link": data.get_attr("IFLA_VXLAN_LINK"),
+            "gbp": bool(data.get_attr("IFLA_VXLAN_GBP")),
+            "learning": bool(data.get_attr("IFLA_VXLAN_LEARNING")),
+        }
+
+    def _ensure_link(self, ipr: IPRoute) -> tuple[int, bool]:
+        """Create, reuse or replace the device; return (index, whether it was (re)created)."""
+        want = {"kind": "vxlan", **self._wanted_link()}
+        index = link_index(ipr, self.device)
+        created = False
+        if index is not None:
+            mismatch = link_mismatch(self._link_info(ipr.get_links(index)[0]), want)
+            if mismatch:
+                log.warning("replacing %s, it does not match: %s", self.device, "; ".join(mismatch))
+                ipr.link("del", index=index)
+                index = None
+        if index is None:
+            args: dict[str, Any] = {
+                "ifname": self.device,
+                "kind": "vxlan",
+                "vxlan_id": self.options.vni,
+                "vxlan_local": want["local"],
+                "vxlan_link": want["link"],
+                "vxlan_port": self.options.port,
+                "vxlan_learning": 0,
+                "address": self.mac,
+                "mtu": self.options.mtu,
+            }
+            if self.options.gbp:
+                args["vxlan_gbp"] = True
+            try:
+                ipr.link("add", **args)
+            except NetlinkError as e:
+                if e.code == errno.EEXIST:  # the kernel allows one device per (VNI, port, local)
+                    raise ConfigError(
+                        f"cannot create {self.device}: another VXLAN device already uses "
+                        f"VNI {self.options.vni} on port {self.options.port}"
+                    ) from None
+                raise
+            index = link_index(ipr, self.device)
+            assert index is not None
+            created = True
+        ipr.link("set", index=index, address=self.mac, mtu=self.options.mtu, state="up")
+        return index, created
+
+    def _configure_subnet(self, ipr: IPRoute, index: int) -> None:
+        if self.subnet is not None:
+            ensure_address(ipr, index, self.subnet.network_address, 32)
+
+    def _write_peer(self, ipr: IPRoute, index: int, peer: _Peer) -> None:
+        subnet = str(peer.lease.subnet)
+        if peer.mac is None:
+            u = self.ctx.underlay
+            replace_route(ipr, dst=subnet, gateway=str(peer.lease.public_ip), oif=u.index)
+            return
+        gateway = str(peer.gateway)
+        ipr.neigh("replace", dst=gateway, lladdr=peer.mac, ifindex=index, state=NUD_PERMANENT)
+        ipr.fdb(
+            "replace",
+            ifindex=index,
+            lladdr=peer.mac,
+            dst=str(peer.lease.public_ip),
+            state=NUD_PERMANENT | NUD_NOARP,
+            flags=NTF_SELF,
+        )
+        replace_route(ipr, dst=subnet, gateway=gateway, oif=index, flags=RTNH_F_ONLINK)
+
+    def _erase_peer(self, ipr: IPRoute, index: int | None, peer: _Peer) -> None:
+        subnet = str(peer.lease.subnet)
+        if peer.mac is None:
+            u = self.ctx.underlay
+            delete_route(ipr, dst=subnet, gateway=str(peer.lease.public_ip), oif=u.index)
+            return
+        if index is None:  # the device is gone and took the entries with it
+            return
+        delete_route(ipr, dst=subnet, gateway=str(peer.gateway), oif=index)
+        gone = (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EINVAL)
+        try:
+            ipr.fdb("del", ifindex=index, lladdr=peer.mac, dst=str(peer.lease.public_ip))
+        except NetlinkError as e:
+            if e.code not in gone:
+                raise
+        try:
+            ipr.neigh("del", dst=str(peer.gateway), ifindex=index)
+        except NetlinkError as e:
+            if e.code not in gone:
+                raise
+
+    def _prune(self, ipr: IPRoute, index: int) -> list[IPv4Network]:
+        """Delete routes into the overlay on our device (or, direct, on the underlay) no peer owns."""
+        network = self.ctx.network.network
+        # Overlay routes on the underlay are ours only when DirectRouting writes them.
+        oifs = (index, self.ctx.underlay.index) if self.options.direct_routing else (index,)
+        pruned = []
+        for oif in oifs:
+            for dst, gateway, _ in routes_via(ipr, oif=oif):
+                if not dst.subnet_of(network) or gateway is None or dst in self.peers:
+                    continue
+                delete_route(ipr, dst=str(dst), gateway=gateway, oif=oif)
+                pruned.append(dst)
+        return pruned
+
+    # -- the Backend interface ------------------------------------------------------------------
+
+    async def open(self) -> None:
+        async with self._lock:
+            _, created = await run_netlink(self._ensure_link)
+        o = self.options
+        log.info(
+            "%s %s: VNI %d, port %d, GBP %s, MTU %d, VtepMAC %s, DirectRouting %s",
+            "created" if created else "reusing",
+            self.device,
+            o.vni,
+            o.port,
+            "on" if o.gbp else "off",
+            o.mtu,
+            self.mac,
+            "on" if o.direct_routing else "off",
+        )
+
+    async def set_subnet(self, subnet: IPv4Network) -> None:
+        self.subnet = subnet
+
+        def configure(ipr: IPRoute) -> None:
+            index = link_index(ipr, self.device)
+            if index is None:
+                index, _ = self._ensure_link(ipr)
+            self._configure_subnet(ipr, index)
+
+        async with self._lock:
+            await run_netlink(configure)
+
+    async def add_peer(self, lease: Lease) -> None:
+        mac = peer_vtep_mac(lease)
+        direct = self.options.direct_routing and routes_directly(lease.public_ip, self.ctx.underlay)
+        peer = _Peer(lease, None if direct else mac)
+
+        def write(ipr: IPRoute) -> None:
+            old = self.peers.get(lease.subnet)
+            index = link_index(ipr, self.device)
+            if old is not None and old != peer:
+                self._erase_peer(ipr, index, old)
+            if index is None:
+                index, _ = self._ensure_link(ipr)
+                self._configure_subnet(ipr, index)
+            self._write_peer(ipr, index, peer)
+
+        async with self._lock:
+            await run_netlink(write)
+            self.peers[lease.subnet] = peer
+        if direct:
+            log.info(
+                "peer %s is on %s: routed directly via %s",
+                lease.subnet,
+                self.ctx.underlay.network,
+                lease.public_ip,
+            )
+
+    async def remove_peer(self, lease: Lease) -> None:
+        async with self._lock:
+            peer = self.peers.pop(lease.subnet, None)
+            if peer is None:
+                return
+            await run_netlink(lambda ipr: self._erase_peer(ipr, link_index(ipr, self.device), peer))
+
+    async def check(self) -> None:
+        def repair(ipr: IPRoute) -> tuple[bool, list[IPv4Network]]:
+            index, created = self._ensure_link(ipr)
+            self._configure_subnet(ipr, index)
+            for peer in self.peers.values():
+                self._write_peer(ipr, index, peer)
+            return created, self._prune(ipr, index)
+
+        async with self._lock:
+            try:
+                created, pruned = await run_netlink(repair)
+            except ConfigError as e:  # e.g. someone made a clashing device; retried next time
+                log.error("cannot restore %s: %s", self.device, e)
+                return
+        if created:
+            log.warning("%s was gone; recreated it with %d peer(s)", self.device, len(self.peers))
+        for dst in pruned:
+            log.info("removed stale route to %s (no such peer)", dst)
+
+    async def close(self) -> None:
+        def teardown(ipr: IPRoute) -> None:
+            for peer in self.peers.values():
+                if peer.mac is None:
+                    self._erase_peer(ipr, None, peer)
+            index = link_index(ipr, self.device)
+            if index is not None:  # takes its address, neighbours, FDB entries and routes
+                try:
+                    ipr.link("del", index=index)
+                except NetlinkError as e:
+                    if e.code != errno.ENODEV:
+                        raise
+
+        async with self._lock:
+            await run_netlink(teardown)
+            self.peers.clear()
+
+
+BACKEND = VxlanBackend
