@@ -50,7 +50,8 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str])
         action.required = False
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``environ``, TUNPROXY_<FLAG> variables become the flags' defaults."""
     parser = argparse.ArgumentParser(prog="tunproxy", description="A flannel-style IPv4 overlay.")
     parser.add_argument("--version", action="version", version=f"tunproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     leases = sub.add_parser("leases", help="list the leases in etcd")
     _add_etcd_flags(leases)
     leases.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    if environ is not None:
+        for subparser in (run, leases):
+            apply_env_defaults(subparser, environ)
     return parser
 
 
@@ -243,11 +247,7 @@ def cmd_leases(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    for action in parser._subparsers._group_actions if parser._subparsers else []:
-        for subparser in action.choices.values():
-            apply_env_defaults(subparser, dict(os.environ))
-    args = parser.parse_args(argv)
+    args = build_parser(dict(os.environ)).parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
