@@ -162,3 +162,26 @@ def counter(proc: Process, name: str, wait_for_new: bool = True, timeout: float 
     found = re.search(rf"\b{name}=(\d+)", lines[-1])
     assert found, f"no counter {name} in {lines[-1]}"
     return int(found.group(1))
+
+
+ROUTED_HOSTS = {
+    "h1": ("192.0.2.11", "10.100.5.0/24"),
+    "h2": ("192.0.2.12", "10.100.18.0/24"),
+    "h3": ("198.51.100.13", "10.100.7.0/24"),
+}
+
+
+def routed_lab(lab: Lab) -> dict[str, Host]:
+    """h1 and h2 on 192.0.2.0/24, h3 on 198.51.100.0/24, a router namespace between the segments."""
+    lab.segment("br0", "192.0.2.0/24")
+    lab.segment("br1", "198.51.100.0/24")
+    lab.add_router("r", {"br0": "192.0.2.1", "br1": "198.51.100.1"})
+    return {
+        name: lab.add_host(
+            name,
+            "br0" if ip.startswith("192.") else "br1",
+            ip,
+            gateway="192.0.2.1" if ip.startswith("192.") else "198.51.100.1",
+        )
+        for name, (ip, _) in ROUTED_HOSTS.items()
+    }

@@ -10,9 +10,11 @@ from tunproxy.lab import Lab
 
 from .labkit import (
     HOSTS,
+    ROUTED_HOSTS,
     all_pairs_ping,
     overlay,
     reload_peers,
+    routed_lab,
     routes,
     start_static,
     static_mesh,
@@ -64,24 +66,13 @@ def test_removed_peer_is_no_longer_routed(lab):
 
 
 def test_peer_behind_a_router_is_refused(lab):
-    lab.segment("br0", "192.0.2.0/24")
-    lab.segment("br1", "198.51.100.0/24")
-    lab.add_router("r", {"br0": "192.0.2.1", "br1": "198.51.100.1"})
-    hosts = {
-        "h1": ("192.0.2.11", "10.100.5.0/24"),
-        "h2": ("192.0.2.12", "10.100.18.0/24"),
-        "h3": ("198.51.100.12", "10.100.7.0/24"),
-    }
-    nodes = {
-        "h1": lab.add_host("h1", "br0", "192.0.2.11", gateway="192.0.2.1"),
-        "h2": lab.add_host("h2", "br0", "192.0.2.12", gateway="192.0.2.1"),
-        "h3": lab.add_host("h3", "br1", "198.51.100.12", gateway="198.51.100.1"),
-    }
+    hosts = ROUTED_HOSTS
+    nodes = routed_lab(lab)
     config = write_config(lab, "host-gw")
     procs = {name: start_static(nodes[name], config, hosts) for name in hosts}
     procs["h1"].wait_for(
-        "peer 10.100.7.0/24 (198.51.100.12) refused: "
-        "host-gw needs peers on one L2 segment; 198.51.100.12 is not in 192.0.2.0/24"
+        "peer 10.100.7.0/24 (198.51.100.13) refused: "
+        "host-gw needs peers on one L2 segment; 198.51.100.13 is not in 192.0.2.0/24"
     )
     procs["h3"].wait_for("host-gw needs peers on one L2 segment; 192.0.2.11 is not in 198.51.100.0/24")
     assert "10.100.7.0/24" not in routes(nodes["h1"])

@@ -11,12 +11,14 @@ from tunproxy.lab import Lab
 
 from .labkit import (
     HOSTS,
+    ROUTED_HOSTS,
     all_pairs_ping,
     fdb,
     link,
     neighbours,
     overlay,
     reload_peers,
+    routed_lab,
     routes,
     start_static,
     static_mesh,
@@ -133,19 +135,8 @@ def test_bad_option_is_one_line_and_exit_2(lab, options, message):
 
 
 def test_direct_routing_same_segment_plain_route_router_peer_vxlan(lab):
-    lab.segment("br0", "192.0.2.0/24")
-    lab.segment("br1", "198.51.100.0/24")
-    lab.add_router("r", {"br0": "192.0.2.1", "br1": "198.51.100.1"})
-    hosts = {
-        "h1": ("192.0.2.11", "10.100.5.0/24"),
-        "h2": ("192.0.2.12", "10.100.18.0/24"),
-        "h3": ("198.51.100.13", "10.100.7.0/24"),
-    }
-    nodes = {
-        "h1": lab.add_host("h1", "br0", "192.0.2.11", gateway="192.0.2.1"),
-        "h2": lab.add_host("h2", "br0", "192.0.2.12", gateway="192.0.2.1"),
-        "h3": lab.add_host("h3", "br1", "198.51.100.13", gateway="198.51.100.1"),
-    }
+    hosts = ROUTED_HOSTS
+    nodes = routed_lab(lab)
     config = write_config(lab, "vxlan", DirectRouting=True)
     procs = {name: start_static(nodes[name], config, hosts) for name in hosts}
     procs["h1"].wait_for("peer 10.100.18.0/24 is on 192.0.2.0/24: routed directly via 192.0.2.12")
