@@ -17,7 +17,19 @@
 
 enum {
     FP_SCRATCH_SIZE = 128,   /* one ICMP error: 20 + 8 + quoted 60 + 8 = 96 bytes */
-    FP_MAX_PACKET = 65535    /* largest IPv4 packet, so the largest slot payload */
+    FP_MAX_PACKET = 65535,   /* largest IPv4 packet, so the largest slot payload */
+    FP_VNET_HDR_LEN = 10,    /* sizeof(struct virtio_net_hdr), before each TUN packet */
+    FP_GSO_MAX_SEGS = 64,    /* datagrams per UDP_SEGMENT send (the kernel's limit is >= 64) */
+    FP_GSO_MAX_BYTES = 65507,/* UDP payload per send: 65535 - 20 (IPv4) - 8 (UDP) */
+    FP_CMSG_WORDS = 4,       /* uint64_t per message for one int-sized cmsg (CMSG_SPACE) */
+    FP_GRO_MAX_SEGS = 128,   /* TCP segments coalesced into one TUN write, at most */
+    FP_RC_GSO_OFF = 0x40000000 /* or'ed into a count: UDP GSO was refused and is now off */
+};
+
+/* fp_ctx.offload bits, chosen at init. */
+enum {
+    FP_OFFLOAD_VNET = 1,     /* the TUN has IFF_VNET_HDR with TSO4/CSUM offloads on */
+    FP_OFFLOAD_UDP_GSO = 2   /* send trains of datagrams with UDP_SEGMENT; cleared on refusal */
 };
 
 /* One route: prefix/len -> peer.  The table is kept sorted by
@@ -60,13 +72,22 @@ struct fp_counters {
     uint64_t rx_batches;         /* recvmmsg calls that returned >= 1 datagram */
     uint64_t rx_multi_batches;
     uint64_t rx_max_batch;
+    /* Offload mode only. */
+    uint64_t tso_packets;        /* TSO super-packets read from the TUN ... */
+    uint64_t tso_segments;       /* ... and the packets they were split into */
+    uint64_t csum_completed;     /* partial checksums of other packets completed */
+    uint64_t gso_sends;          /* datagram trains sent as one UDP_SEGMENT message ... */
+    uint64_t gso_segments;       /* ... and the datagrams in them */
+    uint64_t gro_receives;       /* received buffers holding several datagrams (UDP_GRO) ... */
+    uint64_t gro_segments;       /* ... and the datagrams in them */
+    uint64_t tun_gso_writes;     /* TUN writes of several coalesced TCP segments ... */
+    uint64_t tun_gso_segments;   /* ... and the segments in them */
 };
 
 /* The packet ring.  Slot i's packet starts at data + i * slot_size + headroom
- * and may be slot_size - headroom (<= FP_MAX_PACKET) bytes long.  The headroom
- * is where a virtio_net_hdr (IFF_VNET_HDR) can later be written in place; a
- * per-slot gso_size array would sit beside len.  addr, iov and msg are the
- * per-slot sendmmsg/recvmmsg arguments, wired up once by fp_init. */
+ * and may be slot_size - headroom (<= FP_MAX_PACKET) bytes long.  In offload
+ * mode a TUN read puts its virtio_net_hdr in the headroom.  addr, iov and msg
+ * are the per-slot sendmmsg/recvmmsg arguments, wired up once by fp_init. */
 struct fp_ring {
     uint8_t *data;               /* nslots * slot_size bytes */
     uint32_t *len;               /* packet length per slot */
@@ -76,6 +97,38 @@ struct fp_ring {
     uint32_t nslots;
     uint32_t slot_size;
     uint32_t headroom;
+};
+
+/* Offload mode only: the send queue, the cmsg space of both directions, and
+ * the TCP segments being coalesced into one TUN write.
+ * Every outgoing datagram is copied into out, back to back; message i is
+ * iov[i], a run of segs[i] datagrams of seg_size[i] bytes (the last one may be
+ * shorter) to addr[i], sent with a UDP_SEGMENT cmsg when it holds more than
+ * one.  A full queue is flushed with one sendmmsg.
+ * tun_iov[1..] point into the ring at the segments being coalesced (the first
+ * whole, then only payloads); tun_iov[0] is for the virtio_net_hdr. */
+struct fp_gso {
+    uint8_t *out;                /* out_size bytes */
+    struct mmsghdr *msg;         /* nmsg of each of these five */
+    struct iovec *iov;
+    struct sockaddr_in *addr;
+    uint32_t *segs;
+    uint32_t *seg_size;
+    uint64_t *cmsg;              /* nmsg * FP_CMSG_WORDS: UDP_SEGMENT */
+    uint64_t *rx_cmsg;           /* ring.nslots * FP_CMSG_WORDS: UDP_GRO */
+    struct iovec *tun_iov;       /* FP_GRO_MAX_SEGS + 1 */
+    uint32_t out_size;           /* >= FP_MAX_PACKET */
+    uint32_t nmsg;
+    /* State, owned by the C side. */
+    uint32_t n;                  /* messages queued */
+    uint32_t used;               /* bytes of out queued */
+    struct fp_peer *gro_peer;    /* coalescing: where the segments came from */
+    uint32_t gro_segs;           /* segments so far (0: none) */
+    uint32_t gro_len;            /* IP total length of the super-packet */
+    uint32_t gro_bytes;          /* the segments' own lengths, summed */
+    uint32_t gro_mss;            /* payload bytes of the first segment */
+    uint32_t gro_seq;            /* the sequence number a next segment must have */
+    uint32_t gro_closed;         /* a short or PSH segment ended it */
 };
 
 struct fp_ctx {
@@ -89,7 +142,10 @@ struct fp_ctx {
     uint32_t icmp_burst;         /* ... and bucket depth */
     uint32_t max_routes;
     uint32_t peer_cap;           /* power of two, >= 2 * max_routes */
+    uint32_t offload;            /* FP_OFFLOAD_* bits */
+    int32_t gso_errno;           /* why FP_OFFLOAD_UDP_GSO was cleared, if it was */
     struct fp_ring ring;
+    struct fp_gso gso;           /* offload mode only */
     struct fp_route *routes;     /* max_routes entries, the live table */
     struct fp_route *routes_alt; /* max_routes entries, the next table */
     struct fp_peer *peers;       /* peer_cap entries, live */
@@ -117,10 +173,13 @@ int fp_del_route(struct fp_ctx *c, uint32_t prefix, uint32_t len);
 uint32_t fp_lookup(const struct fp_ctx *c, uint32_t dst);
 
 /* Move up to batch packets from the TUN fd to the peers; returns the number
- * of packets read from the TUN, or -errno if none was. */
+ * of packets read from the TUN, or -errno if none was.  In offload mode a
+ * TSO packet counts as one; FP_RC_GSO_OFF is or'ed in when the kernel refused
+ * UDP_SEGMENT in this call (the datagrams were then sent one by one). */
 int fp_tun_to_udp(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now_ms);
 /* Move up to batch datagrams from the socket to the TUN fd; returns the number
- * of datagrams received, or -errno. */
+ * of receive buffers filled (a UDP_GRO buffer may hold many datagrams), or
+ * -errno. */
 int fp_udp_to_tun(struct fp_ctx *c, int udp_fd, int tun_fd, uint64_t now_ms);
 
 #endif

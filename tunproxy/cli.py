@@ -93,6 +93,11 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     udp.add_argument("--port", type=int, help="UDP port (default 8285, or Backend.Port)")
     udp.add_argument("--batch", type=int, default=64, help="packets per system call (default 64)")
     udp.add_argument("--tun-name", default="tunproxy0", help="TUN device name (default tunproxy0)")
+    udp.add_argument(
+        "--no-offload",
+        action="store_true",
+        help="one packet per TUN read/write: no TSO on the TUN, no UDP GSO/GRO (same wire format)",
+    )
 
     _add_etcd_flags(run)
     store = run.add_argument_group("leases")
@@ -223,7 +228,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         stats_interval=args.stats_interval,
         check_interval=args.check_interval,
         ipmasq=args.ip_masq,
-        backend_options={"tun_name": args.tun_name, "batch": args.batch, "port": args.port},
+        backend_options={
+            "tun_name": args.tun_name,
+            "batch": args.batch,
+            "port": args.port,
+            "offload": not args.no_offload,
+        },
     )
     import uvloop
 

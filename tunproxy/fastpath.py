@@ -8,6 +8,15 @@ that each ``tun_to_udp``/``udp_to_tun`` call is one C call that handles a whole
 batch and returns a count; a negative errno comes back as ``FastPathError``,
 except EAGAIN/EINTR which just mean "nothing to do" (0).
 
+With ``offload=True`` the TUN is expected to have been opened with
+IFF_VNET_HDR and TSO4/CSUM offloads (every read and write then carries a
+virtio_net_hdr), and the socket may have UDP_GRO on: the C side cuts TSO
+packets into wire-sized ones and sends runs of datagrams with UDP_SEGMENT,
+and writes runs of received TCP segments to the TUN as one TSO packet.  The
+wire format does not change.  The extra memory (a send queue of copied
+datagrams, the cmsg buffers, the iovecs of a coalesced TUN write) is
+allocated here too, once.
+
 Arguments are checked here, not in C; the C code trusts its caller.
 """
 
@@ -29,14 +38,46 @@ MAX_BATCH = 1024
 MAX_HEADROOM = 4096
 MAX_ROUTES = 1 << 20
 MAX_ICMP_RATE = 1_000_000
+VNET_HDR_LEN = lib.FP_VNET_HDR_LEN
+UDP_SEGMENT = 103  # linux/udp.h socket options at level SOL_UDP (not in Python's socket module)
+UDP_GRO = 104
+GSO_BUFFER = 1 << 20  # default bytes of copied datagrams queued before a sendmmsg
+
+# TSO packets read and the packets cut from them; other partial checksums
+# completed; UDP_SEGMENT sends of several datagrams and the datagrams in them;
+# UDP_GRO buffers holding several datagrams and the datagrams in them; TUN
+# writes of several coalesced TCP segments and the segments in them.
+OFFLOAD_COUNTERS = (
+    "tso_packets",
+    "tso_segments",
+    "csum_completed",
+    "gso_sends",
+    "gso_segments",
+    "gro_receives",
+    "gro_segments",
+    "tun_gso_writes",
+    "tun_gso_segments",
+)
 
 _PEER = struct.Struct("=II4Q")  # struct fp_peer
 assert _PEER.size == ffi.sizeof("struct fp_peer")
 _NOTHING_TO_DO = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+_GSO_OFF = lib.FP_RC_GSO_OFF
 
 
 class FastPathError(OSError):
     """A system call in the fast path failed, or the C side refused a request."""
+
+
+class UdpGsoDisabled(FastPathError):
+    """The kernel refused UDP_SEGMENT (``errno`` says how); the fast path now sends
+    one datagram per message for good.  Raised once, by the ``tun_to_udp`` call in
+    which it happened; those datagrams were still sent, and ``count`` is what
+    that call would have returned.  The caller should log it and carry on."""
+
+    def __init__(self, err: int, count: int) -> None:
+        super().__init__(err, f"UDP GSO disabled, sending datagrams one by one: {os.strerror(err)}")
+        self.count = count
 
 
 @dataclass(frozen=True)
@@ -65,6 +106,16 @@ class Counters:
     rx_multi_batches: int
     rx_max_batch: int
     peers: dict[IPv4Address, PeerCounters]
+    # Offload mode (all 0 without it); see OFFLOAD_COUNTERS.
+    tso_packets: int = 0
+    tso_segments: int = 0
+    csum_completed: int = 0
+    gso_sends: int = 0
+    gso_segments: int = 0
+    gro_receives: int = 0
+    gro_segments: int = 0
+    tun_gso_writes: int = 0
+    tun_gso_segments: int = 0
 
     def summary(self) -> str:
         """One grep-able line of ``name=value`` for a log; names as in the README."""
@@ -82,6 +133,7 @@ class Counters:
             "rx_batches": self.rx_batches,
             "rx_multi_batches": self.rx_multi_batches,
             "rx_max_batch": self.rx_max_batch,
+            **{name: getattr(self, name) for name in OFFLOAD_COUNTERS},
             "peers": len(self.peers),
         }
         return " ".join(f"{name}={value}" for name, value in fields.items())
@@ -132,6 +184,11 @@ class FastPath:
     datagram from any other address or port is dropped as ``unknown_peer``.
     ``slot_size`` (default ``headroom + 65535``, so any IPv4 packet fits) is
     the bytes per ring slot; the ring has ``batch`` slots.
+
+    ``offload`` selects offload mode (see the module docstring): the TUN fd
+    must then carry virtio_net_hdrs.  ``udp_gso`` (offload mode only) says
+    whether the socket may send with UDP_SEGMENT; ``gso_buffer`` is how many
+    bytes of datagrams are queued before a sendmmsg (at least 65535).
     """
 
     def __init__(
@@ -146,6 +203,9 @@ class FastPath:
         icmp_rate: int = 100,
         icmp_burst: int = 50,
         slot_size: int | None = None,
+        offload: bool = False,
+        udp_gso: bool = True,
+        gso_buffer: int = GSO_BUFFER,
     ) -> None:
         _check_int("mtu", mtu, 68, MAX_PACKET)
         _check_int("port", port, 1, 65535)
@@ -154,9 +214,13 @@ class FastPath:
         _check_int("max_routes", max_routes, 1, MAX_ROUTES)
         _check_int("icmp_rate", icmp_rate, 0, MAX_ICMP_RATE)
         _check_int("icmp_burst", icmp_burst, 0, MAX_ICMP_RATE)
+        _check_int("gso_buffer", gso_buffer, MAX_PACKET, 1 << 30)
+        if offload and headroom < VNET_HDR_LEN:
+            raise ValueError(f"offload needs a headroom of at least {VNET_HDR_LEN}, got {headroom}")
         if slot_size is None:
             slot_size = headroom + MAX_PACKET
-        _check_int("slot_size", slot_size, headroom + mtu, headroom + MAX_PACKET)
+        # A TSO read is up to 64 KiB whatever the MTU: a smaller slot would cut it short.
+        _check_int("slot_size", slot_size, headroom + (MAX_PACKET if offload else mtu), headroom + MAX_PACKET)
         try:
             local = IPv4Address(local_addr)
         except ValueError as e:
@@ -178,6 +242,9 @@ class FastPath:
         c.icmp_burst = icmp_burst
         c.max_routes = max_routes
         c.peer_cap = self._peer_cap
+        if offload:
+            c.offload = lib.FP_OFFLOAD_VNET | (lib.FP_OFFLOAD_UDP_GSO if udp_gso else 0)
+        self._offload = bool(offload)
         # The slots need no clearing; leaving them untouched keeps them unbacked.
         raw = ffi.new_allocator(should_clear_after_alloc=False)
         # cdata assigned into a struct is not kept alive by it: hold it here.
@@ -206,6 +273,28 @@ class FastPath:
         ring.headroom = headroom
         c.routes, c.routes_alt = m["routes"], m["routes_alt"]
         c.peers, c.peers_alt = m["peers"], m["peers_alt"]
+        if offload:
+            # A 64 KiB TSO packet fills one or two messages, anything else at most one;
+            # a queue that fills up anyway is just sent early.
+            nmsg = 2 * batch + 16
+            words = lib.FP_CMSG_WORDS
+            m |= {
+                "out": raw("uint8_t[]", gso_buffer),
+                "gso_msg": ffi.new("struct mmsghdr[]", nmsg),
+                "gso_iov": ffi.new("struct iovec[]", nmsg),
+                "gso_addr": ffi.new("struct sockaddr_in[]", nmsg),
+                "segs": ffi.new("uint32_t[]", nmsg),
+                "seg_size": ffi.new("uint32_t[]", nmsg),
+                "cmsg": ffi.new("uint64_t[]", nmsg * words),
+                "rx_cmsg": ffi.new("uint64_t[]", batch * words),
+                "tun_iov": ffi.new("struct iovec[]", lib.FP_GRO_MAX_SEGS + 1),
+            }
+            g = c.gso
+            g.out, g.msg, g.iov, g.addr = m["out"], m["gso_msg"], m["gso_iov"], m["gso_addr"]
+            g.segs, g.seg_size, g.cmsg, g.rx_cmsg = m["segs"], m["seg_size"], m["cmsg"], m["rx_cmsg"]
+            g.tun_iov = m["tun_iov"]
+            g.out_size = gso_buffer
+            g.nmsg = nmsg
         rc = lib.fp_init(c)
         if rc < 0:
             _raise(rc, "fp_init")
@@ -231,6 +320,15 @@ class FastPath:
     @property
     def max_routes(self) -> int:
         return self._max_routes
+
+    @property
+    def offload(self) -> bool:
+        return self._offload
+
+    @property
+    def udp_gso(self) -> bool:
+        """Whether runs of datagrams still go out with UDP_SEGMENT (the kernel may refuse)."""
+        return bool(self._ctx.offload & lib.FP_OFFLOAD_UDP_GSO)
 
     # ---- routes ----
 
@@ -288,11 +386,15 @@ class FastPath:
         """Read up to ``batch`` packets from the TUN, send them to their peers.
 
         Returns the number of packets read (each was sent or counted as a
-        drop).  ``now_ms`` is a monotonic clock in milliseconds.
+        drop; a TSO packet counts once).  ``now_ms`` is a monotonic clock in
+        milliseconds.  Raises ``UdpGsoDisabled`` once if the kernel refuses
+        UDP_SEGMENT.
         """
         n: int = self._tun_to_udp(self._ctx, tun_fd, udp_fd, now_ms)
-        if n >= 0:
+        if 0 <= n < _GSO_OFF:
             return n
+        if n > 0:
+            raise UdpGsoDisabled(self._ctx.gso_errno, n & ~_GSO_OFF)
         if -n in _NOTHING_TO_DO:
             return 0
         raise FastPathError(-n, f"tun_to_udp: {os.strerror(-n)}")
@@ -301,7 +403,7 @@ class FastPath:
         """Receive up to ``batch`` datagrams, write their packets to the TUN.
 
         Returns the number of datagrams received (each was written or counted
-        as a drop).
+        as a drop), where a UDP_GRO buffer of several datagrams counts once.
         """
         n: int = self._udp_to_tun(self._ctx, udp_fd, tun_fd, now_ms)
         if n >= 0:
@@ -336,10 +438,12 @@ class FastPath:
             rx_multi_batches=k.rx_multi_batches,
             rx_max_batch=k.rx_max_batch,
             peers=peers,
+            **{name: getattr(k, name) for name in OFFLOAD_COUNTERS},
         )
 
     def __repr__(self) -> str:
         return (
             f"FastPath(mtu={self._mtu}, local_addr={self._local_addr}, port={self._port}, "
-            f"batch={self._batch}, routes={self._ctx.nroutes}/{self._max_routes})"
+            f"batch={self._batch}, offload={self._offload}, "
+            f"routes={self._ctx.nroutes}/{self._max_routes})"
         )

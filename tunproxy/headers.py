@@ -13,7 +13,18 @@ and plainly, so tests can compare the two byte for byte:
   (RFC 792); ``icmp_error_due`` says when one may be sent at all (RFC 1812
   4.3.2.7).
 
-It also builds packets for tests (``build_ipv4``).
+Offload mode adds the work the kernel leaves to a TUN reader with
+IFF_VNET_HDR and TSO (``offload_forward``):
+
+* ``complete_checksum`` fills in a partial TCP/UDP checksum as the kernel's
+  ``skb_checksum_help`` does: the field holds the pseudo-header sum, the sum
+  runs from ``csum_start`` to the end, and 0 is written as 0xFFFF.
+* ``tso_split`` cuts a TSO super-packet as ``tcp_gso_segment`` does: ``mss``
+  payload bytes per packet, total length set, IP ID + 1 and sequence number +
+  mss per packet, FIN and PSH kept only on the last packet and CWR only on the
+  first, IP header checksum recomputed and the TCP checksum completed.
+
+It also builds packets for tests (``build_ipv4``, ``build_tcp``).
 """
 
 from __future__ import annotations
@@ -42,6 +53,18 @@ CODE_FRAG_NEEDED = 4
 CODE_TTL_EXCEEDED = 0
 
 ICMP_ERROR_TTL = 64
+
+PROTO_TCP = 6
+TCP_FIN = 0x01
+TCP_PSH = 0x08
+TCP_CWR = 0x80
+
+# struct virtio_net_hdr (linux/virtio_net.h): in host byte order on a TUN.
+VNET_HDR = struct.Struct("=BBHHHH")
+VNET_F_NEEDS_CSUM = 1
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_ECN = 0x80
 
 Address = ipaddress.IPv4Address | str | int
 
@@ -222,3 +245,147 @@ def icmp_time_exceeded(packet: bytes, src: Address) -> bytes:
 
 def icmp_frag_needed(packet: bytes, src: Address, mtu: int) -> bytes:
     return icmp_error(packet, src=src, icmp_type=ICMP_DEST_UNREACH, code=CODE_FRAG_NEEDED, mtu=mtu)
+
+
+# ---- offload mode: TSO and partial checksums ----
+
+
+@dataclass(frozen=True)
+class VnetHdr:
+    """The virtio_net_hdr before each packet on a TUN opened with IFF_VNET_HDR."""
+
+    flags: int = 0
+    gso_type: int = GSO_NONE
+    hdr_len: int = 0  # the kernel's, not trusted: the headers are parsed instead
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+
+    def pack(self) -> bytes:
+        return VNET_HDR.pack(
+            self.flags, self.gso_type, self.hdr_len, self.gso_size, self.csum_start, self.csum_offset
+        )
+
+    @classmethod
+    def unpack(cls, data: bytes) -> VnetHdr:
+        return cls(*VNET_HDR.unpack(data[: VNET_HDR.size]))
+
+
+def _fold(total: int) -> int:
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def pseudo_header_sum(packet: bytes | bytearray, l4_length: int) -> int:
+    """The folded (not complemented) TCP/UDP pseudo-header sum of an IPv4 packet:
+    what the kernel leaves in the checksum field of a partial checksum."""
+    return _fold(sum(struct.unpack("!4H", packet[12:20])) + packet[9] + l4_length)
+
+
+def complete_checksum(packet: bytes, csum_start: int, csum_offset: int) -> bytes:
+    """Fill in a partial checksum (VIRTIO_NET_HDR_F_NEEDS_CSUM) like skb_checksum_help."""
+    out = bytearray(packet)
+    at = csum_start + csum_offset
+    out[at : at + 2] = (checksum(out[csum_start:]) or 0xFFFF).to_bytes(2, "big")
+    return bytes(out)
+
+
+def l4_checksum_ok(packet: bytes) -> bool:
+    """Whether a TCP/UDP packet's checksum verifies (RFC 793 pseudo-header, from scratch)."""
+    header = parse_ipv4(packet)
+    segment = packet[header.header_length : header.total_length]
+    pseudo = packet[12:20] + bytes([0, header.proto]) + len(segment).to_bytes(2, "big")
+    return checksum(pseudo + segment) == 0
+
+
+def tcp_header_length(packet: bytes) -> int:
+    ihl = (packet[0] & 15) * 4
+    return (packet[ihl + 12] >> 4) * 4
+
+
+def tso_split(packet: bytes, mss: int) -> list[bytes]:
+    """The packets tcp_gso_segment makes of a TSO super-packet (see the module docstring)."""
+    ihl = (packet[0] & 15) * 4
+    hlen = ihl + tcp_header_length(packet)
+    total = int.from_bytes(packet[2:4], "big")
+    payload = packet[hlen:total]
+    chunks = [payload[i : i + mss] for i in range(0, len(payload), mss)] or [b""]
+    ident = int.from_bytes(packet[4:6], "big")
+    seq = int.from_bytes(packet[ihl + 4 : ihl + 8], "big")
+    out = []
+    for n, chunk in enumerate(chunks):
+        seg = bytearray(packet[:hlen] + chunk)
+        seg[2:4] = len(seg).to_bytes(2, "big")
+        seg[4:6] = ((ident + n) & 0xFFFF).to_bytes(2, "big")
+        seg[10:12] = b"\0\0"
+        seg[10:12] = checksum(seg[:ihl]).to_bytes(2, "big")
+        seg[ihl + 4 : ihl + 8] = ((seq + n * mss) & 0xFFFFFFFF).to_bytes(4, "big")
+        if n < len(chunks) - 1:
+            seg[ihl + 13] &= ~(TCP_FIN | TCP_PSH) & 0xFF
+        if n:
+            seg[ihl + 13] &= ~TCP_CWR & 0xFF
+        seg[ihl + 16 : ihl + 18] = pseudo_header_sum(seg, len(seg) - ihl).to_bytes(2, "big")
+        out.append(complete_checksum(bytes(seg), ihl, 16))
+    return out
+
+
+def offload_forward(vnet: VnetHdr, packet: bytes) -> list[bytes]:
+    """What the fast path sends, one packet per datagram, for one TUN read in
+    offload mode; ``MalformedPacket`` if it drops the read as malformed."""
+    header = parse_ipv4(packet)
+    ihl, total = header.header_length, header.total_length
+    packet = packet[:total]
+    if vnet.gso_type != GSO_NONE:
+        if (
+            vnet.gso_type & ~GSO_ECN != GSO_TCPV4
+            or header.proto != PROTO_TCP
+            or not vnet.gso_size
+            or header.flags_frag & (FLAG_MF | FRAG_OFFSET_MASK)
+            or ihl + 20 > total
+        ):
+            raise MalformedPacket(f"not a TSO packet we can cut: {vnet}")
+        hlen = ihl + tcp_header_length(packet)
+        if not ihl + 20 <= hlen <= total:
+            raise MalformedPacket(f"TCP header ends at {hlen}, outside {ihl + 20}..{total}")
+        return tso_split(decrement_ttl(packet), vnet.gso_size)
+    if vnet.flags & VNET_F_NEEDS_CSUM:
+        if vnet.csum_start + vnet.csum_offset + 2 > total:
+            raise MalformedPacket(f"checksum field past the end: {vnet}")
+        packet = complete_checksum(packet, vnet.csum_start, vnet.csum_offset)
+    return [decrement_ttl(packet)]
+
+
+def build_tcp(
+    *,
+    src: Address,
+    dst: Address,
+    sport: int = 40000,
+    dport: int = 5201,
+    seq: int = 0,
+    ack: int = 0,
+    flags: int = 0x10,
+    window: int = 65535,
+    tcp_options: bytes = b"",
+    payload: bytes = b"",
+    **ip: object,
+) -> bytes:
+    """An IPv4/TCP packet with both checksums right (``ip`` goes to build_ipv4)."""
+    if len(tcp_options) % 4 or len(tcp_options) > 40:
+        raise ValueError("TCP options must be a multiple of 4 bytes, at most 40")
+    doff = (20 + len(tcp_options)) // 4
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, doff << 4, flags, window, 0, 0)
+    packet = build_ipv4(src=src, dst=dst, proto=PROTO_TCP, payload=tcp + tcp_options + payload, **ip)  # type: ignore[arg-type]
+    return with_partial_checksum(packet, 16, complete=True)
+
+
+def with_partial_checksum(packet: bytes, csum_offset: int, *, complete: bool = False) -> bytes:
+    """The packet as the kernel hands it over with NEEDS_CSUM: the L4 checksum field
+    (at csum_offset past the IP header) holding the pseudo-header sum; or, with
+    ``complete``, finished from there."""
+    ihl = (packet[0] & 15) * 4
+    total = int.from_bytes(packet[2:4], "big")
+    out = bytearray(packet)
+    at = ihl + csum_offset
+    out[at : at + 2] = pseudo_header_sum(out, total - ihl).to_bytes(2, "big")
+    return complete_checksum(bytes(out), ihl, csum_offset) if complete else bytes(out)

@@ -259,3 +259,135 @@ def test_icmp_error_due(packet, due):
 def test_build_rejects_bad_options():
     with pytest.raises(ValueError):
         h.build_ipv4(src="1.1.1.1", dst="2.2.2.2", options=b"\x01")
+
+
+# ---- offload: partial checksums and TSO ----
+
+
+def fresh_l4_checksum(packet: bytes, offset: int) -> int:
+    """The L4 checksum computed from scratch (RFC 793/768), the field zeroed."""
+    hlen, total = (packet[0] & 15) * 4, int.from_bytes(packet[2:4], "big")
+    segment = bytearray(packet[hlen:total])
+    segment[offset : offset + 2] = b"\0\0"
+    pseudo = packet[12:20] + bytes([0, packet[9]]) + len(segment).to_bytes(2, "big")
+    return h.checksum(pseudo + segment)
+
+
+@st.composite
+def tcp_packets(draw, *, max_payload: int = 3000, **ip) -> bytes:
+    options = draw(st.binary(max_size=40))
+    tcp_options = draw(st.binary(max_size=40))
+    return h.build_tcp(
+        src=draw(st.integers(1, 0xDFFFFFFF)),
+        dst=draw(st.integers(1, 0xDFFFFFFF)),
+        sport=draw(st.integers(0, 0xFFFF)),
+        dport=draw(st.integers(0, 0xFFFF)),
+        seq=draw(st.integers(0, 2**32 - 1)),
+        ack=draw(st.integers(0, 2**32 - 1)),
+        flags=draw(st.integers(0, 255)),
+        window=draw(st.integers(0, 0xFFFF)),
+        tcp_options=tcp_options[: len(tcp_options) // 4 * 4],
+        payload=draw(st.binary(max_size=max_payload)),
+        ident=draw(st.integers(0, 0xFFFF)),
+        ttl=draw(st.integers(2, 255)),
+        options=options[: len(options) // 4 * 4],
+        **ip,
+    )
+
+
+@given(tcp_packets(max_payload=200), st.booleans())
+def test_complete_checksum_equals_a_fresh_one(packet, as_udp):
+    if as_udp:  # same bytes, relabelled: the UDP checksum sits at offset 6
+        packet = h.build_ipv4(src="10.0.0.1", dst="10.0.0.2", proto=17, payload=bytes(8) + packet[40:])
+    offset = 6 if as_udp else 16
+    partial = h.with_partial_checksum(packet, offset)
+    hlen = (packet[0] & 15) * 4
+    done = h.complete_checksum(partial, hlen, offset)
+    assert h.l4_checksum_ok(done)
+    assert int.from_bytes(done[hlen + offset : hlen + offset + 2], "big") == (
+        fresh_l4_checksum(packet, offset) or 0xFFFF
+    )
+    assert done[: hlen + offset] == partial[: hlen + offset]
+
+
+def test_complete_checksum_never_writes_zero():
+    base = h.build_ipv4(src="10.0.0.1", dst="10.0.0.2", proto=17, payload=bytes(8) + b"\0\0abcdef")
+    # Pick two payload bytes that make the sum all ones, so the checksum is 0.
+    partial = bytearray(h.with_partial_checksum(base, 6))
+    fill = ~h.checksum(partial[20:]) & 0xFFFF
+    partial[28:30] = (~fill & 0xFFFF).to_bytes(2, "big")
+    assert h.checksum(partial[20:]) == 0
+    done = h.complete_checksum(bytes(partial), 20, 6)
+    assert done[26:28] == b"\xff\xff" and h.l4_checksum_ok(done)
+
+
+@given(tcp_packets(max_payload=6000, df=True), st.integers(1, 1500))
+def test_tso_split_makes_the_packets_a_sender_would(packet, mss):
+    hlen = (packet[0] & 15) * 4
+    thlen = h.tcp_header_length(packet)
+    payload = packet[hlen + thlen :]
+    segments = h.tso_split(h.with_partial_checksum(packet, 16), mss)
+    assert b"".join(s[hlen + thlen :] for s in segments) == payload
+    assert len(segments) == max(1, -(-len(payload) // mss))
+    flags = packet[hlen + 13]
+    for n, seg in enumerate(segments):
+        last = n == len(segments) - 1
+        ip = h.parse_ipv4(seg)  # checks the header checksum
+        assert ip.total_length == len(seg) and len(seg) - hlen - thlen <= mss
+        assert ip.ident == (int.from_bytes(packet[4:6], "big") + n) & 0xFFFF
+        seq = int.from_bytes(seg[hlen + 4 : hlen + 8], "big")
+        assert seq == (int.from_bytes(packet[hlen + 4 : hlen + 8], "big") + n * mss) % 2**32
+        want = flags
+        if not last:
+            want &= ~(h.TCP_FIN | h.TCP_PSH)
+        if n:
+            want &= ~h.TCP_CWR
+        assert seg[hlen + 13] == want
+        assert h.l4_checksum_ok(seg)
+        # Everything else is the super-packet's.
+        assert seg[:2] == packet[:2] and seg[6:10] == packet[6:10] and seg[12:hlen] == packet[12:hlen]
+        assert seg[hlen : hlen + 4] == packet[hlen : hlen + 4]
+        assert seg[hlen + 8 : hlen + 13] == packet[hlen + 8 : hlen + 13]
+        assert seg[hlen + 14 : hlen + 16] == packet[hlen + 14 : hlen + 16]
+        assert seg[hlen + 18 : hlen + thlen] == packet[hlen + 18 : hlen + thlen]
+
+
+def test_tso_split_of_a_bare_header_is_one_packet():
+    ack = h.build_tcp(src="10.0.0.1", dst="10.0.0.2", flags=0x11)
+    [seg] = h.tso_split(ack, 1000)
+    assert seg == h.with_partial_checksum(ack, 16, complete=True)
+
+
+def test_vnet_hdr_layout():
+    v = h.VnetHdr(flags=1, gso_type=1, hdr_len=52, gso_size=1420, csum_start=20, csum_offset=16)
+    assert len(v.pack()) == 10 == h.VNET_HDR.size
+    assert h.VnetHdr.unpack(v.pack() + b"rest") == v
+    assert v.pack()[:2] == b"\x01\x01"
+
+
+TSO = h.VnetHdr(flags=h.VNET_F_NEEDS_CSUM, gso_type=h.GSO_TCPV4, gso_size=100, csum_start=20, csum_offset=16)
+TCP = h.build_tcp(src="10.0.0.1", dst="10.0.0.2", payload=bytes(300))
+
+
+@pytest.mark.parametrize(
+    ("vnet", "packet", "reason"),
+    [
+        (TSO, h.build_ipv4(src="10.0.0.1", dst="10.0.0.2", proto=17, payload=bytes(300)), "TSO"),
+        (h.VnetHdr(gso_type=3, gso_size=100), TCP, "TSO"),  # UFO
+        (h.VnetHdr(gso_type=h.GSO_TCPV4, gso_size=0), TCP, "TSO"),
+        (TSO, h.build_ipv4(src="10.0.0.1", dst="10.0.0.2", proto=6, payload=bytes(10)), "TSO"),
+        (TSO, h.build_ipv4(src="10.0.0.1", dst="10.0.0.2", proto=6, payload=TCP[20:], mf=True), "TSO"),
+        (TSO, TCP[:32] + b"\x40" + TCP[33:], "TCP"),  # data offset 4
+        (TSO, TCP[:30], "shorter|total"),
+        (h.VnetHdr(flags=h.VNET_F_NEEDS_CSUM, csum_start=20, csum_offset=len(TCP) - 21), TCP, "past"),
+    ],
+)
+def test_offload_forward_refuses(vnet, packet, reason):
+    with pytest.raises(h.MalformedPacket, match=reason):
+        h.offload_forward(vnet, packet)
+
+
+def test_offload_forward_plain_and_ecn():
+    assert h.offload_forward(h.VnetHdr(), TCP + b"junk") == [h.forward(TCP)]
+    ecn = h.VnetHdr(gso_type=h.GSO_TCPV4 | h.GSO_ECN, gso_size=100)
+    assert h.offload_forward(ecn, TCP) == h.tso_split(h.decrement_ttl(TCP), 100)
