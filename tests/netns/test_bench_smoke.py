@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.harness import PREFIX
-from bench.plan import BY_NAME, TESTS
+from bench.plan import BY_NAME, DEFAULT_VARIANTS, TESTS
 
 pytestmark = pytest.mark.root
 
@@ -38,7 +38,7 @@ def test_quick_bench_writes_every_variant(tmp_path):
         assert result["machine"][key], key
     assert result["config"]["rounds"] == 1 and result["errors"] == []
     runs = {r["variant"]: r for r in result["runs"]}
-    assert set(runs) == set(BY_NAME) and len(result["runs"]) == len(BY_NAME)
+    assert set(runs) == set(DEFAULT_VARIANTS) and len(result["runs"]) == len(DEFAULT_VARIANTS)
     for name, run in runs.items():
         assert set(run["tests"]) == set(TESTS), name
         for test, rec in run["tests"].items():
