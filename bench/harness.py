@@ -1,0 +1,515 @@
+"""The bench's I/O: two namespaces on one veth, each variant's daemons, iperf3, ping and /proc CPU times.
+
+One lab serves the whole run. For each (round, variant) the variant's two
+tunproxy daemons are started, its tests run back to back, and the daemons
+are stopped again (SIGTERM, exit 0 expected, their ``stats:`` line kept),
+so the next variant finds the hosts as the lab made them; whatever a
+backend leaves behind is recorded and removed. Each iperf3 server is a
+one-shot (``-s -1``) so a test that dies cannot wedge the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tunproxy.lab import Host, Lab, Process, cleanup_stale, sh
+
+from . import report
+from .plan import BY_NAME, TESTS, Step, Variant, schedule
+
+PREFIX = "tpbench"
+NETWORK = "10.100.0.0/16"
+HOSTS = {"h1": ("192.0.2.11", "10.100.5.0/24"), "h2": ("192.0.2.12", "10.100.18.0/24")}
+IPERF_PORT = "5201"
+UDP_PAYLOAD = 64
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Config:
+    variants: tuple[str, ...]
+    rounds: int
+    seconds: int  # each iperf3 TCP test
+    udp_seconds: int
+    ping_count: int
+    ping_interval: float = 0.05
+    tests: tuple[str, ...] = TESTS
+    quick: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- /proc and the machine ------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (all its threads), in seconds; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # comm may hold spaces and parentheses
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+
+
+def machine_info() -> dict[str, Any]:
+    import tunproxy
+
+    model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    iperf = sh("iperf3", "--version", check=False).stdout.split()
+    commit = sh("git", "rev-parse", "--short", "HEAD", check=False).stdout.strip() or None
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "kernel_version": platform.version(),
+        "machine": platform.machine(),
+        "python": sys.version.replace("\n", " "),
+        "iperf3": iperf[1] if len(iperf) > 1 else "?",
+        "tunproxy": tunproxy.__version__,
+        "git_commit": commit,
+        "loadavg_start": load,
+    }
+
+
+def cleanup_stale_benches() -> list[str]:
+    """Delete namespaces of earlier bench runs whose process is gone (kill -9); a live run's stay."""
+    removed = []
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        found = re.match(rf"{PREFIX}(\d+)-", line)
+        if not found:
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+        except ProcessLookupError:
+            removed += cleanup_stale(f"{PREFIX}{found.group(1)}-")
+        except PermissionError:
+            pass
+    return removed
+
+
+# --- parsing tool output (pure) -------------------------------------------------------------------
+
+
+def parse_iperf_tcp(doc: dict[str, Any]) -> dict[str, Any]:
+    end = doc["end"]
+    sent, received = end["sum_sent"], end["sum_received"]
+    return {
+        "streams": doc["start"]["test_start"]["num_streams"],
+        "sent_bytes": sent["bytes"],
+        "received_bytes": received["bytes"],
+        "sent_bps": sent["bits_per_second"],
+        "received_bps": received["bits_per_second"],
+        "iperf_seconds": received["seconds"],
+        "retransmits": sent.get("retransmits"),
+        "interval_bps": [round(i["sum"]["bits_per_second"]) for i in doc.get("intervals", [])],
+        "iperf3_cpu": end.get("cpu_utilization_percent"),
+    }
+
+
+def parse_iperf_udp(doc: dict[str, Any]) -> dict[str, Any]:
+    end = doc["end"]
+    sent, received = end["sum_sent"], end["sum_received"]
+    # The receiver counts "packets" by sequence number: delivered = packets - lost.
+    delivered = received["packets"] - received["lost_packets"]
+    seconds = received["seconds"] or sent["seconds"]
+    return {
+        "payload_bytes": UDP_PAYLOAD,
+        "sent_packets": sent["packets"],
+        "sent_pps": sent["packets"] / sent["seconds"] if sent["seconds"] else None,
+        "packets": received["packets"],
+        "lost_packets": received["lost_packets"],
+        "lost_percent": received["lost_percent"],
+        "delivered_packets": delivered,
+        "delivered_pps": delivered / seconds if seconds else None,
+        "received_bytes": received["bytes"],
+        "iperf_seconds": seconds,
+        "jitter_ms": received.get("jitter_ms"),
+        "interval_packets_sent": [i["sum"].get("packets") for i in doc.get("intervals", [])],
+        "iperf3_cpu": end.get("cpu_utilization_percent"),
+    }
+
+
+_RTT = re.compile(r"time=([\d.]+) ms")
+_COUNTS = re.compile(r"(\d+) packets transmitted, (\d+) received")
+
+
+def parse_ping(text: str) -> dict[str, Any]:
+    rtts = [float(x) for x in _RTT.findall(text)]
+    counts = _COUNTS.search(text)
+    stat = report.summarize(rtts)
+    return {
+        "rtt_ms": rtts,
+        "transmitted": int(counts.group(1)) if counts else None,
+        "received": int(counts.group(2)) if counts else len(rtts),
+        "median_ms": stat.median if stat else None,
+        "min_ms": stat.lo if stat else None,
+        "max_ms": stat.hi if stat else None,
+        "mean_ms": sum(rtts) / len(rtts) if rtts else None,
+    }
+
+
+def kernel_counters(host: Host) -> dict[str, int]:
+    """A namespace's drop counters: UDP socket errors (/proc/net/snmp) and each link's dropped packets."""
+    out = host.ns.run("sh", "-c", "cat /proc/net/snmp; echo ---; ip -j -s link").stdout
+    snmp, links = out.split("---\n", 1)
+    counters: dict[str, int] = {}
+    rows = [line.split() for line in snmp.splitlines() if line.startswith("Udp:")]
+    if len(rows) >= 2:
+        for name, value in zip(rows[0][1:], rows[1][1:], strict=False):
+            if name in ("RcvbufErrors", "SndbufErrors", "MemErrors"):  # InErrors counts these again
+                counters[f"udp {name}"] = int(value)
+    for link in json.loads(links):
+        stats = link.get("stats64") or {}
+        for direction in ("rx", "tx"):
+            dropped = stats.get(direction, {}).get("dropped", 0)
+            counters[f"{link['ifname']} {direction}_dropped"] = int(dropped)
+    return counters
+
+
+def counter_deltas(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """What grew between two snapshots (a counter that appeared counts from zero)."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+class TestFailed(Exception):
+    pass
+
+
+class StartFailed(Exception):
+    """A variant's daemons did not come up; ``info`` is what ``Bench.stop`` found (logs included)."""
+
+    def __init__(self, message: str, info: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.info = info
+
+
+@dataclass
+class Active:
+    """A variant whose daemons are up: traffic goes from ``source`` on h1 to ``target`` on h2."""
+
+    variant: Variant
+    source: str
+    target: str
+    daemons: dict[str, Process]
+    mtu: int | None
+
+
+class Bench:
+    def __init__(self, lab: Lab, config: Config, say: Callable[..., None]) -> None:
+        self.lab = lab
+        self.config = config
+        self.say = say
+        self.h1, self.h2 = lab.add_veth_pair(("h1", HOSTS["h1"][0]), ("h2", HOSTS["h2"][0]))
+        self.h1.wait_ping(HOSTS["h2"][0])
+
+    # daemons
+
+    def start(self, variant: Variant) -> Active:
+        if variant.backend is None:
+            return Active(variant, HOSTS["h1"][0], HOSTS["h2"][0], {}, self.path_mtu(HOSTS["h2"][0]))
+        daemons: dict[str, Process] = {}
+        args = variant.args
+        for host in (self.h1, self.h2):
+            other = "h2" if host.name == "h1" else "h1"
+            daemons[host.name] = host.tunproxy(
+                "--network", NETWORK, "--subnet", HOSTS[host.name][1],
+                "--peer", f"{HOSTS[other][0]}={HOSTS[other][1]}",
+                "--backend", variant.backend, "--stats-interval", "0", *args,
+            )  # fmt: skip
+        active = Active(variant, overlay(HOSTS["h1"][1]), overlay(HOSTS["h2"][1]), daemons, None)
+        try:
+            for proc in daemons.values():
+                proc.wait_for("our subnet is", timeout=20)
+            self.h1.wait_ping(active.target, timeout=10)
+            self.h2.wait_ping(overlay(HOSTS["h1"][1]), timeout=10)
+        except (TimeoutError, RuntimeError) as e:
+            info = self.stop(active, keep_logs=True)
+            died = [d for d in info["daemons"] if d["returncode"] not in (0, None)]
+            if died:
+                last = (died[0]["log_tail"] or "").strip().splitlines() or ["no output"]
+                why = f"tunproxy on {died[0]['host']} exited {died[0]['returncode']}: {last[-1]}"
+            else:
+                why = str(e).splitlines()[0]
+            raise StartFailed(why, info) from None
+        active.mtu = self.path_mtu(active.target)
+        return active
+
+    def stop(self, active: Active, keep_logs: bool = False) -> dict[str, Any]:
+        """Stop the daemons; their exit codes and stats, and any state they left behind."""
+        daemons = []
+        for name, proc in active.daemons.items():
+            code = proc.stop(timeout=10)
+            lines = [line for line in proc.output().splitlines() if "stats:" in line]
+            line = lines[-1].split("stats:", 1)[1].strip() if lines else None
+            daemons.append(
+                {
+                    "host": name,
+                    "pid": proc.pid,
+                    "argv": proc.argv[2:],
+                    "returncode": code,
+                    "stats_line": line,
+                    "stats": report.parse_stats(line) if line else None,
+                    "log_tail": proc.output()[-2000:] if keep_logs or code != 0 else None,
+                }
+            )
+        return {"daemons": daemons, "leftovers": self.reset_hosts() if active.daemons else []}
+
+    def reset_hosts(self) -> list[str]:
+        """Remove overlay routes, devices and addresses a stopped daemon left; say what was found."""
+        found = []
+        for host in (self.h1, self.h2):
+            routes = host.ns.ip("-4", "-o", "route", "show", "root", NETWORK).stdout.strip()
+            if routes:
+                found.append(f"{host.name} routes: {routes}")
+                host.ns.ip("route", "flush", "root", NETWORK, check=False)
+            for link in json.loads(host.ns.ip("-j", "link", "show").stdout):
+                if link["ifname"] not in ("lo", "eth1"):
+                    found.append(f"{host.name} link: {link['ifname']}")
+                    host.ns.ip("link", "del", link["ifname"], check=False)
+            for addr in host.ns.ip("-4", "-o", "addr", "show", "dev", "lo").stdout.split():
+                if addr.startswith("10.100."):
+                    found.append(f"{host.name} lo address: {addr}")
+                    host.ns.ip("addr", "del", addr, "dev", "lo", check=False)
+        return found
+
+    def path_mtu(self, target: str) -> int | None:
+        out = self.h1.ns.ip("route", "get", target, check=False).stdout
+        found = re.search(r"\bmtu (\d+)", out) or None
+        if found:
+            return int(found.group(1))
+        dev = re.search(r"\bdev (\S+)", out)
+        if not dev:
+            return None
+        link = json.loads(self.h1.ns.ip("-j", "link", "show", "dev", dev.group(1)).stdout)
+        return int(link[0]["mtu"])
+
+    # tests
+
+    def cpu(self, active: Active) -> dict[str, float | None]:
+        return {name: cpu_seconds(proc.pid) for name, proc in active.daemons.items()}
+
+    def measure(self, test: str, active: Active) -> dict[str, Any]:
+        """One test, with the daemons' CPU time and the kernel's drop counters around it."""
+        server = None if test == "ping" else self.iperf_server(active.target)
+        try:
+            counters = {h.name: kernel_counters(h) for h in (self.h1, self.h2)}
+            before, t0 = self.cpu(active), time.monotonic()
+            if server is None:
+                rec = self.ping(active.source, active.target)
+            else:
+                rec = self.iperf(test, active.source, active.target)
+            rec["wall_s"] = round(time.monotonic() - t0, 3)
+            after = self.cpu(active)
+        finally:
+            if server is not None:
+                server.stop(timeout=3)
+        rec["kernel_drops"] = {
+            h.name: counter_deltas(counters[h.name], kernel_counters(h)) for h in (self.h1, self.h2)
+        }
+        by_host: dict[str, float | None] = {}
+        for name in active.daemons:
+            b, a = before[name], after[name]
+            by_host[name] = None if a is None or b is None else round(a - b, 3)
+        rec["proxy_cpu_s_by_host"] = by_host
+        values = list(by_host.values())
+        rec["proxy_cpu_s"] = None if not values or None in values else round(sum(v or 0.0 for v in values), 3)
+        return rec
+
+    def iperf_server(self, target: str) -> Process:
+        """A one-shot iperf3 server on h2, listening when this returns."""
+        # Bound to the target (the client too): a UDP server on a wildcard socket would answer
+        # host-gw's overlay address (on lo) from its underlay address, and the client would hang.
+        server = self.h2.start("iperf3", "-s", "-1", "-B", target, "-p", IPERF_PORT, name="iperf3")
+        try:
+            self._wait_listening(self.h2, IPERF_PORT, server)
+        except BaseException:
+            server.stop(timeout=3)
+            raise
+        return server
+
+    def iperf(self, test: str, source: str, target: str) -> dict[str, Any]:
+        seconds = self.config.udp_seconds if test == "udp" else self.config.seconds
+        extra = {"tcp1": (), "tcp4": ("-P", "4"), "udp": ("-u", "-b", "0", "-l", str(UDP_PAYLOAD))}[test]
+        argv = ["iperf3", "-c", target, "-B", source, "-p", IPERF_PORT, "-t", str(seconds), "-J"]
+        argv += ["--connect-timeout", "3000"]
+        try:
+            done = self.h1.ns.run(*argv, *extra, check=False, timeout=seconds + 20)
+        except subprocess.TimeoutExpired:
+            raise TestFailed(f"iperf3 did not finish within {seconds + 20} s") from None
+        try:
+            doc = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            why = (done.stderr or done.stdout)[-300:]
+            raise TestFailed(f"iperf3 exited {done.returncode}: {why}") from None
+        if "error" in doc:
+            raise TestFailed(f"iperf3: {doc['error']}")
+        rec = parse_iperf_udp(doc) if test == "udp" else parse_iperf_tcp(doc)
+        rec["seconds"] = seconds
+        return rec
+
+    def ping(self, source: str, target: str) -> dict[str, Any]:
+        count, interval = self.config.ping_count, self.config.ping_interval
+        done = self.h1.ns.run(
+            "ping", "-n", "-c", str(count), "-i", str(interval), "-W", "1", "-I", source, target,
+            check=False, timeout=count * interval + 15,
+        )  # fmt: skip
+        rec = parse_ping(done.stdout)
+        if not rec["rtt_ms"]:
+            raise TestFailed(f"no ping reply: {(done.stdout + done.stderr)[-300:]}")
+        return rec
+
+    @staticmethod
+    def _wait_listening(host: Host, port: str, server: Process, timeout: float = 5) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if host.ns.run("ss", "-Hltn", f"sport = :{port}").stdout.strip():
+                return
+            if not server.alive():
+                break
+            time.sleep(0.05)
+        raise TestFailed(f"iperf3 server did not listen: {server.output()[-300:]}")
+
+    # the whole run
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        steps = schedule(cfg.variants, cfg.rounds, cfg.tests)
+        width = len(str(len(steps)))
+        runs: list[dict[str, Any]] = []
+        errors: list[str] = []
+        current: dict[str, Any] | None = None
+        active: Active | None = None
+        start_error: str | None = None
+        t0 = time.monotonic()
+
+        def finish() -> None:
+            if current is not None and active is not None:
+                current.update(self.stop(active))
+                where = f"round {current['round']} {current['variant']}"
+                for d in current["daemons"]:
+                    if d["returncode"] != 0:
+                        errors.append(f"{where}: tunproxy on {d['host']} exited {d['returncode']}")
+
+        for step in steps:
+            if current is None or (current["round"], current["variant"]) != (step.round, step.variant):
+                finish()
+                active, start_error = None, None
+                variant = BY_NAME[step.variant]
+                current = {"round": step.round, "variant": variant.name, "label": variant.label,
+                           "kernel_datapath": variant.kernel, "started": now_iso(), "tests": {}}  # fmt: skip
+                runs.append(current)
+                try:
+                    active = self.start(variant)
+                    current.update(target=active.target, mtu=active.mtu)
+                except (StartFailed, RuntimeError, subprocess.SubprocessError) as e:
+                    if isinstance(e, StartFailed):
+                        current.update(e.info)
+                    start_error = f"could not start: {e}"
+                    current["error"] = start_error
+                    errors.append(f"round {step.round} {step.variant}: {start_error}")
+            prefix = f"[{step.index:{width}}/{len(steps)}] round {step.round} {step.variant} {step.test} ..."
+            if active is None:
+                self.say(f"{prefix} skipped ({(start_error or '').splitlines()[0][:100]})")
+                current["tests"][step.test] = {"error": start_error}
+                continue
+            self.say(prefix, end="")
+            try:
+                rec = self.measure(step.test, active)
+                self.say(" " + describe(step, rec))
+            except (TestFailed, RuntimeError, subprocess.SubprocessError) as e:
+                rec = {"error": str(e)}
+                errors.append(f"round {step.round} {step.variant} {step.test}: {e}")
+                self.say(f" FAILED: {e}")
+            current["tests"][step.test] = rec
+            time.sleep(0.2)  # let queues drain between tests
+        finish()
+        return {"runs": runs, "errors": errors, "elapsed_s": round(time.monotonic() - t0, 1)}
+
+
+def overlay(subnet: str) -> str:
+    """Each host's overlay address: its subnet's first address (what every backend puts on a device)."""
+    return subnet.split("/")[0]
+
+
+def now_iso() -> str:
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def describe(step: Step, rec: dict[str, Any]) -> str:
+    """The figures of one step for the progress line."""
+    cpu = rec.get("proxy_cpu_s")
+    if step.test == "ping":
+        return f"{rec['median_ms']:.3f} ms median, {rec['received']}/{rec['transmitted']} replies"
+    if step.test == "udp":
+        text = f"{rec['delivered_pps'] / 1e3:.0f} kpps delivered, {rec['lost_percent']:.1f}% lost"
+    else:
+        text = f"{rec['received_bps'] / 1e9:.2f} Gbit/s, {rec['retransmits']} retr"
+    if cpu is not None:
+        text += f", proxy CPU {cpu:.2f} s"
+    drops = sorted(
+        ((n, f"{host} {k}") for host, d in (rec.get("kernel_drops") or {}).items() for k, n in d.items()),
+        reverse=True,
+    )
+    if drops:
+        text += "; drops " + ", ".join(f"{what} {report.fmt_number(n, count=True)}" for n, what in drops[:2])
+    return text
+
+
+def run_bench(config: Config, say: Callable[..., None]) -> dict[str, Any]:
+    """Build the lab, run every step, tear everything down; the result without summary."""
+    cleanup_stale_benches()
+    machine = machine_info()
+    if float(machine["loadavg_start"][0]) > 0.5:
+        say(f"note: load average {machine['loadavg_start'][0]} at start; other work skews the figures")
+    lab = Lab(prefix=f"{PREFIX}{os.getpid()}")
+    try:
+        result = Bench(lab, config, say).run()
+    finally:
+        with ignoring_signals():
+            lab.close()
+    with open("/proc/loadavg") as f:
+        machine["loadavg_end"] = f.read().split()[:3]
+    return {"schema": 1, "machine": machine, "config": config.as_dict(), **result}
+
+
+@contextlib.contextmanager
+def ignoring_signals():  # type: ignore[no-untyped-def]
+    """A second Ctrl-C must not cut the cleanup short."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)

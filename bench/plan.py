@@ -1,0 +1,81 @@
+"""What the bench runs: the variants, the tests, and the interleaved schedule (pure, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TESTS = ("tcp1", "tcp4", "udp", "ping")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of carrying traffic between the two hosts.
+
+    ``backend`` None is the bare underlay: no tunproxy runs and iperf3 talks
+    to the peer's underlay address. ``kernel`` says the data path is the
+    kernel's, so the daemon idles and its CPU time says nothing.
+    """
+
+    name: str
+    label: str
+    backend: str | None
+    args: tuple[str, ...] = ()
+    kernel: bool = True
+
+
+# flannel's C proxy moves one packet per system call; with tunproxy's offloads on, one TUN read
+# can carry a 64 KiB TCP segment, so that design is --batch 1 with offloads off.
+VARIANTS: tuple[Variant, ...] = (
+    Variant("raw", "raw veth underlay (upper bound)", None),
+    Variant("vxlan", "tunproxy vxlan (kernel VXLAN)", "vxlan"),
+    Variant("host-gw", "tunproxy host-gw (kernel routes)", "host-gw"),
+    Variant("udp", "tunproxy udp, C fast path, defaults", "udp", kernel=False),
+    Variant(
+        "udp-batch1",
+        "tunproxy udp --batch 1 --no-offload (the flannel C proxy's design)",
+        "udp",
+        ("--batch", "1", "--no-offload"),
+        kernel=False,
+    ),
+    Variant("udp-nooffload", "tunproxy udp --no-offload (batched only)", "udp", ("--no-offload",), False),
+)
+BY_NAME = {v.name: v for v in VARIANTS}
+# What `python -m bench` runs unless --variants says otherwise.
+DEFAULT_VARIANTS = ("raw", "vxlan", "host-gw", "udp", "udp-nooffload", "udp-batch1")
+
+# The ratio columns: everything against kernel VXLAN, and against one packet per system call.
+BASELINES = ("vxlan", "udp-batch1")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One measurement: test ``test`` of ``variant`` in ``round`` (1-based)."""
+
+    index: int
+    round: int
+    variant: str
+    test: str
+
+
+def round_order(variants: tuple[str, ...] | list[str], round_no: int) -> list[str]:
+    """The variants in the order round ``round_no`` (1-based) runs them: rotated by one per round.
+
+    So no variant is always first (fresh caches, a quiet neighbour) or always
+    last, and slow drift on a shared machine hits every variant alike.
+    """
+    if not variants:
+        return []
+    shift = (round_no - 1) % len(variants)
+    return list(variants[shift:]) + list(variants[:shift])
+
+
+def schedule(
+    variants: tuple[str, ...] | list[str], rounds: int, tests: tuple[str, ...] = TESTS
+) -> list[Step]:
+    """Every step of a run, in order; a variant's tests run back to back while its daemons are up."""
+    steps: list[Step] = []
+    for r in range(1, rounds + 1):
+        for name in round_order(variants, r):
+            for test in tests:
+                steps.append(Step(len(steps) + 1, r, name, test))
+    return steps
