@@ -256,12 +256,20 @@ def cmd_leases(args: argparse.Namespace) -> int:
     return 0
 
 
+def first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(dict(os.environ)).parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
-        return cmd_run(args) if args.command == "run" else cmd_leases(args)
+        try:
+            return cmd_run(args) if args.command == "run" else cmd_leases(args)
+        except BaseExceptionGroup as group:  # from the daemon's task group: report the first cause
+            raise first_leaf(group) from None
     except (ConfigError, LeaseError, UsageError) as e:
         print(f"tunproxy: error: {e}", file=sys.stderr)
         return 2

@@ -60,3 +60,14 @@ def test_range_checks(flag, capsys):
     base = ["run", "--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--subnet-file", ""]
     code, err = run_main([*base, flag], capsys)
     assert code == 2 and flag.split("=")[0] in err
+
+
+def test_an_error_inside_the_daemons_task_group_is_still_one_line(monkeypatch, capsys):
+    def failing_run(args):
+        raise ExceptionGroup(
+            "unhandled errors in a TaskGroup", [cli.ConfigError("no free subnet in 10.100.0.0/16")]
+        )
+
+    monkeypatch.setattr(cli, "cmd_run", failing_run)
+    code, err = run_main(["run"], capsys)
+    assert code == 2 and err.strip() == "tunproxy: error: no free subnet in 10.100.0.0/16"
