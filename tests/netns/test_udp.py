@@ -169,3 +169,17 @@ def test_peers_file_reload_on_sighup_adds_and_removes_peers():
         procs["h1"].popen.send_signal(1)
         procs["h1"].wait_for("peers not reloaded")
         hosts["h1"].wait_ping(overlay("h3"))  # the old table stays in force
+
+
+def test_a_deleted_tun_device_is_created_again():
+    with Lab() as lab:
+        hosts = build_udp(lab, names=("h1", "h2"))
+        proc = start_udp(hosts["h1"], "--check-interval", "0.5", peers=("h2",))
+        start_udp(hosts["h2"], peers=("h1",))
+        hosts["h1"].wait_ping(overlay("h2"))
+        hosts["h1"].ns.run("ip", "link", "del", "tunproxy0")
+        proc.wait_for("TUN device tunproxy0 was deleted; creating it again", timeout=5)
+        hosts["h1"].wait_ping(overlay("h2"), timeout=5)
+        assert "10.100.0.0/16 dev tunproxy0" in hosts["h1"].ns.run("ip", "route").stdout
+        proc.stop()
+        assert proc.popen.returncode == 0 and "Traceback" not in proc.output()

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 IP_UDP_OVERHEAD = 20 + 8
 SOCKET_BUFFER = 4 << 20  # cuts drops at the receiving socket; see bench/ and REFERENCE.md
 TUN_TXQUEUELEN = 4096
+ERROR_LOG_INTERVAL = 60.0
 # linux/if_tun.h
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int); the argument is the value
 TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int); the argument points to it
@@ -65,6 +66,7 @@ class UdpBackend(Backend):
         self.fastpath: FastPath | None = None
         self.subnet: IPv4Network | None = None
         self._readers = False
+        self._errors_logged: dict[tuple[str, int | None], float] = {}
 
     @property
     def mtu(self) -> int:
@@ -74,6 +76,12 @@ class UdpBackend(Backend):
         if not os.path.exists("/dev/net/tun"):
             raise ConfigError("/dev/net/tun is missing (modprobe tun, or give the container the device)")
         await asyncio.to_thread(delete_link, self.tun_name)  # a leftover from a killed run
+        await self._create_tun()
+        self.sock = self._bind_socket()
+        if self.offload:
+            self._udp_offloads(self.sock)
+
+    async def _create_tun(self) -> None:
         self.tun = self._open_tun()
         if self.offload:
             try:
@@ -85,9 +93,6 @@ class UdpBackend(Backend):
                 self.tun.close()
                 self.offload = self._udp_gso = False
                 self.tun = self._open_tun()
-        self.sock = self._bind_socket()
-        if self.offload:
-            self._udp_offloads(self.sock)
 
         def up(ipr):  # type: ignore[no-untyped-def]
             index = link_index(ipr, self.tun_name)
@@ -100,6 +105,19 @@ class UdpBackend(Backend):
             with contextlib.suppress(OSError):
                 Path("/proc/sys/net/" + knob.format(self.tun_name)).write_text("1")
         await run_netlink(up)
+
+    async def check(self) -> None:
+        """A TUN deleted behind our back (``ip link del``) is made again, with its address and route."""
+        if self.tun is None or self.subnet is None:
+            return
+        if await run_netlink(lambda ipr: link_index(ipr, self.tun_name)) is not None:
+            return
+        log.warning("TUN device %s was deleted; creating it again", self.tun_name)
+        asyncio.get_running_loop().remove_reader(self.tun.fileno())
+        self.tun.close()
+        await self._create_tun()
+        await self._configure(self.subnet)
+        asyncio.get_running_loop().add_reader(self.tun.fileno(), self._on_tun)
 
     def _open_tun(self) -> pytun.TunTapDevice:
         flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if self.offload else 0)
@@ -161,7 +179,15 @@ class UdpBackend(Backend):
             )
             self.fastpath.set_routes(routes)
         self.subnet = subnet
-        network = self.ctx.network.network
+        await self._configure(subnet)
+        if not self._readers:
+            loop = asyncio.get_running_loop()
+            loop.add_reader(self.tun.fileno(), self._on_tun)
+            loop.add_reader(self.sock.fileno(), self._on_udp)
+            self._readers = True
+
+    async def _configure(self, subnet: IPv4Network) -> None:
+        local, network = subnet.network_address, self.ctx.network.network
 
         def configure(ipr):  # type: ignore[no-untyped-def]
             index = link_index(ipr, self.tun_name)
@@ -169,11 +195,6 @@ class UdpBackend(Backend):
             replace_route(ipr, dst=str(network), oif=index, scope=253, prefsrc=str(local))
 
         await run_netlink(configure)
-        if not self._readers:
-            loop = asyncio.get_running_loop()
-            loop.add_reader(self.tun.fileno(), self._on_tun)
-            loop.add_reader(self.sock.fileno(), self._on_udp)
-            self._readers = True
 
     def _on_tun(self) -> None:
         assert self.fastpath and self.tun and self.sock
@@ -183,14 +204,21 @@ class UdpBackend(Backend):
             self._udp_gso = False
             log.warning("tun->udp: %s", e.strerror)
         except OSError as e:  # the data path must not die; the counters say what was lost
-            log.error("tun->udp: %s", e)
+            self._log_error("tun->udp", e)
 
     def _on_udp(self) -> None:
         assert self.fastpath and self.tun and self.sock
         try:
             self.fastpath.udp_to_tun(self.sock.fileno(), self.tun.fileno(), now_ms())
         except OSError as e:
-            log.error("udp->tun: %s", e)
+            self._log_error("udp->tun", e)
+
+    def _log_error(self, direction: str, error: OSError) -> None:
+        """One line per direction and errno a minute: a persistent error must not flood the log."""
+        key, now = (direction, error.errno), time.monotonic()
+        if now - self._errors_logged.get(key, -ERROR_LOG_INTERVAL) >= ERROR_LOG_INTERVAL:
+            self._errors_logged[key] = now
+            log.error("%s: %s", direction, error)
 
     async def add_peer(self, lease: Lease) -> None:
         assert self.fastpath
