@@ -183,3 +183,22 @@ def test_a_deleted_tun_device_is_created_again():
         assert "10.100.0.0/16 dev tunproxy0" in hosts["h1"].ns.run("ip", "route").stdout
         proc.stop()
         assert proc.popen.returncode == 0 and "Traceback" not in proc.output()
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "plain"])
+def test_socat_is_a_peer_flannels_wire_format(offload):
+    """A peer that is nothing but socat moving raw IP packets in UDP datagrams interoperates."""
+    with Lab() as lab:
+        hosts = build_udp(lab, names=("h1", "h2"))
+        extra = () if offload else ("--no-offload",)
+        start_udp(hosts["h1"], *extra, peers=("h2",))
+        socat = hosts["h2"].start(
+            "socat",
+            "TUN:10.100.18.0/16,tun-name=socat0,iff-no-pi,iff-up",
+            "UDP-DATAGRAM:192.0.2.11:8285,bind=192.0.2.12:8285",
+            name="socat",
+        )
+        hosts["h1"].wait_ping(overlay("h2"), timeout=10)
+        sent, received = transfer(hosts["h1"], hosts["h2"], overlay("h2"), 4 << 20)
+        assert received == sent
+        assert socat.alive(), socat.output()
