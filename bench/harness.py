@@ -29,6 +29,7 @@ from . import report
 from .plan import BY_NAME, TESTS, Step, Variant, schedule
 
 PREFIX = "tpbench"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETWORK = "10.100.0.0/16"
 HOSTS = {"h1": ("192.0.2.11", "10.100.5.0/24"), "h2": ("192.0.2.12", "10.100.18.0/24")}
 IPERF_PORT = "5201"
@@ -75,7 +76,10 @@ def machine_info() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     iperf = sh("iperf3", "--version", check=False).stdout.split()
-    commit = sh("git", "rev-parse", "--short", "HEAD", check=False).stdout.strip() or None
+    commit = sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD", check=False).stdout.strip() or None
+    # Uncommitted changes to tunproxy/ mean the figures are of a tree no commit holds.
+    dirty = sh("git", "-C", ROOT, "status", "--porcelain", "--", "tunproxy", check=False).stdout.split("\n")
+    changed = sorted(line[3:] for line in dirty if line.strip())
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     return {
@@ -90,6 +94,7 @@ def machine_info() -> dict[str, Any]:
         "iperf3": iperf[1] if len(iperf) > 1 else "?",
         "tunproxy": tunproxy.__version__,
         "git_commit": commit,
+        "tunproxy_uncommitted_changes": changed,
         "loadavg_start": load,
     }
 
