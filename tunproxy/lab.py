@@ -49,6 +49,19 @@ class Netns:
         return self.run("ip", *argv, check=check)
 
 
+def stop_process(popen: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+    """Signal a child and reap it; SIGKILL if it has not exited within ``timeout``."""
+    if popen.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            popen.send_signal(sig)
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(5)
+    return popen.returncode
+
+
 @dataclass
 class Process:
     """A process started in a namespace, its output going to a file we can read back."""
@@ -68,15 +81,7 @@ class Process:
         return self.popen.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        return self.popen.returncode
+        return stop_process(self.popen, sig, timeout)
 
     def wait_for(self, text: str, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
@@ -379,13 +384,8 @@ class EtcdServer:
 
     def stop(self) -> None:
         """Stop the server but keep its data, so ``start()`` brings the same cluster back."""
-        if self.popen and self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+        if self.popen:
+            stop_process(self.popen)
 
     def close(self) -> None:
         self.stop()

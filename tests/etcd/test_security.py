@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from tunproxy.lab import EtcdServer, free_port
+from tunproxy.lab import EtcdServer, free_port, stop_process
 from tunproxy.peers.base import OwnLease, Snapshot
 from tunproxy.peers.etcd import EtcdRegistry, EtcdSettings, list_leases
 
@@ -102,12 +102,7 @@ class CustomEtcd:
                               env=dict(os.environ, ETCDCTL_API="3"))
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc)
 
 
 @pytest.fixture
