@@ -669,3 +669,123 @@ def test_list_leases_with_etcd_down_is_one_clear_error(capsys):
     assert cli.main(["leases", "--etcd-endpoints", dead]) == 1
     err = capsys.readouterr().err
     assert err.startswith("tunproxy: error: etcd unreachable") and dead in err and "Traceback" not in err
+
+
+# --- leases we stop using are revoked (issue 8, fault 4) ---------------------------
+
+
+async def etcd_leases(etcd) -> set[int]:  # type: ignore[no-untyped-def]
+    """The IDs of every lease etcd holds."""
+    async with admin(etcd) as client:
+        reply = await client.leasestub.LeaseLeases(aetcd.rpc.LeaseLeasesRequest(), timeout=5)
+        return {item.ID for item in reply.leases}
+
+
+def test_ten_restarts_leave_one_etcd_lease_per_live_host(etcd, tmp_path: Path):
+    """Each restart used to grant a new lease and leave the old one behind for its whole TTL."""
+
+    async def main() -> None:
+        await put_config(etcd)
+        subnets: dict[int, set[IPv4Network]] = {1: set(), 2: set()}
+        for _ in range(10):
+            for host in (1, 2):
+                reg = registry(etcd.endpoint, ttl=600, subnet_file=tmp_path / f"h{host}.env")
+                lease = await reg.acquire(ip(host), "udp", None)
+                subnets[host].add(lease.subnet)
+                (tmp_path / f"h{host}.env").write_text(f"FLANNEL_SUBNET={lease.subnet}\n")
+                await reg.close()  # a clean exit keeps the key, as flannel does
+        assert all(len(held) == 1 for held in subnets.values()), subnets
+        async with admin(etcd) as client:
+            attached = {kv.lease for kv in await client.get_prefix(f"{PREFIX}/subnets/".encode())}
+        assert len(attached) == 2 and 0 not in attached
+        assert await etcd_leases(etcd) == attached
+
+    run(main(), timeout=60)
+
+
+def test_a_lease_left_by_a_reacquire_is_revoked(etcd, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+
+    async def main() -> None:
+        await put_config(etcd)
+        reg = registry(etcd.endpoint)
+        lease = await reg.acquire(ip(1), "udp", None)
+        old_id = reg.own_etcd_lease
+        follower = Follower(reg)
+        assert isinstance(await follower.next(), Snapshot)
+        async with admin(etcd) as client:
+            await client.delete(key(str(lease.subnet)))  # our key goes; its etcd lease would stay
+        await follower.until(lambda u: isinstance(u, OwnLease))
+        await wait_for_log(caplog, f"revoked etcd lease {old_id:x}")
+        assert await etcd_leases(etcd) == {reg.own_etcd_lease}
+        await follower.stop()
+        await reg.close()
+
+    run(main())
+
+
+# --- the watch outlives failures of other calls (issue 8, fault 1) ------------------
+
+
+def test_the_watch_survives_its_channel_being_closed_by_another_call(etcd, caplog):
+    """A failed call drops the shared connection; the watch call is cancelled under it and must resume."""
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+
+    async def main() -> None:
+        await put_config(etcd)
+        reg = registry(etcd.endpoint)
+        await reg.acquire(ip(1), "udp", None)
+        follower = Follower(reg)
+        assert isinstance(await follower.next(), Snapshot)
+        await asyncio.sleep(0.2)  # the watch is established
+        # What a timed-out config check does: drop the client everyone shares.
+        await reg._conn.failed(await reg._conn.client())
+        async with admin(etcd) as client:
+            await client.put(key("10.100.99.0/24"), value(ip(7)))
+        await follower.table_until(lambda t: IPv4Network("10.100.99.0/24") in t, timeout=15)
+        assert not follower.task.done()
+        await follower.stop()
+        await reg.close()
+
+    run(main())
+
+
+def test_a_quiet_watch_is_checked_with_a_progress_request(etcd, caplog):
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+
+    async def main() -> None:
+        await put_config(etcd)
+        reg = registry(etcd.endpoint)
+        reg.watch_idle = 0.5
+        await reg.acquire(ip(1), "udp", None)
+        follower = Follower(reg)
+        assert isinstance(await follower.next(), Snapshot)
+        await wait_for_log(caplog, "asking etcd for progress", timeout=5)
+        await asyncio.sleep(1.5)  # a live etcd answers each request: the watch is not restarted
+        assert not messages(caplog, "did not answer a progress request")
+        async with admin(etcd) as client:
+            await client.put(key("10.100.98.0/24"), value(ip(8)))
+        await follower.table_until(lambda t: IPv4Network("10.100.98.0/24") in t)
+        await follower.stop()
+        await reg.close()
+
+    run(main())
+
+
+def test_a_background_task_that_dies_ends_updates_with_one_line(etcd):
+    from tunproxy.supervise import TaskDied
+
+    async def main() -> None:
+        await put_config(etcd)
+        reg = registry(etcd.endpoint)
+        await reg.acquire(ip(1), "udp", None)
+        updates = reg.updates()
+        assert isinstance(await anext(updates), Snapshot)
+        assert reg._keeper is not None
+        reg._keeper.cancel()  # as if it had ended by itself
+        with pytest.raises(TaskDied, match="etcd-lease-keeper stopped"):
+            await asyncio.wait_for(anext(updates), 5)
+        await updates.aclose()
+        await reg.close()
+
+    run(main())

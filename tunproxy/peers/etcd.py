@@ -51,6 +51,7 @@ from aetcd.utils import prefix_range_end
 
 from ..leases import LeaseEvent
 from ..subnets import ConfigError, Lease, LeaseError, NetworkConfig, parse_subnet_key, subnet_key
+from ..supervise import TaskDied, own_cancellation
 from .base import Changes, OwnLease, Registry, Snapshot, Update
 from .etcd_logic import (
     Backoff,
@@ -81,9 +82,8 @@ T = TypeVar("T")
 DEFAULT_PREFIX = "/coreos.com/network"
 DEFAULT_TTL = 24 * 3600.0
 DEFAULT_RENEW_MARGIN = 3600.0
+REVOKE_RETRY = 10.0  # seconds between tries at revoking a lease we no longer use
 
-# Any of these from a call means "this endpoint did not answer properly": rotate, back off, retry.
-RETRYABLE: tuple[type[BaseException], ...] = (aetcd.ClientError, rpc.RpcError, OSError, EOFError)
 
 # gRPC channel options: notice a dead peer on an idle watch (etcd allows pings every 5 s or
 # more with an open stream), and do not let the channel's own reconnect backoff reach minutes.
@@ -95,6 +95,30 @@ CHANNEL_OPTIONS = {
     "grpc.min_reconnect_backoff_ms": 500,
     "grpc.max_reconnect_backoff_ms": 5_000,
 }
+
+
+class CallCancelled(Exception):
+    """A call was cancelled under us (its channel was closed by a failure elsewhere), not our task."""
+
+
+async def _guarded(call: Awaitable[T]) -> T:
+    """``await call``, turning a cancellation not aimed at this task into ``CallCancelled``."""
+    try:
+        return await call
+    except asyncio.CancelledError:
+        if own_cancellation():
+            raise
+        raise CallCancelled("the call was cancelled: its connection was closed") from None
+
+
+# Any of these from a call means "this endpoint did not answer properly": rotate, back off, retry.
+RETRYABLE: tuple[type[BaseException], ...] = (
+    aetcd.ClientError,
+    rpc.RpcError,
+    OSError,
+    EOFError,
+    CallCancelled,
+)
 
 
 class WatchFailed(Exception):
@@ -296,6 +320,10 @@ class _Connection:
             self._client = None
             await _close_client(client)
 
+    def replaced(self, client: aetcd.Client) -> bool:
+        """True if ``client`` was dropped since it was handed out (by a failure or a new login)."""
+        return client is not self._client
+
     def ok(self) -> bool:
         """A call succeeded; True if that ends an outage we had logged."""
         self._failed_in_row = 0
@@ -347,6 +375,8 @@ class EtcdRegistry(Registry):
         self._decoder = LeaseDecoder()
         self._throttle = Throttle()
         self.config_poll = 10.0  # seconds between looks at the config, for drift only
+        self.watch_idle = 30.0  # seconds of watch silence before asking etcd for progress
+        self._to_revoke: set[int] = set()  # etcd leases we no longer use
 
     # --- what the daemon calls ----------------------------------------------
 
@@ -398,6 +428,7 @@ class EtcdRegistry(Registry):
         self._desired = Lease(config.network, public_ip, backend_type, backend_data)
         own = await self._acquire(self._previous_subnet())
         self._own = own
+        await self._revoke_unused()
         if self._keeper is not None:
             self._keeper.cancel()
         self._keeper = asyncio.create_task(self._keep(), name="etcd-lease-keeper")
@@ -412,13 +443,33 @@ class EtcdRegistry(Registry):
         self._watchers |= tasks
         try:
             while True:
-                yield await self._updates.get()
+                yield await self._next_update()
         finally:
             for task in tasks:
                 task.cancel()
                 self._watchers.discard(task)
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    async def _next_update(self) -> Update:
+        """The next update; ``TaskDied`` if the watch, config check or keeper ended on its own."""
+        if not self._updates.empty():
+            return self._updates.get_nowait()
+        getter = asyncio.ensure_future(self._updates.get())
+        background = {*self._watchers, *((self._keeper,) if self._keeper else ())}
+        try:
+            done, _ = await asyncio.wait({getter, *background}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            getter.cancel()
+        if getter in done and not getter.cancelled():
+            return getter.result()
+        task = next(t for t in done if t is not getter)
+        if task.cancelled():
+            why = "it was cancelled"
+        else:
+            error = task.exception()
+            why = describe(error) if error else "it returned"
+        raise TaskDied(f"{task.get_name()} stopped: {why}")
 
     async def close(self) -> None:
         """Stop renewing and watching; the lease stays until it expires, so a restart keeps it."""
@@ -440,8 +491,8 @@ class EtcdRegistry(Registry):
         while True:
             client: _Client | None = None
             try:
-                client = await self._conn.client()
-                result = await fn(client)
+                client = await _guarded(self._conn.client())
+                result = await _guarded(fn(client))
             except RETRYABLE as e:
                 if token_expired(e) and not reauthenticated:
                     # etcd's auth tokens expire when idle: log in again at once, quietly.
@@ -517,6 +568,7 @@ class EtcdRegistry(Registry):
             for stale in plan.stale:
                 log.info("deleting our old lease %s: it does not fit the network config", stale.subnet)
                 await self._call(functools.partial(self._delete_if_unchanged, entry=stale))
+                self._unused(stale.etcd_lease)
             own = await self._call(functools.partial(self._write, plan=plan, desired=desired))
             if own is not None:
                 how = {
@@ -561,6 +613,8 @@ class EtcdRegistry(Registry):
             with contextlib.suppress(*RETRYABLE):
                 await client.revoke_lease(grant.id)
             return None
+        if plan.kind is PlanKind.RENEW and plan.replaces != grant.id:
+            self._unused(plan.replaces)  # the key moved to the new lease; the old one would linger
         lease = dataclasses.replace(lease, expiration=time.time() + grant.ttl)
         return _Own(lease, grant.id, granted_at + renew_delay(grant.ttl, self.renew_margin))
 
@@ -574,7 +628,10 @@ class EtcdRegistry(Registry):
                 await self._keep_once()
                 backoff.reset()
             except asyncio.CancelledError:
-                raise
+                if own_cancellation():
+                    raise
+                log.warning("keeping our lease: a call was cancelled; retrying")
+                await asyncio.sleep(backoff.next())
             except Exception:
                 log.exception("keeping our lease failed; retrying")
                 await asyncio.sleep(backoff.next())
@@ -582,7 +639,11 @@ class EtcdRegistry(Registry):
     async def _keep_once(self) -> None:
         own = self._own
         assert own is not None
+        if self._to_revoke:
+            await self._revoke_unused()
         delay = own.renew_at - asyncio.get_running_loop().time()
+        if self._to_revoke:
+            delay = min(delay, REVOKE_RETRY)
         if not self._check_own.is_set() and delay > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._check_own.wait(), None if math.isinf(delay) else delay)
@@ -595,6 +656,8 @@ class EtcdRegistry(Registry):
             return
         if not still_ours:
             self._own = await self._reacquire(own.lease.subnet)
+            if own.etcd_lease != self._own.etcd_lease:
+                self._unused(own.etcd_lease)
             self._updates.put_nowait(OwnLease(self._own.lease))
 
     async def _renew(self, own: _Own) -> bool:
@@ -623,9 +686,38 @@ class EtcdRegistry(Registry):
         if kv.lease != own.etcd_lease:
             # Someone re-put it for us (an operator, or a second copy of us): follow that.
             log.info("our key %s is now on etcd lease %x", subnet, kv.lease)
+            self._unused(own.etcd_lease)
             own.etcd_lease = kv.lease
             own.renew_at = asyncio.get_running_loop().time() if kv.lease else math.inf
         return True
+
+    def _unused(self, etcd_lease: int) -> None:
+        """We stopped using ``etcd_lease`` (0: none): revoke it soon, or it lives out its TTL."""
+        if etcd_lease:
+            self._to_revoke.add(etcd_lease)
+
+    async def _revoke_unused(self) -> None:
+        """One try at revoking each lease we stopped using; what fails is tried again later.
+
+        A lease that still has keys is left alone: someone re-attached a key
+        to it, and revoking it would delete that key.
+        """
+        for lease_id in sorted(self._to_revoke):
+            client: _Client | None = None
+            try:
+                client = await _guarded(self._conn.client())
+                info = await _guarded(client.get_lease_info(lease_id, keys=True))
+                if info.TTL == -1:
+                    log.debug("etcd lease %x is already gone", lease_id)
+                elif info.keys:
+                    log.info("not revoking etcd lease %x: it holds %d key(s) now", lease_id, len(info.keys))
+                else:
+                    await _guarded(client.revoke_lease(lease_id))
+                    log.info("revoked etcd lease %x, which we no longer use", lease_id)
+                self._to_revoke.discard(lease_id)
+            except RETRYABLE as e:
+                log.debug("revoking etcd lease %x failed (%s); trying again later", lease_id, describe(e))
+                return
 
     async def _reacquire(self, previous: IPv4Network) -> _Own:
         backoff = Backoff(cap=30.0)
@@ -663,7 +755,11 @@ class EtcdRegistry(Registry):
         said: str | None = None
         while True:
             await asyncio.sleep(self.config_poll)
-            kv = await self._call(lambda c: c.get(self.config_key))
+            try:
+                kv = await self._call(lambda c: c.get(self.config_key))
+            except Exception as e:  # never end the loop over one bad look
+                log.warning("checking the network config in etcd failed: %s", describe(e))
+                continue
             drift = config_drift(self._config, kv.value if kv is not None else None)
             if drift and drift != said:
                 log.error("%s", drift)
@@ -699,7 +795,14 @@ class EtcdRegistry(Registry):
             except RETRYABLE as e:
                 await self._failed(client, e, backoff)
             except asyncio.CancelledError:
-                raise
+                if own_cancellation():
+                    raise
+                # Another call closed the channel this watch ran on (it failed, or logged in
+                # again): resume on the new connection, do not end.
+                if client is not None and self._conn.replaced(client):
+                    log.debug("the watch's connection was replaced; resuming the watch")
+                    continue
+                await self._failed(client, CallCancelled("the watch call was cancelled"), backoff)
             except Exception:
                 log.exception("the etcd watch failed; restarting it")
                 cursor.compacted()
@@ -735,7 +838,7 @@ class EtcdRegistry(Registry):
                 return
             self._reached()
             backoff.reset()
-            while (resp := await call.read()) is not grpc.aio.EOF:
+            while (resp := await self._read_watch(call)) is not grpc.aio.EOF:
                 if resp.compact_revision:
                     raise _Compacted(resp.compact_revision)
                 if resp.canceled:
@@ -751,6 +854,34 @@ class EtcdRegistry(Registry):
             raise WatchFailed("the watch stream ended")
         finally:
             call.cancel()
+
+    async def _read_watch(self, call: Any) -> Any:
+        """The next watch response, or ``WatchFailed`` if the stream went quiet and stays so.
+
+        A watch on a quiet prefix hears nothing, and so does one whose stream
+        died without a reset (a stalled etcd, a lost quorum, a half-open
+        TCP connection). After ``watch_idle`` seconds of silence we ask etcd
+        for a progress notification (WatchProgressRequest, etcd 3.4 and
+        later); a live stream answers at once, a dead one is restarted from
+        the cursor.
+        """
+        read = asyncio.ensure_future(call.read())
+        try:
+            done, _ = await asyncio.wait({read}, timeout=self.watch_idle)
+            if not done:
+                log.debug("the watch was quiet for %gs; asking etcd for progress", self.watch_idle)
+                request = rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
+                await asyncio.wait_for(call.write(request), self.settings.timeout)
+                done, _ = await asyncio.wait({read}, timeout=self.settings.timeout)
+                if not done:
+                    raise WatchFailed(
+                        f"the watch heard nothing for {self.watch_idle:g}s and etcd did not answer "
+                        f"a progress request within {self.settings.timeout:g}s"
+                    )
+            return read.result()
+        finally:
+            if not read.done():
+                read.cancel()
 
     def _changes(self, events: Any) -> list[LeaseEvent]:
         assert self._config is not None

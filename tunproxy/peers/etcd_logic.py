@@ -145,6 +145,7 @@ class Plan:
     mod_revision: int = 0  # for RENEW/RESERVED: the key must still be at this revision
     write: bool = True  # RESERVED only: False if the value already says what we would write
     stale: tuple[Entry, ...] = ()  # our own leased keys that no longer fit the config: delete them
+    replaces: int = 0  # RENEW: the etcd lease the key is on now; revoked once the key moves off it
 
 
 def same_attributes(a: Lease, b: Lease) -> bool:
@@ -172,7 +173,7 @@ def plan_acquisition(
             assert best.lease is not None
             write = not same_attributes(best.lease, desired)
             return Plan(PlanKind.RESERVED, best.subnet, best.mod_revision, write, stale)
-        return Plan(PlanKind.RENEW, best.subnet, best.mod_revision, True, stale)
+        return Plan(PlanKind.RENEW, best.subnet, best.mod_revision, True, stale, best.etcd_lease)
     taken = [e.subnet for e in entries if e not in stale]
     return Plan(PlanKind.CREATE, choose_subnet(config, taken, previous, rng), stale=stale)
 
