@@ -32,8 +32,8 @@ enum {
     FP_OFFLOAD_UDP_GSO = 2   /* send trains of datagrams with UDP_SEGMENT; cleared on refusal */
 };
 
-/* One route: prefix/len -> peer.  The table is kept sorted by
- * ((32 - len) << 32 | prefix), i.e. longest prefixes first. */
+/* One route: prefix/len -> peer; a slot of an open-addressing hash table
+ * keyed by (prefix, len), peer 0 meaning empty. */
 struct fp_route {
     uint32_t prefix;
     uint32_t peer;
@@ -45,7 +45,7 @@ struct fp_route {
  * table keyed by addr, addr 0 meaning empty. */
 struct fp_peer {
     uint32_t addr;
-    uint32_t pad;
+    uint32_t refs;               /* routes pointing at this peer */
     uint64_t tx_packets;
     uint64_t tx_bytes;
     uint64_t rx_packets;
@@ -141,19 +141,22 @@ struct fp_ctx {
     uint32_t icmp_rate;          /* ICMP errors per second ... */
     uint32_t icmp_burst;         /* ... and bucket depth */
     uint32_t max_routes;
-    uint32_t peer_cap;           /* power of two, >= 2 * max_routes */
+    uint32_t route_cap;          /* power of two, >= 2 * max_routes */
+    uint32_t peer_cap;           /* power of two, >= 4 * max_routes */
     uint32_t offload;            /* FP_OFFLOAD_* bits */
     int32_t gso_errno;           /* why FP_OFFLOAD_UDP_GSO was cleared, if it was */
     struct fp_ring ring;
     struct fp_gso gso;           /* offload mode only */
-    struct fp_route *routes;     /* max_routes entries, the live table */
-    struct fp_route *routes_alt; /* max_routes entries, the next table */
+    struct fp_route *routes;     /* route_cap slots, the live table */
+    struct fp_route *routes_alt; /* route_cap slots, where set_routes builds the next one */
     struct fp_peer *peers;       /* peer_cap entries, live */
     struct fp_peer *peers_alt;   /* peer_cap entries, next */
     /* State, owned by the C side. */
     uint32_t nroutes;
     uint32_t pad1;
     uint64_t len_mask;           /* bit n set: some route has length n */
+    uint32_t len_count[33];      /* routes of each length */
+    uint32_t pad2;
     uint64_t tokens;             /* token bucket, in thousandths of a token */
     uint64_t last_ms;
     struct fp_counters cnt;
@@ -163,12 +166,25 @@ struct fp_ctx {
 /* Check the configuration, wire up the ring, clear routes and counters. */
 int fp_init(struct fp_ctx *c);
 
-/* Replace the whole table in one step (any order; duplicates are -EINVAL). */
+/* Replace the whole table in one step, O(table) (any order; duplicates are -EINVAL). */
 int fp_set_routes(struct fp_ctx *c, const struct fp_route *routes, uint32_t n);
-/* Add a route or change its peer.  -ENOSPC when full. */
+/* Add a route or change its peer, O(1).  -ENOSPC when full. */
 int fp_add_route(struct fp_ctx *c, uint32_t prefix, uint32_t len, uint32_t peer);
 /* -ENOENT if there is no such route. */
 int fp_del_route(struct fp_ctx *c, uint32_t prefix, uint32_t len);
+/* Remove del[0..ndel) and add or repoint add[0..nadd) as one change,
+ * removals first, in O(batch log batch) whatever the table size.  Both arrays
+ * are sorted in place.  Removing an absent route is not an error.  -EINVAL for a bad
+ * route or an add repeated; -ENOSPC if the result exceeds max_routes; either
+ * way the live table is unchanged. */
+int fp_update_routes(struct fp_ctx *c, struct fp_route *del, uint32_t ndel, struct fp_route *add,
+                     uint32_t nadd);
+/* Move the live routes and peer counters into larger caller-owned tables
+ * (routes/routes_alt: route_cap slots, a power of two >= 2 * max_routes;
+ * peers/peers_alt: peer_cap, a power of two >= 4 * max_routes) and use them
+ * from now on.  -EINVAL if they would not hold the live table. */
+int fp_resize(struct fp_ctx *c, struct fp_route *routes, struct fp_route *routes_alt, struct fp_peer *peers,
+              struct fp_peer *peers_alt, uint32_t max_routes, uint32_t route_cap, uint32_t peer_cap);
 /* Longest-prefix match: the next hop for dst, or 0 if none. */
 uint32_t fp_lookup(const struct fp_ctx *c, uint32_t dst);
 

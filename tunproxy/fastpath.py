@@ -26,7 +26,7 @@ import errno
 import ipaddress
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -37,6 +37,7 @@ MAX_PACKET = lib.FP_MAX_PACKET
 MAX_BATCH = 1024
 MAX_HEADROOM = 4096
 MAX_ROUTES = 1 << 20
+INITIAL_ROUTES = 256
 MAX_ICMP_RATE = 1_000_000
 VNET_HDR_LEN = lib.FP_VNET_HDR_LEN
 UDP_SEGMENT = 103  # linux/udp.h socket options at level SOL_UDP (not in Python's socket module)
@@ -139,6 +140,15 @@ class Counters:
         return " ".join(f"{name}={value}" for name, value in fields.items())
 
 
+def _slots(routes: int, factor: int) -> int:
+    """Slots of a hash table for ``routes`` entries: a power of two, at least ``factor`` times as many.
+
+    Routes use 2 (never more than half full); peers 4, since during a batch
+    the peers of routes being removed and of routes being added coexist.
+    """
+    return 1 << (factor * routes - 1).bit_length()
+
+
 def _check_int(name: str, value: object, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
@@ -199,7 +209,7 @@ class FastPath:
         port: int = 8285,
         batch: int = 64,
         headroom: int = 64,
-        max_routes: int = 4096,
+        max_routes: int = 65536,
         icmp_rate: int = 100,
         icmp_burst: int = 50,
         slot_size: int | None = None,
@@ -231,7 +241,11 @@ class FastPath:
         self._mtu = mtu
         self._batch = batch
         self._max_routes = max_routes
-        self._peer_cap = 1 << (2 * max_routes - 1).bit_length()  # power of 2 >= 2*max_routes
+        # The table starts small and doubles as it fills, up to max_routes: memory follows use.
+        capacity = min(max_routes, INITIAL_ROUTES)
+        self._capacity = capacity
+        self._route_cap = _slots(capacity, 2)
+        self._peer_cap = _slots(capacity, 4)
 
         c = self._ctx = ffi.new("struct fp_ctx *")
         c.mtu = mtu
@@ -240,7 +254,8 @@ class FastPath:
         c.batch = batch
         c.icmp_rate = icmp_rate
         c.icmp_burst = icmp_burst
-        c.max_routes = max_routes
+        c.max_routes = capacity
+        c.route_cap = self._route_cap
         c.peer_cap = self._peer_cap
         if offload:
             c.offload = lib.FP_OFFLOAD_VNET | (lib.FP_OFFLOAD_UDP_GSO if udp_gso else 0)
@@ -254,8 +269,8 @@ class FastPath:
             "addr": ffi.new("struct sockaddr_in[]", batch),
             "iov": ffi.new("struct iovec[]", batch),
             "msg": ffi.new("struct mmsghdr[]", batch),
-            "routes": ffi.new("struct fp_route[]", max_routes),
-            "routes_alt": ffi.new("struct fp_route[]", max_routes),
+            "routes": ffi.new("struct fp_route[]", self._route_cap),
+            "routes_alt": ffi.new("struct fp_route[]", self._route_cap),
             "peers": ffi.new("struct fp_peer[]", self._peer_cap),
             "peers_alt": ffi.new("struct fp_peer[]", self._peer_cap),
         }
@@ -332,6 +347,30 @@ class FastPath:
 
     # ---- routes ----
 
+    @property
+    def capacity(self) -> int:
+        """Routes the table holds before it grows again (it doubles, up to ``max_routes``)."""
+        return self._capacity
+
+    def _reserve(self, needed: int) -> None:
+        """Grow the table to hold ``needed`` routes (doubling), never past ``max_routes``."""
+        if needed <= self._capacity or self._capacity >= self._max_routes:
+            return
+        capacity = min(self._max_routes, max(needed, 2 * self._capacity))
+        route_cap, peer_cap = _slots(capacity, 2), _slots(capacity, 4)
+        fresh = {
+            "routes": ffi.new("struct fp_route[]", route_cap),
+            "routes_alt": ffi.new("struct fp_route[]", route_cap),
+            "peers": ffi.new("struct fp_peer[]", peer_cap),
+            "peers_alt": ffi.new("struct fp_peer[]", peer_cap),
+        }
+        tables = (fresh["routes"], fresh["routes_alt"], fresh["peers"], fresh["peers_alt"])
+        rc = lib.fp_resize(self._ctx, *tables, capacity, route_cap, peer_cap)
+        if rc < 0:
+            _raise(rc, "resize")
+        self._memory |= fresh  # the old arrays are freed only now that C no longer points at them
+        self._capacity, self._route_cap, self._peer_cap = capacity, route_cap, peer_cap
+
     def set_routes(self, routes: Mapping[IPv4Network, IPv4Address]) -> None:
         """Replace the whole table in one step; on error the old one stays."""
         items = [(_network(net), _peer(peer)) for net, peer in routes.items()]
@@ -339,6 +378,7 @@ class FastPath:
             raise FastPathError(
                 errno.ENOSPC, f"{len(items)} routes exceed the capacity of {self._max_routes}"
             )
+        self._reserve(len(items))
         table = ffi.new("struct fp_route[]", max(len(items), 1))
         for i, (net, peer) in enumerate(items):
             table[i].prefix = int(net.network_address)
@@ -351,6 +391,7 @@ class FastPath:
     def add_route(self, subnet: IPv4Network, peer: IPv4Address) -> None:
         """Add a route, or point an existing one at a new peer."""
         net, addr = _network(subnet), _peer(peer)
+        self._reserve(self._ctx.nroutes + 1)
         rc = lib.fp_add_route(self._ctx, int(net.network_address), net.prefixlen, int(addr))
         if rc == -errno.ENOSPC:
             raise FastPathError(errno.ENOSPC, f"route table full ({self._max_routes} routes)")
@@ -366,14 +407,41 @@ class FastPath:
         if rc < 0:
             _raise(rc, f"remove_route {net}")
 
+    def update_routes(self, removed: Iterable[IPv4Network], added: Mapping[IPv4Network, IPv4Address]) -> None:
+        """Remove ``removed`` and add (or repoint) ``added`` as one change.
+
+        Removals come first, so a subnet in both ends up added. Costs the size
+        of the batch (in C and here), however large the table: a burst of
+        lease changes is one call. Removing an
+        absent route is not an error. Raises ``FastPathError`` (ENOSPC) if the
+        result would exceed ``max_routes``, ValueError for a bad route; on any
+        error the table is unchanged.
+        """
+        gone = [_network(net) for net in removed]
+        items = [(_network(net), _peer(peer)) for net, peer in added.items()]
+        dels = ffi.new("struct fp_route[]", max(len(gone), 1))
+        for i, net in enumerate(gone):
+            dels[i].prefix, dels[i].len = int(net.network_address), net.prefixlen
+        adds = ffi.new("struct fp_route[]", max(len(items), 1))
+        for i, (net, peer) in enumerate(items):
+            adds[i].prefix, adds[i].len, adds[i].peer = int(net.network_address), net.prefixlen, int(peer)
+        self._reserve(self._ctx.nroutes + len(items))
+        rc = lib.fp_update_routes(self._ctx, dels, len(gone), adds, len(items))
+        if rc == -errno.ENOSPC:
+            raise FastPathError(errno.ENOSPC, f"route table full ({self._max_routes} routes)")
+        if rc < 0:
+            _raise(rc, "update_routes")
+
     def routes(self) -> dict[IPv4Network, IPv4Address]:
-        """The table, longest prefixes first."""
+        """The table, longest prefixes first (then by address); O(table), for tests and tools."""
         c = self._ctx
-        out = {}
-        for i in range(c.nroutes):
+        found = []
+        for i in range(self._route_cap):
             r = c.routes[i]
-            out[IPv4Network((r.prefix, r.len))] = IPv4Address(r.peer)
-        return out
+            if r.peer:
+                found.append((-r.len, r.prefix, r.peer))
+        found.sort()
+        return {IPv4Network((prefix, -neg_len)): IPv4Address(peer) for neg_len, prefix, peer in found}
 
     def lookup(self, addr: IPv4Address | str) -> IPv4Address | None:
         """The peer a packet to ``addr`` goes to (longest prefix match), if any."""
@@ -445,5 +513,5 @@ class FastPath:
         return (
             f"FastPath(mtu={self._mtu}, local_addr={self._local_addr}, port={self._port}, "
             f"batch={self._batch}, offload={self._offload}, "
-            f"routes={self._ctx.nroutes}/{self._max_routes})"
+            f"routes={self._ctx.nroutes}/{self._capacity} (max {self._max_routes}))"
         )

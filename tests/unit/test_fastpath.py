@@ -767,3 +767,106 @@ def test_constructor_edges_work():
     assert (fp.mtu, fp.batch, fp.port, fp.max_routes) == (68, 1, 8285, 1)
     assert fp.local_addr == IPv4Address("10.0.0.1")
     assert "mtu=68" in repr(fp)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    start=route_tables(max_size=12),
+    removed=route_tables(max_size=8),
+    added=route_tables(max_size=8),
+    data=st.data(),
+)
+def test_a_batch_update_matches_a_dict(start, removed, added, data):
+    fp = FastPath(mtu=MTU, local_addr=LOCAL, batch=1, max_routes=64)
+    fp.set_routes(start)
+    # Half the removals aim at routes that exist.
+    gone = list(removed) + [n for n in start if data.draw(st.booleans())]
+    model = {n: p for n, p in start.items() if n not in gone} | added
+    fp.update_routes(gone, added)
+    assert fp.routes() == model
+    assert set(fp.counters().peers) == set(model.values())
+    for addr in probes(model, data):
+        assert fp.lookup(addr) == brute_force(model, addr)
+
+
+def test_a_batch_update_that_does_not_fit_changes_nothing():
+    fp = FastPath(mtu=MTU, local_addr=LOCAL, max_routes=4)
+    fp.set_routes({NET(f"10.{i}.0.0/16"): P2 for i in range(3)})
+    before = fp.routes()
+    with pytest.raises(FastPathError) as e:
+        fp.update_routes([], {NET("10.7.0.0/16"): P3, NET("10.8.0.0/16"): P3})
+    assert e.value.errno == errno.ENOSPC
+    assert fp.routes() == before
+    # Removals come first, so a full table takes a swap in one call.
+    fp.update_routes([NET("10.0.0.0/16")], {NET("10.7.0.0/16"): P3, NET("10.8.0.0/16"): P3})
+    assert set(fp.routes()) == {NET(f"10.{i}.0.0/16") for i in (1, 2, 7, 8)}
+    with pytest.raises(ValueError, match="host bits"):
+        fp.update_routes(["10.0.0.1/8"], {})
+
+
+def test_the_table_grows_past_its_first_size_keeping_routes_and_peer_counters():
+    """The table starts at INITIAL_ROUTES and doubles; 5,000 flannel hosts fit by default."""
+    from tunproxy.fastpath import INITIAL_ROUTES
+
+    fp = FastPath(mtu=MTU, local_addr=LOCAL, batch=1)
+    assert fp.capacity == INITIAL_ROUTES
+    subnets = [IPv4Network(f"10.{i // 256}.{i % 256}.0/24") for i in range(5000)]
+    peers = [IPv4Address(f"192.0.{2 + i // 250}.{1 + i % 250}") for i in range(5000)]
+    fp.update_routes([], dict(zip(subnets[:100], peers[:100], strict=True)))
+    fp.add_route(subnets[100], peers[100])
+    fp.update_routes([], dict(zip(subnets[101:], peers[101:], strict=True)))
+    assert fp.capacity >= 5000
+    assert len(fp.routes()) == 5000
+    for net, peer in zip(subnets[::97], peers[::97], strict=True):
+        assert fp.lookup(net.network_address + 7) == peer
+    fp.update_routes(subnets[:4000], {})
+    assert len(fp.routes()) == 1000 and fp.lookup("10.0.0.1") is None
+
+
+def test_peer_counters_survive_the_table_growing(env):
+    env.fp.set_routes({NET("10.0.0.0/8"): P2})
+    env.inject(udp("10.9.0.1", "10.1.2.3"))
+    assert env.tx() == 1
+    receive(env.peers[P2], 1)
+    before = env.counters().peers[P2]
+    assert before.tx_packets == 1
+    capacity = env.fp.capacity
+    more = {IPv4Network(f"11.{i // 256}.{i % 256}.0/24"): P3 for i in range(capacity)}
+    env.fp.update_routes([], more)
+    assert env.fp.capacity > capacity
+    assert env.counters().peers[P2] == before
+    env.inject(udp("10.9.0.1", "10.1.2.3"))
+    assert env.tx() == 1
+    receive(env.peers[P2], 1)
+    assert env.counters().peers[P2].tx_packets == 2
+
+
+small_peers = st.sampled_from([P2, P3, P4, IPv4Address("127.0.0.5")])
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_many_batches_match_a_dict(data):
+    """Batches that add, repoint and remove overlapping routes, with few peers shared among many routes."""
+    fp = FastPath(mtu=MTU, local_addr=LOCAL, batch=1, max_routes=24)
+    model: dict[IPv4Network, IPv4Address] = {}
+    for _ in range(data.draw(st.integers(1, 12))):
+        known = sorted(model)
+        gone = data.draw(st.lists(st.sampled_from(known), max_size=6)) if known else []
+        gone += list(data.draw(route_tables(max_size=3)))
+        fresh = {net: data.draw(small_peers) for net in data.draw(route_tables(max_size=8))}
+        if known:
+            fresh |= {
+                net: data.draw(small_peers) for net in data.draw(st.lists(st.sampled_from(known), max_size=4))
+            }
+        after = {n: p for n, p in model.items() if n not in gone} | fresh
+        if len(after) > 24:
+            with pytest.raises(FastPathError):
+                fp.update_routes(gone, fresh)
+        else:
+            fp.update_routes(gone, fresh)
+            model = after
+        assert fp.routes() == model
+        assert set(fp.counters().peers) == set(model.values())
+        for addr in probes(model, data):
+            assert fp.lookup(addr) == brute_force(model, addr)
