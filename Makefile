@@ -4,7 +4,7 @@ PY ?= python3
 APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping
 STAMP := build/.setup-stamp
 
-.PHONY: setup build demo demo-etcd test test-unit lint bench bench-quick clean
+.PHONY: setup build demo demo-etcd test test-unit lint bench bench-quick bench-control clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,9 @@ bench: build
 
 bench-quick: build
 	$(PY) -m bench --quick
+
+bench-control: build
+	$(PY) -m bench.control
 
 clean:
 	rm -rf build *.egg-info tunproxy/_fastpath_cffi* .pytest_cache .hypothesis

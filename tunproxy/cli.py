@@ -19,6 +19,7 @@ from typing import Any
 
 from . import __version__
 from .subnets import KNOWN_BACKENDS, ConfigError, LeaseError, NetworkConfig, parse_address, parse_network
+from .supervise import TaskDied
 
 ENV_PREFIX = "TUNPROXY_"
 DEFAULT_SUBNET_FILE = "/run/tunproxy/subnet.env"
@@ -93,6 +94,13 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     udp.add_argument("--port", type=int, help="UDP port (default 8285, or Backend.Port)")
     udp.add_argument("--batch", type=int, default=64, help="packets per system call (default 64)")
     udp.add_argument("--tun-name", default="tunproxy0", help="TUN device name (default tunproxy0)")
+    udp.add_argument(
+        "--max-routes",
+        type=int,
+        default=0,
+        help="most peer routes the fast path holds (default: every subnet the network config allows, "
+        "at least 4096); leases past it are logged and added when room frees",
+    )
     udp.add_argument(
         "--no-offload",
         action="store_true",
@@ -213,11 +221,16 @@ def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon, DaemonOptions, serve
+    from .fastpath import MAX_ROUTES
 
     if args.batch < 1 or args.batch > 1024:
         raise UsageError(f"--batch {args.batch} must be between 1 and 1024")
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port} is not a UDP port")
+    if not 0 <= args.max_routes <= MAX_ROUTES:
+        raise UsageError(
+            f"--max-routes {args.max_routes} must be between 1 and {MAX_ROUTES} (0: the default)"
+        )
     registry = make_registry(args)  # bad input is reported before the privilege check
     if os.geteuid() != 0:
         raise UsageError("tunproxy run needs root (CAP_NET_ADMIN) to create devices and routes")
@@ -233,6 +246,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "batch": args.batch,
             "port": args.port,
             "offload": not args.no_offload,
+            "max_routes": args.max_routes,
         },
     )
     import uvloop
@@ -256,6 +270,13 @@ def cmd_leases(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_os_error(error: OSError) -> str:
+    """One line for an OSError that names the file or device it concerns, when it has one."""
+    text = error.strerror or str(error)
+    names = [str(n) for n in (error.filename, error.filename2) if n is not None]
+    return f"{text}: {' -> '.join(names)}" if names else text
+
+
 def first_leaf(group: BaseExceptionGroup) -> BaseException:
     first = group.exceptions[0]
     return first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
@@ -273,11 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LeaseError, UsageError) as e:
         print(f"tunproxy: error: {e}", file=sys.stderr)
         return 2
+    except TaskDied as e:
+        print(f"tunproxy: error: {e}", file=sys.stderr)
+        return 1
     except PermissionError as e:
-        print(f"tunproxy: error: permission denied: {e.strerror or e} (run as root)", file=sys.stderr)
+        print(f"tunproxy: error: permission denied: {describe_os_error(e)} (run as root)", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"tunproxy: error: {e.strerror or e}", file=sys.stderr)
+        print(f"tunproxy: error: {describe_os_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -398,6 +398,104 @@ class EtcdServer:
         self.close()
 
 
+class EtcdCluster:
+    """Three (or ``size``) real etcd members on one address with their own ports, stopped by PID.
+
+    For faults a single server cannot show: a lost quorum (stop a majority),
+    a member partitioned from the rest.
+    """
+
+    def __init__(
+        self, address: str, ns: Netns | None = None, workdir: Path | None = None, size: int = 3
+    ) -> None:
+        self.address = address
+        self.ns = ns
+        self._tmp = tempfile.TemporaryDirectory(prefix="tunproxy-etcd-cluster-", dir=workdir)
+        self.datadir = Path(self._tmp.name)
+        self.names = [f"m{i}" for i in range(size)]
+        self.client_ports = {name: free_port() for name in self.names}
+        self.peer_ports = {name: free_port() for name in self.names}
+        self.popens: dict[str, subprocess.Popen[bytes]] = {}
+
+    def endpoint(self, name: str) -> str:
+        return f"http://{self.address}:{self.client_ports[name]}"
+
+    @property
+    def endpoints(self) -> str:
+        """Every member's client URL, comma-separated, as --etcd-endpoints takes them."""
+        return ",".join(self.endpoint(name) for name in self.names)
+
+    def start(self, timeout: float = 30) -> EtcdCluster:
+        initial = ",".join(f"{n}=http://{self.address}:{self.peer_ports[n]}" for n in self.names)
+        for name in self.names:
+            peer = f"http://{self.address}:{self.peer_ports[name]}"
+            argv = [
+                "etcd",
+                "--name",
+                name,
+                "--data-dir",
+                str(self.datadir / name),
+                "--listen-client-urls",
+                self.endpoint(name),
+                "--advertise-client-urls",
+                self.endpoint(name),
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                initial,
+                "--initial-cluster-state",
+                "new",
+                "--log-level",
+                "warn",
+            ]
+            if self.ns:
+                argv = self.ns.cmd(*argv)
+            log = open(self.datadir / f"{name}.log", "ab")  # noqa: SIM115
+            self.popens[name] = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+            log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.etcdctl("endpoint", "health", check=False).returncode == 0:
+                return self
+            time.sleep(0.2)
+        self.close()
+        raise RuntimeError("the etcd cluster did not become healthy")
+
+    def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = [
+            "etcdctl",
+            f"--endpoints={self.endpoints}",
+            "--dial-timeout=2s",
+            "--command-timeout=5s",
+            *args,
+        ]
+        if self.ns:
+            argv = self.ns.cmd(*argv)
+        return subprocess.run(
+            argv,
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=15,
+            env=dict(os.environ, ETCDCTL_API="3"),
+        )
+
+    def pid(self, name: str) -> int:
+        return self.popens[name].pid
+
+    def close(self) -> None:
+        for popen in self.popens.values():
+            if popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(popen.pid, signal.SIGCONT)  # a stopped member cannot act on SIGTERM
+            stop_process(popen)
+        self._tmp.cleanup()
+
+
 _SINK = """
 import hashlib, socket, sys
 s = socket.socket()

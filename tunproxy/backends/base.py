@@ -5,7 +5,7 @@ A backend is driven in this order, always from the event loop:
     await backend.open()               # devices exist; backend_data is known
     lease = registry.acquire(backend_data)
     await backend.set_subnet(subnet)   # our own address and the network route
-    await backend.add_peer(lease) / remove_peer(lease)   # any number of times
+    await backend.apply(removed, added)   # any number of times: a burst of lease changes
     await backend.close()              # everything it added is gone
 
 Netlink calls are blocking (pyroute2 cannot run on uvloop), so backends do
@@ -15,12 +15,17 @@ them with ``asyncio.to_thread``; see ``tunproxy.netlink``.
 from __future__ import annotations
 
 import abc
+import asyncio
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, ClassVar
 
 from ..netlink import Underlay
 from ..subnets import Lease, NetworkConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,35 @@ class Backend(abc.ABC):
     async def remove_peer(self, lease: Lease) -> None:
         """Undo add_peer; a peer that was never added is not an error."""
 
+    async def apply(self, removed: Sequence[Lease], added: Sequence[Lease]) -> list[tuple[Lease, Exception]]:
+        """Apply a burst of lease changes: ``removed`` first, then ``added``.
+
+        Returns ``(lease, error)`` for each addition it could not make
+        (``PeerRefused``, ``RouteTableFull`` or ``OSError``); the caller
+        retries those later. Removals never fail: a peer that is not there
+        is already removed (one that fails is logged; the periodic check
+        prunes what stays). This default calls remove_peer/add_peer per
+        lease and lets the event loop run every ``YIELD_EVERY`` calls, so a
+        burst of thousands does not stall the data path; backends with a
+        table of their own replace it once instead.
+        """
+        failures: list[tuple[Lease, Exception]] = []
+        for done, lease in enumerate(removed, 1):
+            try:
+                await self.remove_peer(lease)
+            except OSError as e:  # what stays behind is pruned by the periodic check
+                log.error("removing peer %s (%s) failed: %s", lease.subnet, lease.public_ip, e)
+            if done % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        for done, lease in enumerate(added, 1):
+            try:
+                await self.add_peer(lease)
+            except (PeerRefused, OSError) as e:
+                failures.append((lease, e))
+            if done % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        return failures
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Remove everything open/set_subnet/add_peer added."""
@@ -76,5 +110,12 @@ class Backend(abc.ABC):
         """Called periodically: restore state that someone removed behind our back."""
 
 
+YIELD_EVERY = 64  # peer operations between two turns of the event loop in a burst
+
+
 class PeerRefused(Exception):
     """A lease this backend cannot serve; the message says why, for one log line."""
+
+
+class RouteTableFull(PeerRefused):
+    """The backend's route table is at its ``--max-routes`` limit; retried when room frees."""

@@ -22,15 +22,16 @@ import os
 import socket
 import struct
 import time
-from ipaddress import IPv4Network
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytun
 
-from ..fastpath import UDP_GRO, UDP_SEGMENT, VNET_HDR_LEN, FastPath, UdpGsoDisabled
+from ..fastpath import MAX_ROUTES, UDP_GRO, UDP_SEGMENT, VNET_HDR_LEN, FastPath, UdpGsoDisabled
 from ..netlink import delete_link, ensure_address, link_index, replace_route, run_netlink
-from ..subnets import ConfigError, Lease
-from .base import Backend
+from ..subnets import ConfigError, Lease, NetworkConfig
+from .base import Backend, RouteTableFull
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,23 @@ TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 
 
+MIN_DEFAULT_ROUTES = 4096
+
+
 def now_ms() -> int:
     return time.monotonic_ns() // 1_000_000
+
+
+def default_max_routes(config: NetworkConfig) -> int:
+    """Routes the udp backend holds by default: every subnet the config allows, at least 4096.
+
+    In etcd mode a lease outside the network config is rejected, so with
+    this default the table cannot fill up; the floor leaves room for static
+    peers of other lengths. The table itself grows as it fills, so a large
+    limit costs no memory until the peers are there.
+    """
+    subnets = ((int(config.subnet_max) - int(config.subnet_min)) >> (32 - config.subnet_len)) + 1
+    return min(MAX_ROUTES, max(MIN_DEFAULT_ROUTES, subnets))
 
 
 class UdpBackend(Backend):
@@ -59,6 +75,8 @@ class UdpBackend(Backend):
         self.port: int = int(ctx.network.backend.get("Port") or opts.get("port") or 8285)
         self.batch: int = int(opts.get("batch") or 64)
         self.offload: bool = bool(opts.get("offload", True))
+        self.max_routes: int = int(opts.get("max_routes") or default_max_routes(ctx.network))
+        self._routes: dict[IPv4Network, IPv4Address] = {}  # what the C table holds, by subnet
         self._udp_gso = self.offload
         self._mtu = ctx.underlay.mtu - IP_UDP_OVERHEAD
         self.tun: pytun.TunTapDevice | None = None
@@ -167,7 +185,6 @@ class UdpBackend(Backend):
     async def set_subnet(self, subnet: IPv4Network) -> None:
         assert self.tun and self.sock
         local = subnet.network_address  # flannel's choice: the subnet's first address on the tun
-        routes = self.fastpath.routes() if self.fastpath else {}
         if self.fastpath is None or self.subnet != subnet:
             self.fastpath = FastPath(
                 mtu=self._mtu,
@@ -176,8 +193,9 @@ class UdpBackend(Backend):
                 batch=self.batch,
                 offload=self.offload,
                 udp_gso=self._udp_gso,
+                max_routes=self.max_routes,
             )
-            self.fastpath.set_routes(routes)
+            self.fastpath.set_routes(self._routes)
         self.subnet = subnet
         await self._configure(subnet)
         if not self._readers:
@@ -221,12 +239,36 @@ class UdpBackend(Backend):
             log.error("%s: %s", direction, error)
 
     async def add_peer(self, lease: Lease) -> None:
-        assert self.fastpath
-        self.fastpath.add_route(lease.subnet, lease.public_ip)
+        for _, error in await self.apply((), (lease,)):
+            raise error
 
     async def remove_peer(self, lease: Lease) -> None:
-        if self.fastpath and lease.subnet in self.fastpath.routes():
-            self.fastpath.remove_route(lease.subnet)
+        await self.apply((lease,), ())
+
+    async def apply(self, removed: Sequence[Lease], added: Sequence[Lease]) -> list[tuple[Lease, Exception]]:
+        """One replacement of the C route table for the whole burst: O(table + burst) in C, O(burst) here.
+
+        Additions past ``max_routes`` come back as ``RouteTableFull``; the
+        daemon retries them when a later change or the periodic check runs.
+        """
+        gone = {lease.subnet for lease in removed if lease.subnet in self._routes}
+        size = len(self._routes) - len(gone)
+        fresh: dict[IPv4Network, IPv4Address] = {}
+        failures: list[tuple[Lease, Exception]] = []
+        for lease in added:
+            replacing = lease.subnet in fresh or (lease.subnet in self._routes and lease.subnet not in gone)
+            if not replacing:
+                if size >= self.max_routes:
+                    failures.append((lease, RouteTableFull(f"route table full ({self.max_routes} routes)")))
+                    continue
+                size += 1
+            fresh[lease.subnet] = lease.public_ip
+        if self.fastpath is not None:
+            self.fastpath.update_routes(gone, fresh)
+        for subnet in gone:
+            del self._routes[subnet]
+        self._routes.update(fresh)
+        return failures
 
     def stats(self) -> str | None:
         return self.fastpath.counters().summary() if self.fastpath else None
