@@ -21,7 +21,7 @@ from typing import Any
 from .backends import Backend, BackendContext, create_backend
 from .backends.base import PeerRefused
 from .leases import EventKind, LeaseEvent, LeaseWatcher
-from .netlink import find_underlay
+from .netlink import InterfaceChoice, find_underlay
 from .peers.base import Changes, OwnLease, Registry, Snapshot
 from .subnets import NetworkConfig
 
@@ -30,7 +30,7 @@ log = logging.getLogger("tunproxy")
 
 @dataclass
 class DaemonOptions:
-    iface: str | None
+    iface: InterfaceChoice | str | None
     public_ip: IPv4Address | None
     subnet_file: Path | None
     stats_interval: float = 60.0
