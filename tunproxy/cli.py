@@ -483,6 +483,13 @@ def static_network_config(args: argparse.Namespace) -> NetworkConfig:
         raise UsageError("give --network (or --net-config), or --etcd-endpoints")
     if args.backend and args.backend != config.backend_type:
         # The Backend options were written for the config's type; another type gets none of them.
+        warnings = [w for w in config.warnings if not w.startswith("ignoring Backend.")]
+        if config.backend:
+            names = ", ".join(sorted(config.backend))
+            warnings.append(
+                f"ignoring Backend {names}: written for {config.backend_type}, "
+                f"{source(args, 'backend')} is {args.backend}"
+            )
         config = NetworkConfig(
             config.network,
             config.subnet_len,
@@ -490,6 +497,7 @@ def static_network_config(args: argparse.Namespace) -> NetworkConfig:
             config.subnet_max,
             args.backend,
             {},
+            tuple(warnings),
         )
     return config
 

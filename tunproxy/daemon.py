@@ -106,13 +106,26 @@ class Daemon:
             write_subnet_file(self.options.subnet_file, text)
 
     async def _follow(self) -> None:
+        reconciled = False
         async for update in self.registry.updates():
             if isinstance(update, Snapshot):
                 await self._apply(self.watcher.reset(update.leases))
+                if not reconciled:
+                    reconciled = True
+                    await self._reconcile()
             elif isinstance(update, Changes):
                 await self._apply(self.watcher.update(update.events))
             elif isinstance(update, OwnLease):
                 await self._own_lease(update.lease)
+
+    async def _reconcile(self) -> None:
+        """A killed run's leftovers go now, not at the first periodic check."""
+        assert self.backend
+        try:
+            await self.backend.reconcile()
+        except OSError as e:
+            log.error("removing leftovers of an earlier run failed: %s", e)
+        log.info("ready: %d peer(s)", len(self.watcher.leases))
 
     async def _apply(self, events: list[LeaseEvent]) -> None:
         assert self.backend

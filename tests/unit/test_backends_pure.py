@@ -46,7 +46,21 @@ def test_mtu_default_follows_the_underlay():
 
 def test_options_are_read():
     o = VxlanOptions.parse({"VNI": 42, "Port": 4789, "GBP": True, "DirectRouting": True, "MTU": 1400}, 1500)
-    assert (o.vni, o.port, o.gbp, o.direct_routing, o.mtu) == (42, 4789, True, True, 1400)
+    assert (o.vni, o.port, o.gbp, o.direct_routing, o.mtu) == (42, 4789, True, True, 1350)
+
+
+@pytest.mark.parametrize(
+    "mtu, underlay, device, clamped",
+    [
+        (1400, 1500, 1350, None),  # flannel's MTU is the encapsulated packets': the device gets 50 less
+        (1500, 1500, 1450, None),  # the underlay's own MTU is allowed, as in flannel
+        (9000, 1500, 1450, 9000),  # more than the underlay carries: lowered to it, with a warning
+        (118, 1500, 68, None),  # the smallest: a 68-byte IPv4 link inside
+    ],
+)
+def test_mtu_is_flannels_encapsulated_mtu(mtu, underlay, device, clamped):
+    o = VxlanOptions.parse({"MTU": mtu}, underlay)
+    assert (o.mtu, o.clamped_from) == (device, clamped)
 
 
 def test_port_zero_means_the_default():
@@ -65,8 +79,9 @@ def test_port_zero_means_the_default():
         ({"GBP": "true"}, "Backend.GBP must be true or false, not 'true'"),
         ({"GBP": 1}, "Backend.GBP must be true or false, not 1"),
         ({"DirectRouting": "no"}, "Backend.DirectRouting must be true or false"),
-        ({"MTU": 1451}, "Backend.MTU must be an integer from 68 to 1450, not 1451"),
-        ({"MTU": 67}, "Backend.MTU must be an integer from 68 to 1450"),
+        ({"MTU": 117}, "Backend.MTU must be an integer from 118 to 65535, not 117"),
+        ({"MTU": "1400"}, "Backend.MTU must be an integer from 118 to 65535, not '1400'"),
+        ({"Learning": "yes"}, "Backend.Learning must be true or false"),
     ],
 )
 def test_bad_options_are_config_errors_naming_the_key(options, message):

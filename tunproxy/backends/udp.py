@@ -29,7 +29,7 @@ import pytun
 
 from ..fastpath import UDP_GRO, UDP_SEGMENT, VNET_HDR_LEN, FastPath, UdpGsoDisabled
 from ..netlink import delete_link, ensure_address, link_index, replace_route, run_netlink
-from ..subnets import ConfigError, Lease
+from ..subnets import ConfigError, Lease, udp_port
 from .base import Backend
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,10 @@ class UdpBackend(Backend):
         super().__init__(ctx)
         opts = ctx.options
         self.tun_name: str = opts.get("tun_name") or "tunproxy0"
-        self.port: int = int(ctx.network.backend.get("Port") or opts.get("port") or 8285)
+        port_flag = (opts.get("port"), opts.get("port_source") or "--port")
+        self.port, warning = udp_port(ctx.network.backend, *port_flag)
+        if warning:
+            log.warning("%s", warning)
         self.batch: int = int(opts.get("batch") or 64)
         self.offload: bool = bool(opts.get("offload", True))
         self._udp_gso = self.offload
