@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -94,10 +95,16 @@ def test_tiny_underlay_mtu_is_refused():
         VxlanOptions.parse({}, 100)
 
 
-def test_bad_options_fail_when_the_backend_is_made():
-    config = NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "vxlan", "VNI": "x"}})
+def test_bad_options_fail_when_the_config_is_read():
     with pytest.raises(ConfigError, match="Backend.VNI"):
-        create_backend(BackendContext(config, UNDERLAY, UNDERLAY.address))
+        NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "vxlan", "VNI": "x"}})
+
+
+def test_an_mtu_too_large_for_the_underlay_fails_when_the_backend_is_made():
+    config = NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "vxlan"}})
+    tiny = dataclasses.replace(UNDERLAY, mtu=100)
+    with pytest.raises(ConfigError, match="underlay MTU 100 is too small"):
+        create_backend(BackendContext(config, tiny, UNDERLAY.address))
 
 
 def test_backend_mtu_and_data():
