@@ -129,7 +129,7 @@ def test_bad_option_is_one_line_and_exit_2(lab, options, message):
     config = write_config(lab, "vxlan", **options)
     proc = h1.tunproxy("--net-config", str(config), "--subnet", "10.100.5.0/24")
     assert proc.popen.wait(15) == 2
-    assert f"tunproxy: error: {message}" in proc.output()
+    assert f"tunproxy: error: --net-config {config}: {message}" in proc.output()
     assert "Traceback" not in proc.output()
     assert link(h1, "tunproxy.1") is None
 
