@@ -342,7 +342,7 @@ def build_parser() -> ArgumentParser:
         default=10.0,
         help="seconds between checks that restore routes/devices removed behind our back",
     )
-    _add_log_level(run)
+    _add_log_level(misc)
 
     ignored = run.add_argument_group("flannel flags accepted and ignored (one warning each)")
     option(ignored, "--kube-subnet-mgr", default=False, convert=_kube, help="refused: no Kubernetes mode")
@@ -359,9 +359,9 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _add_log_level(parser: argparse.ArgumentParser) -> None:
+def _add_log_level(group: Any) -> None:
     option(
-        parser,
+        group,
         "--log-level",
         convert=_choice("debug", "info", "warning", "error"),
         default="info",
