@@ -391,12 +391,15 @@ def env_names(action: argparse.Action) -> list[str]:
     ]
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            chosen: argparse.ArgumentParser = action.choices[command]
-            return chosen
-    raise AssertionError(command)
+            return list(action.choices.values())
+    return []
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return next(sub for sub in _subparsers(parser) if sub.prog.endswith(" " + command))
 
 
 def resolve(
@@ -438,9 +441,11 @@ def resolve(
         sources[action.dest] = origin
         if flag in FLANNEL_IGNORED:
             warnings.append(f"ignoring {origin}: {FLANNEL_IGNORED[flag]}")
+    for other in _subparsers(parser):  # a variable for another command is not a typo
+        known.update(n for action in other._actions if action.option_strings for n in env_names(action))
     for name in sorted(environ):
         if name.startswith(ENV_PREFIXES[0]) and name not in known and environ[name].strip():
-            warnings.append(f"ignoring {name}: tunproxy {args.command} has no such flag")
+            warnings.append(f"ignoring {name}: no tunproxy flag is called that")
     args.sources = sources
     return warnings
 

@@ -201,8 +201,10 @@ def test_flannel_flags_without_effect_are_one_warning_each(capsys):
         "ignoring --healthz-port: tunproxy has no healthz server",
         "ignoring --iptables-forward-rules: tunproxy writes no iptables rules",
         "ignoring FLANNELD_IPTABLES_RESYNC: tunproxy writes no iptables rules",
-        "ignoring TUNPROXY_PORTT: tunproxy run has no such flag",
+        "ignoring TUNPROXY_PORTT: no tunproxy flag is called that",
     ]
+    _, warnings = cli.parse(["leases"], {"TUNPROXY_NETWORK": "10.100.0.0/16"})  # a run flag: no typo
+    assert warnings == []
     code = cli.main([*STATIC, "--healthz-port", "8080"], {})
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 2
