@@ -507,9 +507,27 @@ def static_network_config(args: argparse.Namespace) -> NetworkConfig:
     return config
 
 
+def check_etcd_flags(args: argparse.Namespace) -> None:
+    """The etcd flags' mistakes, each naming the flag or variable it came from, before any I/O."""
+    cert, key = source(args, "etcd_certfile"), source(args, "etcd_keyfile")
+    if bool(args.etcd_certfile) != bool(args.etcd_keyfile):
+        raise ConfigError(f"{cert} and {key} go together")
+    if bool(args.etcd_username) != bool(args.etcd_password):
+        raise ConfigError(f"{source(args, 'etcd_username')} and {source(args, 'etcd_password')} go together")
+    for dest in ("etcd_cafile", "etcd_certfile", "etcd_keyfile"):
+        path = getattr(args, dest)
+        if path:
+            try:
+                Path(path).read_bytes()
+            except OSError as e:
+                raise ConfigError(f"cannot read {source(args, dest)} {path}: {e.strerror}") from None
+
+
 def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.etcd_endpoints:
         from .peers.etcd import EtcdRegistry, etcd_settings
+
+        check_etcd_flags(args)
 
         return EtcdRegistry(
             etcd_settings(args),
@@ -578,6 +596,7 @@ def cmd_leases(args: argparse.Namespace) -> int:
 
     from .peers.etcd import etcd_settings, format_leases, list_leases
 
+    check_etcd_flags(args)
     leases = uvloop.run(list_leases(etcd_settings(args)))
     if args.json:
         print(json.dumps(leases, indent=2))

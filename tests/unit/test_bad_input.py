@@ -117,6 +117,18 @@ def test_a_bad_flag_or_variable_is_one_line_naming_it(capsys, how, flag, value, 
     assert says in line
 
 
+@pytest.mark.parametrize("command", [["run"], ["leases"]])
+def test_etcd_file_and_credential_mistakes_name_their_variable(tmp_path, capsys, command):
+    env = {"FLANNELD_ETCD_ENDPOINTS": "http://192.0.2.100:2379"}
+    ca = tmp_path / "ca.pem"
+    line = one_line(capsys, command, {**env, "FLANNELD_ETCD_CAFILE": str(ca)})
+    assert line == f"tunproxy: error: cannot read FLANNELD_ETCD_CAFILE {ca}: No such file or directory"
+    line = one_line(capsys, command, {**env, "TUNPROXY_ETCD_CERTFILE": str(ca)})
+    assert line == "tunproxy: error: TUNPROXY_ETCD_CERTFILE and --etcd-keyfile go together"
+    line = one_line(capsys, command, {**env, "FLANNELD_ETCD_PASSWORD": "secret"})
+    assert line == "tunproxy: error: --etcd-username and FLANNELD_ETCD_PASSWORD go together"
+
+
 def test_the_leases_command_checks_its_flags_and_variables_too(capsys):
     line = one_line(capsys, ["leases"], {"FLANNELD_ETCD_ENDPOINTS": "ftp://x"})
     assert "FLANNELD_ETCD_ENDPOINTS" in line and "is not a URL" in line
