@@ -168,3 +168,24 @@ def test_host_gw_restart_removes_a_stale_route(lab):
     assert "10.100.7.0/24" not in routes(h1)
     assert "removed stale route to 10.100.7.0/24" in again.output()
     h1.wait_ping("10.100.18.0", timeout=5)
+
+
+def test_udp_start_replaces_a_leftover_tun(lab):
+    lab.segment("br0", "192.0.2.0/24")
+    h1 = lab.add_host("h1", "br0", "192.0.2.11")
+    h2 = lab.add_host("h2", "br0", "192.0.2.12")
+    # A persistent TUN of our name, with an overlay address of a subnet that is not ours.
+    h1.ns.ip("tuntap", "add", "dev", "tunproxy0", "mode", "tun")
+    h1.ns.ip("addr", "add", "10.100.99.0/32", "dev", "tunproxy0")
+    h1.ns.ip("link", "set", "tunproxy0", "up")
+    a = h1.tunproxy(*STATIC[:4], "--peer", "192.0.2.12=10.100.18.0/24", "--check-interval", "3600")
+    b = h2.tunproxy(
+        "--network", "10.100.0.0/16", "--subnet", "10.100.18.0/24", "--peer", "192.0.2.11=10.100.5.0/24"
+    )
+    a.wait_for("ready: 1 peer(s)", timeout=15)
+    b.wait_for("ready: 1 peer(s)", timeout=15)
+    addrs = h1.ns.run("ip", "-4", "-o", "addr", "show", "dev", "tunproxy0").stdout
+    assert "10.100.5.0/32" in addrs and "10.100.99.0" not in addrs
+    h1.wait_ping("10.100.18.0", timeout=10)
+    assert a.stop() == 0
+    assert link(h1, "tunproxy0") is None  # ours was not persistent: it went with us
