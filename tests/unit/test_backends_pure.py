@@ -23,7 +23,7 @@ from tunproxy.backends.vxlan import (
     vtep_mac,
 )
 from tunproxy.netlink import Underlay
-from tunproxy.subnets import ConfigError, Lease, NetworkConfig
+from tunproxy.subnets import ConfigError, Lease, NetworkConfig, udp_port
 
 UNDERLAY = Underlay("eth1", 2, IPv4Address("192.0.2.11"), 24, 1500)
 SUBNET = IPv4Network("10.100.18.0/24")
@@ -225,3 +225,24 @@ def test_link_mismatch_lists_each_difference():
     have = dict(want, port=4789, gbp=True)
     assert link_mismatch(have, want) == ["port 4789 != 8472", "gbp True != False"]
     assert link_mismatch({"kind": "bridge"}, want)[0] == "kind 'bridge' != 'vxlan'"
+
+
+# --- udp's port: the command line, else Backend.Port, else flannel's 8285 ---------------------------
+
+ONE_PORT = "every host must use one port"
+
+
+
+@pytest.mark.parametrize(
+    "options, flag, expected",
+    [
+        ({}, None, (8285, None)),
+        ({"Port": 0}, None, (8285, None)),  # 0 is flannel's "unset"
+        ({"Port": 9000}, None, (9000, None)),
+        ({}, 9100, (9100, None)),
+        ({"Port": 9100}, 9100, (9100, None)),
+        ({"Port": 9000}, 9100, (9100, f"TUNPROXY_PORT 9100 overrides Backend.Port 9000; {ONE_PORT}")),
+    ],
+)
+def test_udp_port_precedence(options, flag, expected):
+    assert udp_port(options, flag, "TUNPROXY_PORT") == expected
