@@ -189,3 +189,24 @@ def test_udp_start_replaces_a_leftover_tun(lab):
     h1.wait_ping("10.100.18.0", timeout=10)
     assert a.stop() == 0
     assert link(h1, "tunproxy0") is None  # ours was not persistent: it went with us
+
+
+def test_vxlan_check_removes_stray_entries_and_keeps_the_peers(lab):
+    nodes, procs = static_mesh(lab, "vxlan", hosts={k: HOSTS[k] for k in ("h1", "h2")})
+    h1 = nodes["h1"]
+    h1.wait_ping("10.100.18.0", timeout=10)
+    procs["h1"].stop(signal.SIGKILL)
+    # What a killed run (or a person) left on the device that no peer accounts for.
+    stray_mac = vtep_mac_of("192.0.2.77")
+    h1.ns.run(
+        "bridge", "fdb", "append", stray_mac, "dev", "tunproxy.1", "dst", "192.0.2.77", "self", "permanent"
+    )
+    h1.ns.ip("neigh", "replace", "10.100.77.0", "lladdr", stray_mac, "dev", "tunproxy.1", "nud", "permanent")
+    config = write_config(lab, "vxlan")
+    again = start_static(h1, config, {k: HOSTS[k] for k in ("h1", "h2")}, "--check-interval", "3600")
+    again.wait_for("ready: 1 peer(s)", timeout=15)
+    assert f"removed stale neighbour entry 10.100.77.0 -> {stray_mac}" in again.output()
+    assert f"removed stale FDB entry {stray_mac} -> 192.0.2.77" in again.output()
+    assert set(neighbours(h1, "tunproxy.1")) == {"10.100.18.0"}
+    assert set(fdb(h1, "tunproxy.1")) == {vtep_mac_of("h2")}
+    h1.wait_ping("10.100.18.0", timeout=5)

@@ -269,7 +269,15 @@ class VxlanBackend(Backend):
             index = link_index(ipr, self.device)
             assert index is not None
             created = True
-        ipr.link("set", index=index, address=self.mac, mtu=self.options.mtu, state="up")
+        link = ipr.get_links(index)[0]
+        changes: dict[str, Any] = {"state": "up"}
+        # Setting the MAC, even to the same value, makes the kernel flush every neighbour entry on
+        # the device (NETDEV_CHANGEADDR), the permanent ones too: so only when it differs.
+        if link.get_attr("IFLA_ADDRESS") != self.mac:
+            changes["address"] = self.mac
+        if link.get_attr("IFLA_MTU") != self.options.mtu:
+            changes["mtu"] = self.options.mtu
+        ipr.link("set", index=index, **changes)
         return index, created
 
     def _configure_subnet(self, ipr: IPRoute, index: int) -> None:
