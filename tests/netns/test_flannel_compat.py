@@ -126,7 +126,7 @@ def test_vxlan_mtu_is_the_encapsulated_mtu(lab, mtu, device):
     h1 = lab.add_host("h1", "br0", "192.0.2.11")
     config = write_config(lab, "vxlan", **({"MTU": mtu} if mtu else {}))
     proc = h1.tunproxy("--net-config", str(config), "--subnet", "10.100.5.0/24")
-    proc.wait_for("our subnet is", timeout=15)
+    proc.wait_for("ready: 0 peer(s)", timeout=15)  # after subnet.env is written
     dev = link(h1, "tunproxy.1")
     assert dev is not None and dev["mtu"] == device
     assert f"FLANNEL_MTU={device}\n" in (lab.workdir / "h1-subnet.env").read_text()
