@@ -105,9 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'test':<20} {'peers':>6} {'now, us':>10} {'before, us':>11} {'speed-up':>9}")
     for row in rows:
         speedup = row["old_us"] / row["new_us"]
-        print(
-            f"{row['test']:<20} {row['peers']:>6} {row['new_us']:>10.1f} {row['old_us']:>11.1f} {speedup:>8.0f}x"
-        )
+        test, peers, now, before = row["test"], row["peers"], row["new_us"], row["old_us"]
+        print(f"{test:<20} {peers:>6} {now:>10.1f} {before:>11.1f} {speedup:>8.0f}x")
     single = {row["peers"]: row["new_us"] for row in rows if row["test"] == "one removal"}
     print(f"one removal at 2,000 peers costs {single[2000] / single[10]:.2f}x what it costs at 10")
     stamp = dt.datetime.now(dt.UTC)

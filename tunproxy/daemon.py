@@ -30,7 +30,7 @@ from typing import Any
 from .backends import Backend, BackendContext, create_backend
 from .backends.base import PeerRefused, RouteTableFull
 from .leases import EventKind, LeaseEvent, LeaseWatcher
-from .netlink import find_underlay
+from .netlink import InterfaceChoice, find_underlay
 from .peers.base import Changes, OwnLease, Registry, Snapshot
 from .subnets import ConfigError, Lease, NetworkConfig
 from .supervise import supervised
@@ -40,7 +40,7 @@ log = logging.getLogger("tunproxy")
 
 @dataclass
 class DaemonOptions:
-    iface: str | None
+    iface: InterfaceChoice | str | None
     public_ip: IPv4Address | None
     subnet_file: Path | None
     stats_interval: float = 60.0
@@ -208,13 +208,26 @@ class Daemon:
             write_subnet_file(self.options.subnet_file, text)
 
     async def _follow(self) -> None:
+        reconciled = False
         async for update in self.registry.updates():
             if isinstance(update, Snapshot):
                 await self._apply(self.watcher.reset(update.leases))
+                if not reconciled:
+                    reconciled = True
+                    await self._reconcile()
             elif isinstance(update, Changes):
                 await self._apply(self.watcher.update(update.events))
             elif isinstance(update, OwnLease):
                 await self._own_lease(update.lease)
+
+    async def _reconcile(self) -> None:
+        """A killed run's leftovers go now, not at the first periodic check."""
+        assert self.backend
+        try:
+            await self.backend.reconcile()
+        except OSError as e:
+            log.error("removing leftovers of an earlier run failed: %s", e)
+        log.info("ready: %d peer(s)", self._routed())
 
     async def _apply(self, events: Sequence[LeaseEvent]) -> None:
         """Hand a burst of events to the backend in chunks of CHUNK, yielding to the loop between.
@@ -314,14 +327,18 @@ class Daemon:
                     lease.public_ip,
                 )
         if not small:
-            assert self.backend
-            ours = sum(1 for lease in self.watcher.leases.values() if lease.backend_type == self.backend.name)
             log.info(
                 "peers: %d added, %d removed in one burst (%d routed now)",
                 len(added),
                 len(removed),
-                ours - len(self.unapplied),
+                self._routed(),
             )
+
+    def _routed(self) -> int:
+        """Peers routed now: the leases of our backend less those waiting for a retry; O(peers)."""
+        assert self.backend
+        ours = sum(1 for lease in self.watcher.leases.values() if lease.backend_type == self.backend.name)
+        return ours - len(self.unapplied)
 
     async def _stats_loop(self) -> None:
         assert self.backend

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
+import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -22,6 +25,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from .subnets import ConfigError
 
 T = TypeVar("T")
+log = logging.getLogger("tunproxy")
 
 
 @dataclass(frozen=True)
@@ -62,30 +66,128 @@ def link_index(ipr: IPRoute, name: str) -> int | None:
     return found[0] if found else None
 
 
-def find_underlay(iface: str | None, public_ip: IPv4Address | None = None) -> Underlay:
-    """The named interface, or the one holding public_ip, or the default route's."""
+@dataclass(frozen=True)
+class InterfaceChoice:
+    """How to pick the underlay, as flannel's ``--iface``, ``--iface-regex`` and ``--iface-can-reach``.
 
-    def lookup(ipr: IPRoute) -> Underlay:
-        if iface:
-            index = link_index(ipr, iface)
-            if index is None:
-                raise ConfigError(f"interface {iface!r} does not exist")
-        elif public_ip:
-            addrs = ipr.get_addr(family=2, address=str(public_ip))
-            if not addrs:
-                raise ConfigError(f"no interface has the address {public_ip}; pass --iface")
-            index = addrs[0]["index"]
-        else:
+    ``names`` are interface names or IPv4 addresses (an address selects the
+    interface holding it); ``regexes`` are searched first against every
+    interface's IPv4 addresses, then against the names; ``can_reach`` picks
+    the interface (and source address) the kernel routes that address
+    through, like ``ip route get``. Precedence, as flannel's main.go: each
+    name in order, then each regex in order, then can_reach; the first that
+    resolves wins. All empty: the interface holding ``--public-ip`` if one
+    is given, else the default route's.
+    """
+
+    names: tuple[str, ...] = ()
+    regexes: tuple[str, ...] = ()
+    can_reach: IPv4Address | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.names or self.regexes or self.can_reach)
+
+
+class _NoMatch(Exception):
+    """One way of choosing the interface found nothing; the message says why."""
+
+
+def _ipv4_addresses(ipr: IPRoute, index: int) -> list[tuple[str, int]]:
+    return [(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(family=2, index=index)]
+
+
+def _by_name_or_address(ipr: IPRoute, text: str) -> tuple[int, str | None]:
+    try:
+        address = IPv4Address(text)
+    except ValueError:
+        index = link_index(ipr, text)
+        if index is None:
+            raise _NoMatch(f"interface {text!r} does not exist") from None
+        return index, None
+    addrs = ipr.get_addr(family=2, address=str(address))
+    if not addrs:
+        raise _NoMatch(f"no interface has the address {address}")
+    return addrs[0]["index"], str(address)
+
+
+def _by_regex(ipr: IPRoute, pattern: str) -> tuple[int, str | None]:
+    """flannel's order: the first interface with an IPv4 address matching, then the first name."""
+    regex = re.compile(pattern)
+    links = sorted((link["index"], link.get_attr("IFLA_IFNAME")) for link in ipr.get_links())
+    for index, _ in links:
+        for address, _ in _ipv4_addresses(ipr, index):
+            if regex.search(address):
+                return index, address
+    for index, name in links:
+        if regex.search(name):
+            return index, None
+    names = ", ".join(name for _, name in links)
+    raise _NoMatch(f"pattern {pattern!r} matches no interface name or address (have {names})")
+
+
+def _by_route(ipr: IPRoute, destination: IPv4Address) -> tuple[int, str | None]:
+    try:
+        routes = ipr.route("get", dst=str(destination))
+    except NetlinkError as e:
+        raise _NoMatch(f"no route to {destination}: {os.strerror(e.code)}") from None
+    if not routes or not routes[0].get_attr("RTA_OIF"):
+        raise _NoMatch(f"no route to {destination}")
+    return routes[0].get_attr("RTA_OIF"), routes[0].get_attr("RTA_PREFSRC")
+
+
+def find_underlay(iface: InterfaceChoice | str | None, public_ip: IPv4Address | None = None) -> Underlay:
+    """The underlay chosen as flannel chooses it (see InterfaceChoice); a plain str is one --iface.
+
+    Raises ConfigError naming everything that was tried when nothing matches,
+    or when the chosen interface has no IPv4 address.
+    """
+    if iface is None:
+        choice = InterfaceChoice()
+    elif isinstance(iface, str):
+        choice = InterfaceChoice(names=(iface,))
+    else:
+        choice = iface
+
+    def pick(ipr: IPRoute) -> tuple[int, str | None]:
+        if choice.empty:
+            if public_ip:
+                try:
+                    return _by_name_or_address(ipr, str(public_ip))
+                except _NoMatch as e:
+                    raise ConfigError(f"{e} (--public-ip); pass --iface") from None
             routes = ipr.get_default_routes(family=2)
             if not routes or not routes[0].get_attr("RTA_OIF"):
                 raise ConfigError("no default route to pick an interface from; pass --iface")
-            index = routes[0].get_attr("RTA_OIF")
+            return routes[0].get_attr("RTA_OIF"), None
+        attempts: list[tuple[str, Callable[[], tuple[int, str | None]]]] = []
+        for name in choice.names:
+            attempts.append((f"--iface {name}", functools.partial(_by_name_or_address, ipr, name)))
+        for pattern in choice.regexes:
+            attempts.append((f"--iface-regex {pattern}", functools.partial(_by_regex, ipr, pattern)))
+        if choice.can_reach:
+            reach = choice.can_reach
+            attempts.append((f"--iface-can-reach {reach}", functools.partial(_by_route, ipr, reach)))
+        failures = []
+        for what, attempt in attempts:
+            try:
+                return attempt()
+            except _NoMatch as e:
+                log.debug("%s: %s", what, e)
+                failures.append(f"{what}: {e}")
+        if len(failures) == 1 and choice.names:  # the common case keeps its plain message
+            raise ConfigError(failures[0].partition(": ")[2])
+        raise ConfigError(f"no interface matches: {'; '.join(failures)}")
+
+    def lookup(ipr: IPRoute) -> Underlay:
+        index, address = pick(ipr)
         link = ipr.get_links(index)[0]
         name = link.get_attr("IFLA_IFNAME")
-        addrs = [(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(family=2, index=index)]
+        addrs = _ipv4_addresses(ipr, index)
         if not addrs:
             raise ConfigError(f"interface {name!r} has no IPv4 address")
-        chosen = next((a for a in addrs if public_ip and a[0] == str(public_ip)), addrs[0])
+        want = address or (str(public_ip) if public_ip else None)
+        chosen = next((a for a in addrs if a[0] == want), addrs[0])
         return Underlay(name, index, IPv4Address(chosen[0]), chosen[1], link.get_attr("IFLA_MTU"))
 
     return with_ipr(lookup)

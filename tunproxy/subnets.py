@@ -20,6 +20,25 @@ from typing import Any
 
 DEFAULT_BACKEND = "udp"
 KNOWN_BACKENDS = ("udp", "vxlan", "host-gw")
+UDP_DEFAULT_PORT = 8285  # flannel's udp default
+VXLAN_DEFAULT_PORT = 8472  # the kernel's (and flannel's) default, not IANA's 4789
+VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+MAX_VNI = (1 << 24) - 1
+MIN_MTU = 68  # RFC 791: every IPv4 link carries 68 bytes
+
+# net-conf fields flannel knows and tunproxy does not use: one warning each, never silence.
+_IPV4_ONLY = "tunproxy carries IPv4 only"
+IGNORED_FIELDS = {
+    "EnableIPv6": _IPV4_ONLY,
+    "IPv6Network": _IPV4_ONLY,
+    "IPv6SubnetLen": _IPV4_ONLY,
+    "IPv6SubnetMin": _IPV4_ONLY,
+    "IPv6SubnetMax": _IPV4_ONLY,
+    "IPv6Networks": _IPV4_ONLY,
+    "Networks": "flannel's MultiClusterCIDR list (Kubernetes only); tunproxy uses Network",
+    "EnableNFTables": "tunproxy writes no firewall rules (--ip-masq only sets FLANNEL_IPMASQ)",
+}
+_FIELDS = ("Network", "SubnetLen", "SubnetMin", "SubnetMax", "Backend", "EnableIPv4", *IGNORED_FIELDS)
 
 
 class ConfigError(ValueError):
@@ -82,6 +101,8 @@ class NetworkConfig:
     subnet_max: IPv4Address
     backend_type: str = DEFAULT_BACKEND
     backend: Mapping[str, Any] = field(default_factory=dict, compare=True, hash=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    """One line for each field or Backend option that is flannel's but has no effect here."""
 
     @classmethod
     def parse(cls, raw: str | bytes | Mapping[str, Any]) -> NetworkConfig:
@@ -106,6 +127,7 @@ class NetworkConfig:
         if backend_type not in KNOWN_BACKENDS:
             raise ConfigError(f"Backend.Type {backend_type!r} is not one of {', '.join(KNOWN_BACKENDS)}")
         options = {k: v for k, v in backend.items() if k != "Type"}
+        warnings = _top_level_warnings(doc) + check_backend_options(backend_type, options)
 
         subnet_len = _int_field(doc, "SubnetLen", 0)
         if subnet_len:
@@ -129,7 +151,7 @@ class NetworkConfig:
                 raise ConfigError(f"{name} {value} is not on a /{subnet_len} boundary")
         if subnet_min > subnet_max:
             raise ConfigError(f"SubnetMin {subnet_min} is above SubnetMax {subnet_max}")
-        return cls(network, subnet_len, subnet_min, subnet_max, backend_type, options)
+        return cls(network, subnet_len, subnet_min, subnet_max, backend_type, options, tuple(warnings))
 
     def to_json(self) -> str:
         backend = {"Type": self.backend_type, **self.backend}
@@ -163,6 +185,93 @@ class NetworkConfig:
             and subnet.subnet_of(self.network)
             and self.subnet_min <= subnet.network_address <= self.subnet_max
         )
+
+
+def _top_level_warnings(doc: Mapping[str, Any]) -> list[str]:
+    """flannel's fields tunproxy does not use, and fields flannel does not know (flannel is silent)."""
+    enable_ipv4 = doc.get("EnableIPv4", True)
+    if not isinstance(enable_ipv4, bool):
+        raise ConfigError(f"EnableIPv4 must be true or false, not {enable_ipv4!r}")
+    if not enable_ipv4:
+        raise ConfigError(f"EnableIPv4 is false, but {_IPV4_ONLY}")
+    warnings = []
+    for name, value in doc.items():
+        if name in IGNORED_FIELDS:
+            if value not in (False, None, "", [], 0):  # "EnableIPv6": false asks for nothing
+                warnings.append(f"ignoring {name}: {IGNORED_FIELDS[name]}")
+        elif name not in _FIELDS:
+            warnings.append(f"ignoring {name}: not a flannel network config field")
+    return warnings
+
+
+def int_option(options: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
+    """A Backend integer option; JSON true/false or 1.5 is refused rather than coerced."""
+    value = options.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"Backend.{key} must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def bool_option(options: Mapping[str, Any], key: str) -> bool:
+    value = options.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"Backend.{key} must be true or false, not {value!r}")
+    return value
+
+
+def check_backend_options(backend_type: str, options: Mapping[str, Any]) -> list[str]:
+    """Validate the ``Backend`` options flannel documents for this type; warnings for the rest.
+
+    Types, ranges and defaults as flannel's (Documentation/backends.md): udp
+    ``Port`` (8285); vxlan ``VNI`` (1), ``Port`` (8472, 0 meaning the
+    default), ``GBP``, ``DirectRouting``, ``MTU`` (of the encapsulated packets:
+    the device gets MTU - 50, so at least 118), ``Learning`` (refused quietly:
+    tunproxy writes every entry), ``MacPrefix`` (Windows only); host-gw none.
+    The MTU's upper bound depends on the underlay and is the backend's check.
+    """
+    warnings = []
+    if backend_type == "udp":
+        int_option(options, "Port", UDP_DEFAULT_PORT, 0, 65535)
+        known: tuple[str, ...] = ("Port",)
+    elif backend_type == "vxlan":
+        int_option(options, "VNI", 1, 0, MAX_VNI)
+        int_option(options, "Port", VXLAN_DEFAULT_PORT, 0, 65535)
+        int_option(options, "MTU", 1500, MIN_MTU + VXLAN_OVERHEAD, 65535)
+        for key in ("GBP", "DirectRouting", "Learning"):
+            bool_option(options, key)
+        if options.get("Learning"):
+            warnings.append(
+                "ignoring Backend.Learning: tunproxy writes every neighbour and FDB entry, learning stays off"
+            )
+        if "MacPrefix" in options:
+            warnings.append("ignoring Backend.MacPrefix: flannel uses it on Windows only")
+        known = ("VNI", "Port", "GBP", "DirectRouting", "MTU", "Learning", "MacPrefix")
+    else:
+        known = ()
+    for key in options:
+        if key not in known:
+            warnings.append(f"ignoring Backend.{key}: not an option of the {backend_type} backend")
+    return warnings
+
+
+def udp_port(
+    options: Mapping[str, Any], flag: int | None, flag_name: str = "--port"
+) -> tuple[int, str | None]:
+    """The udp backend's port: the command line's, else ``Backend.Port``, else 8285 (0 is the default).
+
+    Returns the port and a warning when the command line overrides a
+    different ``Backend.Port`` (every host must use the same port).
+    """
+    configured = int_option(options, "Port", UDP_DEFAULT_PORT, 0, 65535) or UDP_DEFAULT_PORT
+    if flag is None:
+        return configured, None
+    if "Port" in options and configured != flag:
+        return flag, f"{flag_name} {flag} overrides Backend.Port {configured}; every host must use one port"
+    return flag, None
 
 
 def _int_field(doc: Mapping[str, Any], name: str, default: int) -> int:

@@ -13,7 +13,7 @@ from tunproxy.lab import Lab
 BASE = ["--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--iface", "eth1", "--subnet-file", ""]
 
 
-def run(argv, ns=None, prefix=(), timeout=20):
+def run(argv, ns=None, prefix=(), timeout=20, env=None):
     cmd = [*prefix, sys.executable, "-m", "tunproxy", "run", *argv]
     if ns:
         cmd = ns.cmd(*cmd)
@@ -23,7 +23,7 @@ def run(argv, ns=None, prefix=(), timeout=20):
         text=True,
         timeout=timeout,
         cwd=os.getcwd(),
-        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+        env=dict(os.environ, PYTHONPATH=os.getcwd(), **(env or {})),
     )
 
 
@@ -72,6 +72,21 @@ def test_bad_input_is_one_line(argv, fragment):
     assert_one_line(run([*argv, "--subnet-file", ""]), fragment)
 
 
+@pytest.mark.parametrize(
+    "env, fragment",
+    [
+        ({"TUNPROXY_PORT": "abc"}, "TUNPROXY_PORT 'abc' is not a UDP port (1-65535)"),
+        ({"TUNPROXY_SUBNET_LEASE_TTL": "1d"}, "TUNPROXY_SUBNET_LEASE_TTL '1d' is not a number of minutes"),
+        ({"FLANNELD_IP_MASQ": "yes please"}, "FLANNELD_IP_MASQ 'yes please' is not true or false"),
+        ({"FLANNELD_IFACE_CAN_REACH": "gw"}, "FLANNELD_IFACE_CAN_REACH 'gw' is not an IPv4 address"),
+    ],
+)
+def test_a_bad_environment_variable_is_one_line(env, fragment):
+    result = run(["--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--subnet-file", ""], env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"tunproxy: error: {fragment}"]
+
+
 @pytest.mark.root
 def test_missing_interface_no_tun_and_port_in_use():
     with Lab() as lab:
@@ -92,3 +107,8 @@ def test_missing_interface_no_tun_and_port_in_use():
         blocker.wait_for("bound")
         assert_one_line(run(BASE, ns=host.ns), "UDP port 8285 on 192.0.2.11 is already in use")
         assert "tunproxy0" not in host.ns.run("ip", "link").stdout  # nothing left behind
+        # --iface by IP is flannel's too: an address no interface holds is named as such.
+        assert_one_line(
+            run([*BASE[:4], "--iface", "192.0.2.99", "--subnet-file", ""], ns=host.ns),
+            "no interface has the address 192.0.2.99",
+        )

@@ -56,11 +56,11 @@ def test_device_has_the_options_asked_for(mesh):
     assert dev["linkinfo"]["info_kind"] == "vxlan"
     assert (data["id"], data["port"], data.get("gbp"), data["learning"]) == (42, 4789, True, False)
     assert (data["local"], data["link"]) == ("192.0.2.11", "eth1")
-    assert dev["mtu"] == 1400
+    assert dev["mtu"] == 1350  # flannel's MTU is the encapsulated packets': 1400 - 50
     assert dev["address"] == vtep_mac_of("h1")
     addrs = nodes["h1"].ns.run("ip", "-4", "-o", "addr", "show", "tunproxy.42").stdout
     assert "10.100.5.0/32" in addrs
-    assert "FLANNEL_MTU=1400" in (lab.workdir / "h1-subnet.env").read_text()
+    assert "FLANNEL_MTU=1350" in (lab.workdir / "h1-subnet.env").read_text()
 
 
 def test_neighbour_fdb_and_route_per_peer(mesh):
@@ -120,7 +120,7 @@ def test_peer_without_vtep_mac_is_refused(lab):
         ({"VNI": "seven"}, "Backend.VNI must be an integer from 0 to 16777215, not 'seven'"),
         ({"Port": 70000}, "Backend.Port must be an integer from 0 to 65535, not 70000"),
         ({"GBP": "yes"}, "Backend.GBP must be true or false, not 'yes'"),
-        ({"MTU": 1460}, "Backend.MTU must be an integer from 68 to 1450, not 1460"),
+        ({"MTU": 100}, "Backend.MTU must be an integer from 118 to 65535, not 100"),
     ],
 )
 def test_bad_option_is_one_line_and_exit_2(lab, options, message):
@@ -129,7 +129,7 @@ def test_bad_option_is_one_line_and_exit_2(lab, options, message):
     config = write_config(lab, "vxlan", **options)
     proc = h1.tunproxy("--net-config", str(config), "--subnet", "10.100.5.0/24")
     assert proc.popen.wait(15) == 2
-    assert f"tunproxy: error: {message}" in proc.output()
+    assert f"tunproxy: error: --net-config {config}: {message}" in proc.output()
     assert "Traceback" not in proc.output()
     assert link(h1, "tunproxy.1") is None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -22,7 +23,7 @@ from tunproxy.backends.vxlan import (
     vtep_mac,
 )
 from tunproxy.netlink import Underlay
-from tunproxy.subnets import ConfigError, Lease, NetworkConfig
+from tunproxy.subnets import ConfigError, Lease, NetworkConfig, udp_port
 
 UNDERLAY = Underlay("eth1", 2, IPv4Address("192.0.2.11"), 24, 1500)
 SUBNET = IPv4Network("10.100.18.0/24")
@@ -46,7 +47,21 @@ def test_mtu_default_follows_the_underlay():
 
 def test_options_are_read():
     o = VxlanOptions.parse({"VNI": 42, "Port": 4789, "GBP": True, "DirectRouting": True, "MTU": 1400}, 1500)
-    assert (o.vni, o.port, o.gbp, o.direct_routing, o.mtu) == (42, 4789, True, True, 1400)
+    assert (o.vni, o.port, o.gbp, o.direct_routing, o.mtu) == (42, 4789, True, True, 1350)
+
+
+@pytest.mark.parametrize(
+    "mtu, underlay, device, clamped",
+    [
+        (1400, 1500, 1350, None),  # flannel's MTU is the encapsulated packets': the device gets 50 less
+        (1500, 1500, 1450, None),  # the underlay's own MTU is allowed, as in flannel
+        (9000, 1500, 1450, 9000),  # more than the underlay carries: lowered to it, with a warning
+        (118, 1500, 68, None),  # the smallest: a 68-byte IPv4 link inside
+    ],
+)
+def test_mtu_is_flannels_encapsulated_mtu(mtu, underlay, device, clamped):
+    o = VxlanOptions.parse({"MTU": mtu}, underlay)
+    assert (o.mtu, o.clamped_from) == (device, clamped)
 
 
 def test_port_zero_means_the_default():
@@ -65,8 +80,9 @@ def test_port_zero_means_the_default():
         ({"GBP": "true"}, "Backend.GBP must be true or false, not 'true'"),
         ({"GBP": 1}, "Backend.GBP must be true or false, not 1"),
         ({"DirectRouting": "no"}, "Backend.DirectRouting must be true or false"),
-        ({"MTU": 1451}, "Backend.MTU must be an integer from 68 to 1450, not 1451"),
-        ({"MTU": 67}, "Backend.MTU must be an integer from 68 to 1450"),
+        ({"MTU": 117}, "Backend.MTU must be an integer from 118 to 65535, not 117"),
+        ({"MTU": "1400"}, "Backend.MTU must be an integer from 118 to 65535, not '1400'"),
+        ({"Learning": "yes"}, "Backend.Learning must be true or false"),
     ],
 )
 def test_bad_options_are_config_errors_naming_the_key(options, message):
@@ -79,10 +95,16 @@ def test_tiny_underlay_mtu_is_refused():
         VxlanOptions.parse({}, 100)
 
 
-def test_bad_options_fail_when_the_backend_is_made():
-    config = NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "vxlan", "VNI": "x"}})
+def test_bad_options_fail_when_the_config_is_read():
     with pytest.raises(ConfigError, match="Backend.VNI"):
-        create_backend(BackendContext(config, UNDERLAY, UNDERLAY.address))
+        NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "vxlan", "VNI": "x"}})
+
+
+def test_an_mtu_too_large_for_the_underlay_fails_when_the_backend_is_made():
+    config = NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "vxlan"}})
+    tiny = dataclasses.replace(UNDERLAY, mtu=100)
+    with pytest.raises(ConfigError, match="underlay MTU 100 is too small"):
+        create_backend(BackendContext(config, tiny, UNDERLAY.address))
 
 
 def test_backend_mtu_and_data():
@@ -203,3 +225,24 @@ def test_link_mismatch_lists_each_difference():
     have = dict(want, port=4789, gbp=True)
     assert link_mismatch(have, want) == ["port 4789 != 8472", "gbp True != False"]
     assert link_mismatch({"kind": "bridge"}, want)[0] == "kind 'bridge' != 'vxlan'"
+
+
+# --- udp's port: the command line, else Backend.Port, else flannel's 8285 ---------------------------
+
+ONE_PORT = "every host must use one port"
+
+
+
+@pytest.mark.parametrize(
+    "options, flag, expected",
+    [
+        ({}, None, (8285, None)),
+        ({"Port": 0}, None, (8285, None)),  # 0 is flannel's "unset"
+        ({"Port": 9000}, None, (9000, None)),
+        ({}, 9100, (9100, None)),
+        ({"Port": 9100}, 9100, (9100, None)),
+        ({"Port": 9000}, 9100, (9100, f"TUNPROXY_PORT 9100 overrides Backend.Port 9000; {ONE_PORT}")),
+    ],
+)
+def test_udp_port_precedence(options, flag, expected):
+    assert udp_port(options, flag, "TUNPROXY_PORT") == expected

@@ -36,8 +36,7 @@ def test_environment_supplies_flags_and_the_command_line_wins(monkeypatch, capsy
 def test_net_config_file(tmp_path, monkeypatch, capsys):
     conf = tmp_path / "net-conf.json"
     conf.write_text('{"Network": "10.100.0.0/16", "SubnetLen": 24, "Backend": {"Type": "udp", "Port": 8285}}')
-    parser = cli.build_parser()
-    args = parser.parse_args(["run", "--net-config", str(conf), "--subnet", "10.100.5.0/24"])
+    args, _ = cli.parse(["run", "--net-config", str(conf), "--subnet", "10.100.5.0/24"], {})
     config = cli.static_network_config(args)
     assert str(config.network) == "10.100.0.0/16" and config.backend == {"Port": 8285}
     conf.write_text("{")

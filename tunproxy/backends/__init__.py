@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import logging
 
 from .base import Backend, BackendContext
+
+log = logging.getLogger("tunproxy")
 
 _MODULES = {"udp": "udp", "vxlan": "vxlan", "host-gw": "host_gw"}
 
@@ -20,6 +23,9 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def create_backend(ctx: BackendContext) -> Backend:
+    """The backend for the config's type; first, one warning line per config field it ignores."""
+    for warning in ctx.network.warnings:
+        log.warning("network config: %s", warning)
     return backend_class(ctx.network.backend_type)(ctx)
 
 

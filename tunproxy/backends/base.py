@@ -6,6 +6,7 @@ A backend is driven in this order, always from the event loop:
     lease = registry.acquire(backend_data)
     await backend.set_subnet(subnet)   # our own address and the network route
     await backend.apply(removed, added)   # any number of times: a burst of lease changes
+    await backend.reconcile()          # once, after the first snapshot: a killed run's leftovers go
     await backend.close()              # everything it added is gone
 
 Netlink calls are blocking (pyroute2 cannot run on uvloop), so backends do
@@ -108,6 +109,16 @@ class Backend(abc.ABC):
 
     async def check(self) -> None:  # noqa: B027 - optional hook
         """Called periodically: restore state that someone removed behind our back."""
+
+    async def reconcile(self) -> None:
+        """Called once, right after the first snapshot of leases is applied, before we report ready.
+
+        Removes what an earlier (killed) run left that no current lease
+        justifies: routes into the overlay, neighbour and FDB entries. The
+        periodic ``check`` does the same work, so by default this is one
+        check done now instead of ``--check-interval`` seconds later.
+        """
+        await self.check()
 
 
 YIELD_EVERY = 64  # peer operations between two turns of the event loop in a burst

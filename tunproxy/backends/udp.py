@@ -30,7 +30,7 @@ import pytun
 
 from ..fastpath import MAX_ROUTES, UDP_GRO, UDP_SEGMENT, VNET_HDR_LEN, FastPath, UdpGsoDisabled
 from ..netlink import delete_link, ensure_address, link_index, replace_route, run_netlink
-from ..subnets import ConfigError, Lease, NetworkConfig
+from ..subnets import ConfigError, Lease, NetworkConfig, udp_port
 from .base import Backend, RouteTableFull
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,10 @@ class UdpBackend(Backend):
         super().__init__(ctx)
         opts = ctx.options
         self.tun_name: str = opts.get("tun_name") or "tunproxy0"
-        self.port: int = int(ctx.network.backend.get("Port") or opts.get("port") or 8285)
+        port_flag = (opts.get("port"), opts.get("port_source") or "--port")
+        self.port, warning = udp_port(ctx.network.backend, *port_flag)
+        if warning:
+            log.warning("%s", warning)
         self.batch: int = int(opts.get("batch") or 64)
         self.offload: bool = bool(opts.get("offload", True))
         self.max_routes: int = int(opts.get("max_routes") or default_max_routes(ctx.network))

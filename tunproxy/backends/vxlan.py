@@ -17,9 +17,11 @@ subnet gets a plain route via that PublicIP instead, with no encapsulation.
 
 ``open`` reuses a compatible leftover device (same VNI, port, local address,
 underlay, GBP, learning off) and replaces an incompatible one, like flannel's
-``ensureLink``. ``check`` (every few seconds, from the daemon) recreates the
-device if someone deleted or changed it, re-writes every peer's entries, and
-drops routes of ours that no current peer accounts for (a killed run's).
+``ensureLink``. ``check`` (every few seconds, from the daemon, and once right
+after the first snapshot of leases) recreates the device if someone deleted or
+changed it, re-writes every peer's entries, and drops routes, FDB entries and
+permanent neighbour entries of ours that no current peer accounts for (a
+killed run's).
 """
 
 from __future__ import annotations
@@ -45,17 +47,24 @@ from ..netlink import (
     routes_via,
     run_netlink,
 )
-from ..subnets import ConfigError, Lease
+from ..subnets import (
+    MAX_VNI,
+    MIN_MTU,
+    VXLAN_DEFAULT_PORT,
+    VXLAN_OVERHEAD,
+    ConfigError,
+    Lease,
+    bool_option,
+    check_backend_options,
+    int_option,
+)
 from .base import Backend, BackendContext, PeerRefused
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_VNI = 1
-DEFAULT_PORT = 8472  # the kernel's (and flannel's) default, not IANA's 4789
-VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
-MAX_VNI = (1 << 24) - 1
-MIN_MTU = 68
+DEFAULT_PORT = VXLAN_DEFAULT_PORT
 IFNAMSIZ = 15
 MAC_PREFIX = (0x0E, 0x74)  # 0x0e: locally administered, unicast; 0x74: "t"
 
@@ -65,7 +74,6 @@ NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x04
 SCOPE_LINK = 253
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
-KNOWN_OPTIONS = ("VNI", "Port", "GBP", "DirectRouting", "MTU")
 
 
 def vtep_mac(public_ip: IPv4Address) -> str:
@@ -84,49 +92,42 @@ def device_name(vni: int) -> str:
     return name if len(name) <= IFNAMSIZ else f"tpvx.{vni}"
 
 
-def _int_option(options: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
-    value = options.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"Backend.{key} must be an integer from {low} to {high}, not {value!r}")
-    return value
-
-
-def _bool_option(options: Mapping[str, Any], key: str) -> bool:
-    value = options.get(key)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise ConfigError(f"Backend.{key} must be true or false, not {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class VxlanOptions:
-    """The ``Backend`` section of the net config for vxlan, validated, defaults filled in."""
+    """The ``Backend`` section of the net config for vxlan, validated, defaults filled in.
+
+    ``mtu`` is the device's MTU (what FLANNEL_MTU says). flannel's ``MTU``
+    option is the MTU of the encapsulated packets on the underlay, so the
+    device gets ``MTU - 50``; the default is the underlay's MTU, giving
+    1450 on a 1500-byte underlay. ``clamped_from`` is a requested ``MTU``
+    above the underlay's, lowered to it (encapsulated packets would not fit).
+    """
 
     vni: int = DEFAULT_VNI
     port: int = DEFAULT_PORT
     gbp: bool = False
     direct_routing: bool = False
     mtu: int = 1500 - VXLAN_OVERHEAD
+    clamped_from: int | None = None
 
     @classmethod
     def parse(cls, options: Mapping[str, Any], underlay_mtu: int) -> VxlanOptions:
         """Validate flannel's vxlan options; a bad value is a ConfigError naming the key."""
-        max_mtu = underlay_mtu - VXLAN_OVERHEAD
-        if max_mtu < MIN_MTU:
+        if underlay_mtu - VXLAN_OVERHEAD < MIN_MTU:
             raise ConfigError(
-                f"the underlay MTU {underlay_mtu} is too small for VXLAN (needs {MIN_MTU + 50})"
+                f"the underlay MTU {underlay_mtu} is too small for VXLAN (needs {MIN_MTU + VXLAN_OVERHEAD})"
             )
+        check_backend_options("vxlan", options)
+        transport = int_option(options, "MTU", underlay_mtu, MIN_MTU + VXLAN_OVERHEAD, 65535)
+        clamped = transport if transport > underlay_mtu else None
         return cls(
-            vni=_int_option(options, "VNI", DEFAULT_VNI, 0, MAX_VNI),
+            vni=int_option(options, "VNI", DEFAULT_VNI, 0, MAX_VNI),
             # 0 means "the default", as in flannel.
-            port=_int_option(options, "Port", DEFAULT_PORT, 0, 65535) or DEFAULT_PORT,
-            gbp=_bool_option(options, "GBP"),
-            direct_routing=_bool_option(options, "DirectRouting"),
-            mtu=_int_option(options, "MTU", max_mtu, MIN_MTU, max_mtu),
+            port=int_option(options, "Port", DEFAULT_PORT, 0, 65535) or DEFAULT_PORT,
+            gbp=bool_option(options, "GBP"),
+            direct_routing=bool_option(options, "DirectRouting"),
+            mtu=min(transport, underlay_mtu) - VXLAN_OVERHEAD,
+            clamped_from=clamped,
         )
 
 
@@ -170,9 +171,15 @@ class VxlanBackend(Backend):
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
         self.options = VxlanOptions.parse(ctx.network.backend, ctx.underlay.mtu)
-        unknown = sorted(set(ctx.network.backend) - set(KNOWN_OPTIONS))
-        if unknown:
-            log.warning("vxlan ignores Backend option(s) %s", ", ".join(unknown))
+        if self.options.clamped_from is not None:
+            log.warning(
+                "Backend.MTU %d is above the MTU %d of %s; encapsulated packets use %d (device MTU %d)",
+                self.options.clamped_from,
+                ctx.underlay.mtu,
+                ctx.underlay.name,
+                ctx.underlay.mtu,
+                self.options.mtu,
+            )
         self.device = device_name(self.options.vni)
         self.mac = vtep_mac(ctx.public_ip)
         self.subnet: IPv4Network | None = None
@@ -192,7 +199,7 @@ class VxlanBackend(Backend):
         """A static peer's BackendData: its VtepMAC follows from its address (VNI from config, else 1)."""
         vni = DEFAULT_VNI
         if config is not None:
-            vni = _int_option(config.backend, "VNI", DEFAULT_VNI, 0, MAX_VNI)
+            vni = int_option(config.backend, "VNI", DEFAULT_VNI, 0, MAX_VNI)
         return {"VNI": vni, "VtepMAC": vtep_mac(public_ip)}
 
     # -- blocking netlink work, run in a worker thread ------------------------------------------
@@ -262,7 +269,15 @@ class VxlanBackend(Backend):
             index = link_index(ipr, self.device)
             assert index is not None
             created = True
-        ipr.link("set", index=index, address=self.mac, mtu=self.options.mtu, state="up")
+        link = ipr.get_links(index)[0]
+        changes: dict[str, Any] = {"state": "up"}
+        # Setting the MAC, even to the same value, makes the kernel flush every neighbour entry on
+        # the device (NETDEV_CHANGEADDR), the permanent ones too: so only when it differs.
+        if link.get_attr("IFLA_ADDRESS") != self.mac:
+            changes["address"] = self.mac
+        if link.get_attr("IFLA_MTU") != self.options.mtu:
+            changes["mtu"] = self.options.mtu
+        ipr.link("set", index=index, **changes)
         return index, created
 
     def _configure_subnet(self, ipr: IPRoute, index: int) -> None:
@@ -320,6 +335,39 @@ class VxlanBackend(Backend):
                     continue
                 delete_route(ipr, dst=str(dst), gateway=gateway, oif=oif)
                 pruned.append(dst)
+        return pruned
+
+    def _prune_entries(self, ipr: IPRoute, index: int) -> list[str]:
+        """Delete FDB and permanent neighbour entries on our device that no current peer owns.
+
+        A reused device keeps what a killed run wrote: an FDB entry still
+        sends to a host that is gone, a neighbour entry still answers for
+        its subnet. Returns one description per entry deleted.
+        """
+        fdb = {(p.mac, str(p.lease.public_ip)) for p in self.peers.values() if p.mac}
+        neighbours = {(str(p.gateway), p.mac) for p in self.peers.values() if p.mac}
+        gone = (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EINVAL)
+        pruned = []
+        for entry in ipr.fdb("dump", ifindex=index):
+            mac, dst = entry.get_attr("NDA_LLADDR"), entry.get_attr("NDA_DST")
+            if entry["ifindex"] != index or dst is None or (mac, dst) in fdb:
+                continue
+            try:
+                ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst)
+            except NetlinkError as e:
+                if e.code not in gone:
+                    raise
+            pruned.append(f"FDB entry {mac} -> {dst}")
+        for entry in ipr.get_neighbours(family=2, ifindex=index):
+            dst, mac = entry.get_attr("NDA_DST"), entry.get_attr("NDA_LLADDR")
+            if not entry["state"] & NUD_PERMANENT or (dst, mac) in neighbours:
+                continue
+            try:
+                ipr.neigh("del", dst=dst, ifindex=index)
+            except NetlinkError as e:
+                if e.code not in gone:
+                    raise
+            pruned.append(f"neighbour entry {dst} -> {mac}")
         return pruned
 
     # -- the Backend interface ------------------------------------------------------------------
@@ -386,16 +434,16 @@ class VxlanBackend(Backend):
             await run_netlink(lambda ipr: self._erase_peer(ipr, link_index(ipr, self.device), peer))
 
     async def check(self) -> None:
-        def repair(ipr: IPRoute) -> tuple[bool, list[IPv4Network]]:
+        def repair(ipr: IPRoute) -> tuple[bool, list[IPv4Network], list[str]]:
             index, created = self._ensure_link(ipr)
             self._configure_subnet(ipr, index)
             for peer in self.peers.values():
                 self._write_peer(ipr, index, peer)
-            return created, self._prune(ipr, index)
+            return created, self._prune(ipr, index), self._prune_entries(ipr, index)
 
         async with self._lock:
             try:
-                created, pruned = await run_netlink(repair)
+                created, pruned, entries = await run_netlink(repair)
             except ConfigError as e:  # e.g. someone made a clashing device; retried next time
                 log.error("cannot restore %s: %s", self.device, e)
                 return
@@ -403,6 +451,8 @@ class VxlanBackend(Backend):
             log.warning("%s was gone; recreated it with %d peer(s)", self.device, len(self.peers))
         for dst in pruned:
             log.info("removed stale route to %s (no such peer)", dst)
+        for what in entries:
+            log.info("removed stale %s (no such peer)", what)
 
     async def close(self) -> None:
         def teardown(ipr: IPRoute) -> None:

@@ -22,12 +22,12 @@ from .base import Registry, Snapshot, Update
 log = logging.getLogger(__name__)
 
 
-def parse_peer_flag(text: str) -> tuple[IPv4Network, IPv4Address]:
-    """``192.0.2.12=10.100.18.0/24`` -> (subnet, public ip)."""
+def parse_peer_flag(text: str, what: str = "--peer") -> tuple[IPv4Network, IPv4Address]:
+    """``192.0.2.12=10.100.18.0/24`` -> (subnet, public ip); ConfigError naming ``what`` if malformed."""
     ip, sep, subnet = text.partition("=")
     if not sep:
-        raise ConfigError(f"--peer {text!r} must look like 192.0.2.12=10.100.18.0/24")
-    return parse_network(subnet, "peer subnet"), parse_address(ip, "peer address")
+        raise ConfigError(f"{what} {text!r} must look like 192.0.2.12=10.100.18.0/24")
+    return parse_network(subnet, f"{what} {text!r}: subnet"), parse_address(ip, f"{what} {text!r}: address")
 
 
 def parse_peers_file(text: str, source: str = "peers file") -> list[Lease]:
