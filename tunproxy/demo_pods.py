@@ -52,7 +52,7 @@ def run(backend: str = "udp") -> int:
             procs[name] = host.tunproxy(
                 "--network", NETWORK, "--subnet", HOSTS[name][1], "--backend", backend, *peers
             )
-        for name, proc in procs.items():
+        for proc in procs.values():
             proc.wait_for("our subnet is", timeout=20)
         bin_dir = make_bin_dir(lab.workdir / "cni-bin")
         say(f"CNI bin dir {bin_dir}: tunproxy-cni as 'flannel', reference bridge host-local loopback portmap")
@@ -115,9 +115,8 @@ def run(backend: str = "udp") -> int:
             failures += len(left)
             say(f"{name} after DEL: {'nothing left' if not left else 'LEFT: ' + '; '.join(left)}")
 
-        for name, proc in procs.items():
-            code = proc.stop()
-            failures += code != 0
+        for proc in procs.values():
+            failures += proc.stop() != 0
     say("all namespaces deleted")
     say("OK" if not failures else f"{failures} FAILURE(S)")
     return 1 if failures else 0

@@ -42,7 +42,9 @@ def reference_plugin_dir() -> Path | None:
     return None
 
 
-def make_bin_dir(directory: Path, plugins: tuple[str, ...] = REFERENCE_PLUGINS, name: str = "flannel") -> Path:
+def make_bin_dir(
+    directory: Path, plugins: tuple[str, ...] = REFERENCE_PLUGINS, name: str = "flannel"
+) -> Path:
     """A CNI bin dir: the reference ``plugins`` linked in, and tunproxy-cni under ``name``.
 
     tunproxy-cni is a two-line shim running ``python -m tunproxy.cni`` from
@@ -95,7 +97,9 @@ class CNIFailure(Exception):
         self.plugin, self.command, self.error, self.stderr = plugin, command, error, stderr
         self.code = error.get("code")
         self.msg = str(error.get("msg", ""))
-        super().__init__(f"{plugin} {command} failed: code {self.code}: {self.msg} {error.get('details', '')}")
+        super().__init__(
+            f"{plugin} {command} failed: code {self.code}: {self.msg} {error.get('details', '')}"
+        )
 
 
 def add_pod_netns(lab: Lab, name: str) -> Netns:
@@ -191,7 +195,9 @@ class Runtime:
         result: dict[str, Any] | None = None
         runtime_config = runtime_config or {}
         for i, plugin in enumerate(self.network["plugins"]):
-            result = self.exec_plugin(plugin["type"], "ADD", self.plugin_config(i, result, runtime_config), pod)
+            result = self.exec_plugin(
+                plugin["type"], "ADD", self.plugin_config(i, result, runtime_config), pod
+            )
         assert result is not None
         self.cache[pod.container_id] = {"result": result, "runtimeConfig": runtime_config}
         pod.result = result
