@@ -57,10 +57,11 @@ def read_subnet_env(path: Path) -> SubnetEnv:
     try:
         text = path.read_text()
     except FileNotFoundError:
+        # Linked as "flannel" with kube-flannel's config, the path is flannel's, not ours.
         hint = (
-            ""
-            if str(path) == TUNPROXY_SUBNET_FILE
-            else f' (tunproxy writes {TUNPROXY_SUBNET_FILE}: set "subnetFile")'
+            f' (tunproxy writes {TUNPROXY_SUBNET_FILE}: set "subnetFile")'
+            if str(path) == DEFAULT_SUBNET_FILE
+            else ""
         )
         raise CNIError(
             TRY_AGAIN_LATER,

@@ -13,7 +13,9 @@ flannel_linux.go), which tunproxy's plugin follows key for key:
   ``mtu`` = ``FLANNEL_MTU``, and for a bridge ``isGateway`` true. A key the user
   set in ``delegate`` is never overwritten. IPAM is ``host-local`` unless given,
   with ``ranges`` = ``[[{"subnet": <this host's subnet>}]]`` and ``routes`` =
-  the user's routes plus one to each ``FLANNEL_NETWORK``.
+  the user's routes plus one to each ``FLANNEL_NETWORK`` (tunproxy names its
+  gateway, the subnet's first address, which the bridge uses anyway: see
+  ``_network_routes``).
 - It stores the delegate config under ``dataDir/<container ID>`` before
   delegating, so DEL delegates exactly what ADD did, even after subnet.env
   changed or vanished. DEL without a stored config succeeds (nothing to undo).
@@ -263,8 +265,21 @@ def _delegate_ipam(conf: NetConf, env: SubnetEnv) -> dict[str, Any]:
         raise CNIError(
             INVALID_NETWORK_CONFIG, f"network config: ipam.routes must be a list of routes, not {routes!r}"
         )
-    ipam["routes"] = [*routes, *({"dst": str(nw)} for nw in (*env.networks, *env.ipv6_networks))]
+    ipam["routes"] = [
+        *routes,
+        *_network_routes(env.networks, env.subnet),
+        *_network_routes(env.ipv6_networks, env.ipv6_subnet),
+    ]
     return ipam
+
+
+def _network_routes(networks: tuple[IPNetwork, ...], subnet: IPNetwork | None) -> list[dict[str, str]]:
+    # flannel writes {"dst": network} without "gw"; the bridge then routes it via the range's
+    # gateway anyway (host-local's default: the subnet's first address). Naming that gateway
+    # gives the same kernel route, but a result that says so, which bridge's CHECK compares
+    # with the pod's routing table (without it CHECK reports the route missing).
+    gw = {"gw": str(subnet.network_address + 1)} if subnet is not None else {}
+    return [{"dst": str(nw), **gw} for nw in networks]
 
 
 def delegate_config(conf: NetConf, env: SubnetEnv) -> dict[str, Any]:

@@ -17,7 +17,16 @@ import os
 import sys
 
 from .lab import Lab, cleanup_stale, transfer
-from .podlab import Pod, Runtime, flannel_conflist, leftovers, make_bin_dir, new_pod, reference_plugin_dir
+from .podlab import (
+    Pod,
+    Runtime,
+    flannel_conflist,
+    leftovers,
+    make_bin_dir,
+    new_pod,
+    reference_plugin_dir,
+    wait_subnet_file,
+)
 
 NETWORK = "10.100.0.0/16"
 HOSTS = {
@@ -62,7 +71,7 @@ def run(backend: str = "udp") -> int:
         try:
             for name, host in hosts.items():
                 subnet_file = lab.workdir / f"{name}-subnet.env"
-                say(f"{name} subnet.env: {' '.join(subnet_file.read_text().split())}")
+                say(f"{name} subnet.env: {' '.join(wait_subnet_file(subnet_file).split())}")
                 runtimes[name] = Runtime(
                     host,
                     bin_dir,

@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,7 @@ class Pod:
     container_id: str
     node: Host
     result: dict[str, Any] | None = None
+    results: list[dict[str, Any]] = field(default_factory=list)  # each plugin's ADD result, in order
 
     @property
     def netns_path(self) -> str:
@@ -194,12 +196,16 @@ class Runtime:
         self.exec_plugin("loopback", "ADD", LOOPBACK_NETWORK, pod, ifname="lo")
         result: dict[str, Any] | None = None
         runtime_config = runtime_config or {}
+        pod.results = []
+        # Cached before the first plugin runs: after a failed ADD the runtime still owes a DEL.
+        self.cache[pod.container_id] = {"result": None, "runtimeConfig": runtime_config}
         for i, plugin in enumerate(self.network["plugins"]):
-            result = self.exec_plugin(
-                plugin["type"], "ADD", self.plugin_config(i, result, runtime_config), pod
-            )
+            config = self.plugin_config(i, result, runtime_config)
+            result = self.exec_plugin(plugin["type"], "ADD", config, pod)
+            assert result is not None, f"{plugin['type']} ADD printed no result"
+            pod.results.append(result)
         assert result is not None
-        self.cache[pod.container_id] = {"result": result, "runtimeConfig": runtime_config}
+        self.cache[pod.container_id]["result"] = result
         pod.result = result
         return result
 
@@ -218,6 +224,16 @@ class Runtime:
             self.exec_plugin(self.network["plugins"][i]["type"], "DEL", config, pod)
         self.exec_plugin("loopback", "DEL", LOOPBACK_NETWORK, pod, ifname="lo")
         self.cache.pop(pod.container_id, None)
+
+
+def wait_subnet_file(path: Path, timeout: float = 10) -> str:
+    """subnet.env's text once the daemon has written it (it logs its lease just before)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} not written within {timeout:.0f}s")
+        time.sleep(0.05)
+    return path.read_text()
 
 
 def new_pod(lab: Lab, node: Host, name: str) -> Pod:

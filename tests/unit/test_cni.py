@@ -97,7 +97,7 @@ def test_delegate_defaults_are_flannels():
         "ipam": {
             "type": "host-local",
             "ranges": [[{"subnet": "10.100.5.0/24"}]],
-            "routes": [{"dst": "10.100.0.0/16"}],
+            "routes": [{"dst": "10.100.0.0/16", "gw": "10.100.5.1"}],
         },
     }
 
@@ -135,7 +135,7 @@ def test_ipam_keeps_the_users_keys_but_not_their_ranges():
         "type": "host-local",
         "dataDir": "/tmp/x",
         "ranges": [[{"subnet": "10.100.5.0/24"}]],
-        "routes": [{"dst": "192.168.9.0/24"}, {"dst": "10.100.0.0/16"}],
+        "routes": [{"dst": "192.168.9.0/24"}, {"dst": "10.100.0.0/16", "gw": "10.100.5.1"}],
     }
 
 
