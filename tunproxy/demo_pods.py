@@ -18,6 +18,7 @@ import sys
 
 from .lab import Lab, cleanup_stale, transfer
 from .podlab import (
+    CNIFailure,
     Pod,
     Runtime,
     flannel_conflist,
@@ -50,6 +51,21 @@ def run(backend: str = "udp") -> int:
         print("demo: --pods needs the CNI plugins (apt install containernetworking-plugins)", file=sys.stderr)
         return 2
     cleanup_stale("tppods")
+    try:
+        failures = _run(backend)
+    except KeyboardInterrupt:
+        say("interrupted; every namespace and process of the demo deleted")
+        return 130
+    except (CNIFailure, RuntimeError, TimeoutError) as e:
+        say(f"FAILED: {e}")
+        say("every namespace and process of the demo deleted")
+        return 1
+    say("all namespaces deleted")
+    say("OK" if not failures else f"{failures} FAILURE(S)")
+    return 1 if failures else 0
+
+
+def _run(backend: str) -> int:
     failures = 0
     with Lab(prefix="tppods") as lab:
         lab.segment("br0", "192.0.2.0/24")
@@ -126,6 +142,4 @@ def run(backend: str = "udp") -> int:
 
         for proc in procs.values():
             failures += proc.stop() != 0
-    say("all namespaces deleted")
-    say("OK" if not failures else f"{failures} FAILURE(S)")
-    return 1 if failures else 0
+    return failures

@@ -288,3 +288,20 @@ def test_errors_reach_the_runtime_as_cni_errors(lab):
     assert other.ns.ip("link", "show", "eth0", check=False).returncode != 0
     broken.delete(other)
     assert state(lab, host, [pod, other]) == []
+
+
+def test_without_ip_masq_the_bridge_masquerades_what_leaves_the_hosts_subnet(lab):
+    """flannel's rule: a daemon that does not masquerade (FLANNEL_IPMASQ=false) gets ipMasq on the bridge."""
+    lab.segment("br0", "192.0.2.0/24")
+    nodes = {name: lab.add_host(name, "br0", ip) for name, (ip, _) in TWO.items()}
+    for name, node in nodes.items():
+        start_udp(node, peers=tuple(p for p in TWO if p != name))
+        wait_subnet_file(lab.workdir / f"{name}-subnet.env")
+    a, b = new_pod(lab, nodes["h1"], "a"), new_pod(lab, nodes["h2"], "b")
+    runtime(lab, nodes["h1"]).add(a)
+    runtime(lab, nodes["h2"]).add(b)
+    a.as_host().wait_ping(b.address, timeout=10)
+    server = serve(b, 7000)
+    assert connect(a.as_host(), b.address, 7000).stdout.strip() == "hello from the pod"
+    server.popen.wait(10)
+    assert "peer 10.100.5.0\n" in server.output()  # h1's address on tunproxy0, not the pod's 10.100.5.2

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tunproxy import cniconf
+from tunproxy import cli, cniconf
+from tunproxy.cni import TUNPROXY_SUBNET_FILE
 from tunproxy.cniconf import CNIError, delegate_config, load_netconf, parse_environment, parse_subnet_env
 from tunproxy.daemon import subnet_env
-from tunproxy.podlab import reference_plugin_dir
+from tunproxy.podlab import flannel_conflist, reference_plugin_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV_TEXT = subnet_env(IPv4Network("10.100.0.0/16"), IPv4Network("10.100.5.0/24"), 1472, False)
@@ -339,3 +340,21 @@ def test_the_delegates_error_comes_back_with_its_code(tmp_path, setup):
     bridge_error = json.loads(direct.stdout)
     assert result[1]["code"] == bridge_error["code"]
     assert result[1]["msg"] == f"failed to delegate ADD to bridge: {bridge_error['msg']}"
+
+
+def test_the_shipped_conflist_is_kube_flannels_reading_tunproxys_subnet_file():
+    shipped = json.loads((ROOT / "contrib" / "cni" / "10-tunproxy.conflist").read_text())
+    flannel, portmap = shipped["plugins"]
+    assert flannel["subnetFile"] == cli.DEFAULT_SUBNET_FILE == TUNPROXY_SUBNET_FILE
+    assert portmap == {"type": "portmap", "capabilities": {"portMappings": True}}
+    conf = load_netconf(
+        json.dumps({**flannel, "name": shipped["name"], "cniVersion": shipped["cniVersion"]}).encode()
+    )
+    assert conf.delegate == {"hairpinMode": True, "isDefaultGateway": True}
+    # The lab's list (what the namespace tests and the demo run) is this one with state moved.
+    lab = flannel_conflist(Path("/s"), Path("/d"), Path("/i"))
+    lab_flannel = {k: v for k, v in lab["plugins"][0].items() if k not in ("subnetFile", "dataDir", "ipam")}
+    assert {**lab, "plugins": [lab_flannel, lab["plugins"][1]]} == {
+        **shipped,
+        "plugins": [{k: v for k, v in flannel.items() if k != "subnetFile"}, portmap],
+    }
