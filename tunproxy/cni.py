@@ -33,6 +33,7 @@ from .cniconf import (
     Invocation,
     NetConf,
     SubnetEnv,
+    check_subnet,
     delegate_config,
     load_netconf,
     parse_environment,
@@ -169,7 +170,10 @@ def cmd_del(inv: Invocation, conf: NetConf, environ: Mapping[str, str], err: Tex
 
 
 def cmd_check(inv: Invocation, conf: NetConf, environ: Mapping[str, str], err: TextIO) -> None:
-    """CHECK: delegate the stored config with the runtime's prevResult; no record is CNIError(3)."""
+    """CHECK: the pod's subnet is still this host's, then the stored config's CHECK with prevResult.
+
+    No record of the container is CNIError(3).
+    """
     if version_tuple(conf.cni_version) < (0, 4, 0):
         raise CNIError(INCOMPATIBLE_CNI_VERSION, "config version does not allow CHECK")
     path = _scratch(conf, inv)
@@ -178,6 +182,12 @@ def cmd_check(inv: Invocation, conf: NetConf, environ: Mapping[str, str], err: T
         raise CNIError(
             UNKNOWN_CONTAINER, f"no network config stored for container {inv.container_id} in {conf.data_dir}"
         )
+    try:
+        env = read_subnet_env(conf.subnet_file)
+    except CNIError:
+        env = None  # the daemon is restarting; that says nothing about this pod's own config
+    if env is not None:
+        check_subnet(stored, env)
     config = replay_config(stored, conf)
     invoke(find_plugin(plugin_name(config["type"], "delegate type"), inv.path), "CHECK", config, environ)
 

@@ -339,6 +339,24 @@ def parse_stored(data: bytes, source: str) -> dict[str, Any]:
     return stored
 
 
+def check_subnet(stored: Mapping[str, Any], env: SubnetEnv) -> None:
+    """CHECK's own test: the stored IPAM ranges are still this host's subnet(s) in subnet.env.
+
+    A host that lost its lease and got another subnet no longer receives
+    traffic for the pod's address. Raises CNIError(999) naming both subnets.
+    """
+    ranges = stored.get("ipam", {}).get("ranges") if isinstance(stored.get("ipam"), dict) else None
+    now = [[{"subnet": str(sn)}] for sn in (env.subnet, env.ipv6_subnet) if sn is not None]
+    if ranges is not None and ranges != now:
+        before = ", ".join(str(r[0].get("subnet")) for r in ranges if r and isinstance(r[0], dict))
+        after = ", ".join(r[0]["subnet"] for r in now)
+        raise CNIError(
+            INTERNAL,
+            f"the pod's addresses are from {before}, but this host's subnet is now {after} "
+            "(subnet.env changed since ADD): recreate the pod",
+        )
+
+
 def plugin_name(value: Any, what: str) -> str:
     """A plugin ``type`` usable as a file name in CNI_PATH; raises CNIError(7) otherwise."""
     if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):

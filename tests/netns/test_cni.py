@@ -193,6 +193,18 @@ def test_check_passes_then_fails_once_the_pod_interface_is_gone(lab):
     rt.add(pod)
     # bridge's CHECK requires prevResult: passing means tunproxy-cni handed the runtime's on.
     rt.check(pod)
+    # tunproxy lost its lease and took another subnet: the pod's address is no longer routed here.
+    subnet_file = lab.workdir / "h1-subnet.env"
+    written = subnet_file.read_text()
+    subnet_file.write_text(written.replace("10.100.5.1/24", "10.100.9.1/24"))
+    with pytest.raises(CNIFailure) as failure:
+        rt.check(pod)
+    assert failure.value.msg == (
+        "the pod's addresses are from 10.100.5.0/24, but this host's subnet is now 10.100.9.0/24 "
+        "(subnet.env changed since ADD): recreate the pod"
+    )
+    subnet_file.write_text(written)
+    rt.check(pod)
     pod.ns.ip("link", "del", "eth0")
     with pytest.raises(CNIFailure) as failure:
         rt.check(pod)

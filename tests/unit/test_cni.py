@@ -314,6 +314,23 @@ def test_check_of_an_unknown_container_is_code_3(tmp_path, setup):
     assert_error(plugin(setup, tmp_path, "CHECK"), 3, "no network config stored for container abc")
 
 
+def test_check_compares_the_stored_subnet_with_subnet_env(tmp_path, setup):
+    (tmp_path / "data").mkdir()
+    stored = delegate_config(netconf(), parse_subnet_env(ENV_TEXT))
+    (tmp_path / "data" / "abc").write_text(json.dumps(stored))
+    (tmp_path / "subnet.env").write_text(ENV_TEXT.replace("10.100.5.1/24", "10.100.9.1/24"))
+    assert_error(
+        plugin(setup, tmp_path, "CHECK"),
+        999,
+        "the pod's addresses are from 10.100.5.0/24, but this host's subnet is now 10.100.9.0/24",
+    )
+    # Same subnet: on to the delegate (absent here). No subnet.env: the same, the daemon may be restarting.
+    (tmp_path / "subnet.env").write_text(ENV_TEXT)
+    assert_error(plugin(setup, tmp_path, "CHECK"), 999, 'failed to find plugin "bridge"')
+    (tmp_path / "subnet.env").unlink()
+    assert_error(plugin(setup, tmp_path, "CHECK"), 999, 'failed to find plugin "bridge"')
+
+
 def test_a_stored_config_that_does_not_parse_does_not_block_del(tmp_path, setup):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "abc").write_text("{garbage")
