@@ -10,10 +10,14 @@ host-local's and the plugin's state live in the lab's directory.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import tunproxy
 from tunproxy.lab import Host, Lab, transfer
 from tunproxy.podlab import (
     CNIFailure,
@@ -317,3 +321,22 @@ def test_without_ip_masq_the_bridge_masquerades_what_leaves_the_hosts_subnet(lab
     assert connect(a.as_host(), b.address, 7000).stdout.strip() == "hello from the pod"
     server.popen.wait(10)
     assert "peer 10.100.5.0\n" in server.output()  # h1's address on tunproxy0, not the pod's 10.100.5.2
+
+
+def test_demo_pods_runs_clean():
+    """``make demo-pods``: every pod reaches every other, the TCP data arrives, DEL leaves nothing."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunproxy.demo", "--pods"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(Path(tunproxy.__file__).resolve().parent.parent)),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all pairs ok" in proc.stdout and "8 MiB arrived intact" in proc.stdout
+    assert proc.stdout.count("after DEL: nothing left") == 3
+    assert not [
+        n
+        for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        if n.startswith("tppods")
+    ]
