@@ -1,10 +1,10 @@
 # make demo: install what is needed, then run three hosts in network namespaces.
 # make test: the whole suite (unit tests; as root also TUN, namespaces, etcd).
 PY ?= python3
-APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping
+APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping containernetworking-plugins
 STAMP := build/.setup-stamp
 
-.PHONY: setup build demo demo-etcd test test-unit lint bench bench-quick bench-control clean
+.PHONY: setup build demo demo-etcd demo-pods test test-unit lint bench bench-quick bench-control clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ demo: build
 
 demo-etcd: build
 	$(PY) -m tunproxy.demo --etcd
+
+demo-pods: build
+	$(PY) -m tunproxy.demo --pods
 
 test: build
 	$(PY) -m pytest -q tests

@@ -39,7 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--etcd", action="store_true", help="take leases from a real etcd in the lab")
     parser.add_argument("--backend", default="udp", choices=("udp", "vxlan", "host-gw"))
     parser.add_argument("--seconds", type=int, default=3, help="iperf3 duration")
+    parser.add_argument(
+        "--pods", action="store_true", help="pods attached through tunproxy-cni (the CNI plugin) on each host"
+    )
     args = parser.parse_args(argv)
+    if args.pods:
+        if args.etcd:
+            parser.error("--pods runs with static peers; drop --etcd")
+        from .demo_pods import run as run_pods
+
+        return run_pods(args.backend)
     if os.geteuid() != 0:
         print("demo: needs root (network namespaces); try: sudo make demo", file=sys.stderr)
         return 2
