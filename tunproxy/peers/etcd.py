@@ -83,6 +83,7 @@ DEFAULT_PREFIX = "/coreos.com/network"
 DEFAULT_TTL = 24 * 3600.0
 DEFAULT_RENEW_MARGIN = 3600.0
 REVOKE_RETRY = 10.0  # seconds between tries at revoking a lease we no longer use
+SHUTDOWN_WAIT = 2.0  # seconds a background task gets to end once cancelled
 
 
 # gRPC channel options: notice a dead peer on an idle watch (etcd allows pings every 5 s or
@@ -99,6 +100,44 @@ CHANNEL_OPTIONS = {
 
 class CallCancelled(Exception):
     """A call was cancelled under us (its channel was closed by a failure elsewhere), not our task."""
+
+
+async def _within(call: Awaitable[T], timeout: float) -> T:
+    """``await call`` for at most ``timeout`` s (TimeoutError), never waiting on a cancelled gRPC call.
+
+    ``asyncio.wait_for`` waits for the call it cancels to finish; a gRPC
+    stream call cancelled at the wrong moment (SIGTERM just as a watch is
+    created) may never finish, and the daemon would hang in shutdown. Here
+    the call runs as its own task: our cancellation, or the timeout, only
+    asks it to stop.
+    """
+    task = asyncio.ensure_future(call)
+    task.add_done_callback(_retrieve)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            raise TimeoutError(f"no answer within {timeout:g}s")
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark an abandoned task's outcome as seen, so asyncio does not log it at exit."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _settle(tasks: set[asyncio.Task[Any]], timeout: float) -> None:
+    """Cancel ``tasks`` and give them ``timeout`` s to end; one stuck in a gRPC call is left behind."""
+    for task in tasks:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+    if tasks:
+        _, stuck = await asyncio.wait(tasks, timeout=timeout)
+        for task in stuck:
+            log.debug("%s did not stop within %gs; leaving it", task.get_name(), timeout)
 
 
 async def _guarded(call: Awaitable[T]) -> T:
@@ -445,11 +484,8 @@ class EtcdRegistry(Registry):
             while True:
                 yield await self._next_update()
         finally:
-            for task in tasks:
-                task.cancel()
-                self._watchers.discard(task)
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            self._watchers -= tasks
+            await _settle(tasks, SHUTDOWN_WAIT)
 
     async def _next_update(self) -> Update:
         """The next update; ``TaskDied`` if the watch, config check or keeper ended on its own."""
@@ -473,13 +509,9 @@ class EtcdRegistry(Registry):
 
     async def close(self) -> None:
         """Stop renewing and watching; the lease stays until it expires, so a restart keeps it."""
-        tasks = [t for t in (self._keeper, *self._watchers) if t is not None]
+        tasks = {t for t in (self._keeper, *self._watchers) if t is not None}
         self._keeper = None
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await _settle(tasks, SHUTDOWN_WAIT)
         await self._conn.close()
 
     # --- calling etcd -----------------------------------------------------------
@@ -820,8 +852,8 @@ class EtcdRegistry(Registry):
         # stream stays open without a generator for gRPC to finalize on cancel.
         call = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
         try:
-            await asyncio.wait_for(call.write(rpc.WatchRequest(create_request=create)), self.settings.timeout)
-            first = await asyncio.wait_for(call.read(), self.settings.timeout)
+            await _within(call.write(rpc.WatchRequest(create_request=create)), self.settings.timeout)
+            first = await _within(call.read(), self.settings.timeout)
             if first is grpc.aio.EOF:
                 raise WatchFailed("the watch stream closed before it started")
             if first.compact_revision:
@@ -871,7 +903,7 @@ class EtcdRegistry(Registry):
             if not done:
                 log.debug("the watch was quiet for %gs; asking etcd for progress", self.watch_idle)
                 request = rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
-                await asyncio.wait_for(call.write(request), self.settings.timeout)
+                await _within(call.write(request), self.settings.timeout)
                 done, _ = await asyncio.wait({read}, timeout=self.settings.timeout)
                 if not done:
                     raise WatchFailed(
