@@ -22,6 +22,8 @@ from .backends import Backend, BackendContext, create_backend
 from .backends.base import PeerRefused
 from .leases import EventKind, LeaseEvent, LeaseWatcher
 from .netlink import find_underlay
+from .observe import changed_fields
+from .observer import ObserveOptions, Observer
 from .peers.base import Changes, OwnLease, Registry, Snapshot
 from .subnets import NetworkConfig
 
@@ -37,6 +39,7 @@ class DaemonOptions:
     check_interval: float = 10.0
     ipmasq: bool = False
     backend_options: dict[str, Any] = field(default_factory=dict)
+    observe: ObserveOptions = field(default_factory=ObserveOptions)
 
 
 def subnet_env(network: IPv4Network, subnet: IPv4Network, mtu: int, ipmasq: bool) -> str:
@@ -65,6 +68,7 @@ class Daemon:
         self.config: NetworkConfig | None = None
         self.watcher = LeaseWatcher()
         self.foreign: set[IPv4Network] = set()
+        self.observer = Observer(self, options.observe)
 
     async def run(self) -> None:
         opts = self.options
@@ -82,7 +86,9 @@ class Daemon:
             public_ip,
             backend.mtu,
         )
+        self.observer.backend_ready()
         try:
+            await self.observer.start()
             await backend.open()
             lease = await self.registry.acquire(public_ip, backend.name, backend.backend_data)
             await self._own_lease(lease)
@@ -90,11 +96,14 @@ class Daemon:
                 tasks.create_task(self._stats_loop())
                 tasks.create_task(self._check_loop())
                 tasks.create_task(self._follow())
+                tasks.create_task(self.observer.run())
         finally:
+            await self.observer.stopping()
             if backend.stats():
                 log.info("stats: %s", backend.stats())
             await backend.close()
             await self.registry.close()
+            await self.observer.close()
 
     async def _own_lease(self, lease: Any) -> None:
         assert self.backend and self.config
@@ -104,11 +113,13 @@ class Daemon:
         if self.options.subnet_file:
             text = subnet_env(self.config.network, lease.subnet, self.backend.mtu, self.options.ipmasq)
             write_subnet_file(self.options.subnet_file, text)
+        await self.observer.own_lease(lease)
 
     async def _follow(self) -> None:
         async for update in self.registry.updates():
             if isinstance(update, Snapshot):
                 await self._apply(self.watcher.reset(update.leases))
+                self.observer.synced()
             elif isinstance(update, Changes):
                 await self._apply(self.watcher.update(update.events))
             elif isinstance(update, OwnLease):
@@ -134,24 +145,30 @@ class Daemon:
             try:
                 if event.kind is EventKind.ADDED:
                     await self.backend.add_peer(lease)
+                    self.observer.peer_added(lease)
                     log.info("peer added: %s via %s", lease.subnet, lease.public_ip)
                 else:
                     await self.backend.remove_peer(lease)
+                    self.observer.peer_removed(lease)
                     log.info("peer removed: %s via %s", lease.subnet, lease.public_ip)
             except PeerRefused as e:
                 log.warning("peer %s (%s) refused: %s", lease.subnet, lease.public_ip, e)
             except OSError as e:
+                if event.kind is EventKind.ADDED:
+                    self.observer.peer_added(lease, error=str(e.strerror or e))
                 log.error("peer %s (%s) %s failed: %s", lease.subnet, lease.public_ip, event.kind.value, e)
 
     async def _stats_loop(self) -> None:
         assert self.backend
         if self.options.stats_interval <= 0:
             return
+        previous: str | None = None
         while True:
             await asyncio.sleep(self.options.stats_interval)
             line = self.backend.stats()
-            if line:
-                log.info("stats: %s", line)
+            if line:  # only what changed, but a line every interval: a heartbeat
+                log.info("stats: %s", changed_fields(previous, line) or "unchanged")
+            previous = line or previous
 
     async def _check_loop(self) -> None:
         assert self.backend

@@ -1,0 +1,82 @@
+"""The sans-IO core of status/readiness: DaemonState, Sampler, the stats-line diff, socket paths."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from tunproxy.control import default_socket
+from tunproxy.observe import (
+    LEASE_LOST,
+    PROGRAMMING,
+    READY,
+    STARTING,
+    DaemonState,
+    PeerSample,
+    Sample,
+    Sampler,
+    changed_fields,
+    format_status,
+    status_document,
+)
+from tunproxy.subnets import Lease
+
+PEER = Lease(IPv4Network("10.100.18.0/24"), IPv4Address("192.0.2.12"), "udp")
+
+
+def test_ready_only_with_a_lease_a_synced_peer_list_and_every_peer_programmed():
+    s = DaemonState()
+    assert s.readiness()[0] == STARTING
+    s.lease = Lease(IPv4Network("10.100.5.0/24"), IPv4Address("192.0.2.11"), "udp")
+    assert s.readiness() == (PROGRAMMING, "waiting for the first list of peers")
+    s.synced = True
+    s.peer_added(PEER, error="No buffer space available")
+    phase, reason = s.readiness()
+    assert phase == PROGRAMMING and "10.100.18.0/24" in reason and "No buffer space" in reason
+    s.peer_added(PEER)
+    assert s.readiness() == (READY, "")
+    s.lease_problem = "our lease on 10.100.5.0/24 was lost; re-acquiring a subnet"
+    assert s.readiness() == (LEASE_LOST, s.lease_problem)
+
+
+def sample(at: float, rx: int, drops: int = 0) -> Sample:
+    return Sample(
+        at, {"rx_packets": rx}, {"no_route": drops}, {PEER.public_ip: PeerSample(0, 0, rx, rx * 100)}
+    )
+
+
+def test_sampler_rates_and_last_seen():
+    sampler = Sampler()
+    sampler.add(sample(10.0, 0))
+    assert sampler.last_seen(PEER.public_ip, 11.0) is None  # never heard from
+    assert sampler.peer_rates(PEER.public_ip)["rx_packets"] is None  # one sample: no rate yet
+    sampler.add(sample(12.0, 10, drops=4))
+    assert sampler.peer_rates(PEER.public_ip)["rx_bytes"] == 500.0
+    assert sampler.drop_rate("no_route") == 2.0
+    sampler.add(sample(13.0, 10, drops=4))
+    assert sampler.last_seen(PEER.public_ip, 15.5) == 3.5  # last moved in the sample at 12.0
+
+
+def test_status_document_and_text():
+    s = DaemonState(backend="udp", lease=Lease(IPv4Network("10.100.5.0/24"), IPv4Address("192.0.2.11")))
+    s.synced = True
+    s.peer_added(PEER)
+    sampler = Sampler()
+    sampler.add(sample(1.0, 3, drops=1))
+    doc = status_document(s, sampler, now=2.0, wall=0.0)
+    assert doc["ready"] and doc["peers"][0]["rx_packets"] == 3 and doc["peers"][0]["last_seen_seconds"] == 1.0
+    assert doc["drops"]["no_route"]["total"] == 1
+    text = format_status(doc)
+    assert "10.100.18.0/24  192.0.2.12" in text and "no_route" in text
+
+
+def test_stats_line_names_only_what_changed():
+    assert changed_fields(None, "a=1 b=2") == "a=1 b=2"
+    assert changed_fields("a=1 b=2 c=3", "a=1 b=5 c=3") == "b=5"
+    assert changed_fields("a=1", "a=1") == ""
+
+
+def test_control_socket_is_unique_per_subnet_file():
+    assert default_socket(Path("/run/tunproxy/subnet.env")) == Path("/run/tunproxy/tunproxy.sock")
+    a, b = default_socket(Path("/tmp/a/subnet.env")), default_socket(Path("/tmp/b/subnet.env"))
+    assert a != b and a.parent == b.parent == Path("/run/tunproxy")
