@@ -92,6 +92,7 @@ class Observer:
         self._notifier: Any = None
         self._masq: Any = None
         self._phase: tuple[str, str] | None = None
+        self._tick: float | None = None  # loop time of run()'s last round
 
     # ---- what the daemon reports ----
 
@@ -205,6 +206,7 @@ class Observer:
         check = max(1.0, self.daemon.options.check_interval)
         next_ping = next_check = loop.time()
         while True:
+            self._tick = loop.time()
             self.sample()
             self.refresh()
             now = loop.time()
@@ -218,6 +220,11 @@ class Observer:
                 except OSError as e:
                     log.error("ip-masq check failed: %s", e)
             await asyncio.sleep(min(SAMPLE_INTERVAL, watchdog) if watchdog > 0 else SAMPLE_INTERVAL)
+
+    def stuck_for(self, now: float) -> float | None:
+        """Seconds since the background loop last ran (None before it started): the event
+        loop is blocked, or the daemon's task group has died, when this grows."""
+        return None if self._tick is None else now - self._tick
 
     async def stopping(self) -> None:
         self.state.stopping = True
