@@ -111,7 +111,10 @@ class Observer:
     async def own_lease(self, lease: Lease) -> None:
         self.state.lease = lease
         if self._masq is not None:
-            await self._masq.apply(lease.subnet)
+            try:
+                await self._masq.apply(lease.subnet)
+            except OSError as e:  # the periodic check tries again
+                log.error("ip-masq: %s", e)
         self._changed()
 
     def peer_added(self, lease: Lease, error: str | None = None) -> None:

@@ -80,3 +80,17 @@ def test_control_socket_is_unique_per_subnet_file():
     assert default_socket(Path("/run/tunproxy/subnet.env")) == Path("/run/tunproxy/tunproxy.sock")
     a, b = default_socket(Path("/tmp/a/subnet.env")), default_socket(Path("/tmp/b/subnet.env"))
     assert a != b and a.parent == b.parent == Path("/run/tunproxy")
+
+
+def test_ip_masq_ruleset_is_flannels_four_rules_in_our_own_table():
+    from tunproxy.ipmasq import ruleset
+
+    text = ruleset(IPv4Network("10.100.0.0/16"), IPv4Network("10.100.5.0/24"))
+    lines = [line.strip() for line in text.splitlines()]
+    assert lines[:3] == ["table ip tunproxy", "delete table ip tunproxy", "table ip tunproxy {"]
+    assert lines[5:9] == [
+        "ip saddr 10.100.0.0/16 ip daddr 10.100.0.0/16 return",
+        "ip saddr 10.100.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random",
+        "ip saddr != 10.100.0.0/16 ip daddr 10.100.5.0/24 return",
+        "ip saddr != 10.100.0.0/16 ip daddr 10.100.0.0/16 masquerade fully-random",
+    ]
