@@ -259,7 +259,8 @@ class Observer:
         s = self.state
         if phase == READY:
             subnet = s.lease.subnet if s.lease else "?"
-            return f"ready: subnet {subnet}, {len(s.peers)} peers, backend {s.backend}"
+            n = len(s.peers)
+            return f"ready: subnet {subnet}, {n} peer{'' if n == 1 else 's'}, backend {s.backend}"
         return f"{phase}: {reason}"
 
 

@@ -94,3 +94,20 @@ def test_ip_masq_ruleset_is_flannels_four_rules_in_our_own_table():
         "ip saddr != 10.100.0.0/16 ip daddr 10.100.5.0/24 return",
         "ip saddr != 10.100.0.0/16 ip daddr 10.100.0.0/16 masquerade fully-random",
     ]
+
+
+def test_contrib_env_file_names_only_real_flags():
+    import re
+
+    from tunproxy.cli import build_parser
+
+    text = (Path(__file__).resolve().parents[2] / "contrib" / "tunproxy.env").read_text()
+    names = re.findall(r"^#?(TUNPROXY_[A-Z_]+)=", text, re.M)
+    run = build_parser()._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+    flags = {"TUNPROXY_" + a.dest.upper() for a in run._actions if a.option_strings}
+    assert names and set(names) <= flags
+    active = dict(re.findall(r"^(TUNPROXY_[A-Z_]+)=(.*)$", text, re.M))
+    args = build_parser(active).parse_args(["run"])
+    assert args.ip_masq is True and args.healthz_port == 8286
+    unit = (Path(__file__).resolve().parents[2] / "contrib" / "tunproxy.service").read_text()
+    assert "Type=notify" in unit and "EnvironmentFile=-/etc/default/tunproxy" in unit
