@@ -109,6 +109,12 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     udp.add_argument("--batch", type=int, default=64, help="packets per system call (default 64)")
     udp.add_argument("--tun-name", default="tunproxy0", help="TUN device name (default tunproxy0)")
     udp.add_argument(
+        "--drop-ring",
+        type=int,
+        default=256,
+        help="dropped packets kept for tunproxy drops (default 256; 0: none)",
+    )
+    udp.add_argument(
         "--no-offload",
         action="store_true",
         help="one packet per TUN read/write: no TSO on the TUN, no UDP GSO/GRO (same wire format)",
@@ -261,6 +267,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.batch < 1 or args.batch > 1024:
         raise UsageError(f"--batch {args.batch} must be between 1 and 1024")
+    if not 0 <= args.drop_ring <= 65536:
+        raise UsageError(f"--drop-ring {args.drop_ring} must be between 0 and 65536")
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port} is not a UDP port")
     if args.healthz_port is not None and not 0 < args.healthz_port < 65536:
@@ -281,6 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "batch": args.batch,
             "port": args.port,
             "offload": not args.no_offload,
+            "drop_ring": args.drop_ring,
         },
         observe=observe_options(args, healthz_ip),
     )

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytun
 
-from ..fastpath import UDP_GRO, UDP_SEGMENT, VNET_HDR_LEN, FastPath, UdpGsoDisabled
+from ..fastpath import DEFAULT_DROP_RING, UDP_GRO, UDP_SEGMENT, VNET_HDR_LEN, FastPath, UdpGsoDisabled
 from ..netlink import delete_link, ensure_address, link_index, replace_route, run_netlink
 from ..subnets import ConfigError, Lease
 from .base import Backend
@@ -176,6 +176,7 @@ class UdpBackend(Backend):
                 batch=self.batch,
                 offload=self.offload,
                 udp_gso=self._udp_gso,
+                drop_ring=int(self.ctx.options.get("drop_ring", DEFAULT_DROP_RING)),
             )
             self.fastpath.set_routes(routes)
         self.subnet = subnet
