@@ -223,6 +223,8 @@ def _duration(seconds: float | None) -> str:
 def _si(value: float | None, unit: str = "") -> str:
     if value is None:
         return "-"
+    if value == 0:
+        return "0"
     for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= factor:
             return f"{value / factor:.1f}{prefix}{unit}"
