@@ -93,3 +93,19 @@ def test_only_root_may_ask_and_each_daemon_has_its_own_socket(lab):
     for proc in lab.processes:
         proc.stop()
     assert not any(p.exists() for p in paths.values())  # removed on exit
+
+
+def test_status_watch_redraws_every_second(lab):
+    hosts = build_udp(lab, names=("h1",))
+    start_udp(hosts["h1"], peers=())
+    argv = [sys.executable, "-m", "tunproxy", "status", "--watch", "--json"]
+    argv += ["--subnet-file", str(lab.workdir / "h1-subnet.env")]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    watch = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        first, second = json.loads(watch.stdout.readline()), json.loads(watch.stdout.readline())
+    finally:
+        watch.terminate()
+        watch.wait(10)
+    assert first["subnet"] == second["subnet"] == HOSTS["h1"][1]
+    assert first["pid"] == second["pid"]
