@@ -86,7 +86,6 @@ class Daemon:
             public_ip,
             backend.mtu,
         )
-        self.observer.backend_ready()
         try:
             await self.observer.start()
             await backend.open()
@@ -113,7 +112,6 @@ class Daemon:
         if self.options.subnet_file:
             text = subnet_env(self.config.network, lease.subnet, self.backend.mtu, self.options.ipmasq)
             write_subnet_file(self.options.subnet_file, text)
-        await self.observer.own_lease(lease)
 
     async def _follow(self) -> None:
         async for update in self.registry.updates():
@@ -145,17 +143,13 @@ class Daemon:
             try:
                 if event.kind is EventKind.ADDED:
                     await self.backend.add_peer(lease)
-                    self.observer.peer_added(lease)
                     log.info("peer added: %s via %s", lease.subnet, lease.public_ip)
                 else:
                     await self.backend.remove_peer(lease)
-                    self.observer.peer_removed(lease)
                     log.info("peer removed: %s via %s", lease.subnet, lease.public_ip)
             except PeerRefused as e:
                 log.warning("peer %s (%s) refused: %s", lease.subnet, lease.public_ip, e)
             except OSError as e:
-                if event.kind is EventKind.ADDED:
-                    self.observer.peer_added(lease, error=str(e.strerror or e))
                 log.error("peer %s (%s) %s failed: %s", lease.subnet, lease.public_ip, event.kind.value, e)
 
     async def _stats_loop(self) -> None:

@@ -1,9 +1,10 @@
 """What a running daemon knows about itself, as plain data: the sans-IO core of
 ``tunproxy status``, ``/readyz``, ``/metrics`` and the systemd notifications.
 
-How it works: the daemon tells a ``DaemonState`` what happens (our lease is
-held, a peer was programmed or refused, the first peer listing is applied,
-shutdown began); nothing here does I/O or reads a clock. A ``Sampler`` is fed
+How it works: a ``DaemonState`` holds what the daemon knows (our lease, the
+peers the backend was given and any it has not applied, whether the first
+peer listing is applied, shutdown); the observer fills it from the daemon.
+Nothing here does I/O or reads a clock. A ``Sampler`` is fed
 counter snapshots with the time they were taken (once a second by the
 observer) and keeps what one snapshot cannot say: rates over the last interval
 and, per peer, when its received-packet counter last moved ("last seen", so
@@ -69,7 +70,10 @@ class DaemonState:
         """(phase, reason): the reason is one line saying why the phase is not READY ("" if it is).
 
         Ready means, as ``/readyz`` and systemd's READY=1 promise: our lease is
-        held and the backend has programmed every peer it was given.
+        held and the first full list of peers has been handed to the backend.
+        A peer the backend refused or could not program (it is retried) does
+        not hold readiness back, since one bad lease must not take a node out
+        of service; it shows in ``status`` as not programmed, with the reason.
         """
         if self.stopping:
             return STOPPING, "shutting down"
@@ -79,11 +83,6 @@ class DaemonState:
             return STARTING, "waiting for our subnet lease"
         if not self.synced:
             return PROGRAMMING, "waiting for the first list of peers"
-        failed = sorted((s, p.error) for s, p in self.peers.items() if p.error)
-        if failed:
-            subnet, error = failed[0]
-            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-            return PROGRAMMING, f"peer {subnet} is not programmed: {error}{more}"
         return READY, ""
 
 
@@ -147,17 +146,20 @@ class Sampler:
         return None if at is None else max(0.0, now - at)
 
 
-def status_document(state: DaemonState, sampler: Sampler, now: float, wall: float) -> dict[str, Any]:
+def status_document(
+    state: DaemonState, sampler: Sampler, now: float, wall: float, current: Sample | None = None
+) -> dict[str, Any]:
     """The one JSON-able document of ``tunproxy status --json``.
 
     ``now`` is monotonic seconds (for last-seen), ``wall`` the Unix time (for
-    the lease's time left). Rates are per second over the last sampling
-    interval; null while there is only one sample.
+    the lease's time left). Counters are ``current`` (a snapshot taken for
+    this answer) or else the sampler's latest; rates are per second over the
+    sampler's last interval, null while it has only one sample.
     """
     phase, reason = state.readiness()
     lease = state.lease
     expires = lease.expiration if lease else None
-    sample = sampler.latest
+    sample = current or sampler.latest
     peers = []
     for subnet, peer in sorted(state.peers.items()):
         ip = peer.lease.public_ip
@@ -177,7 +179,7 @@ def status_document(state: DaemonState, sampler: Sampler, now: float, wall: floa
                 "rx_packets": counters.rx_packets,
                 "rx_bytes": counters.rx_bytes,
                 **{f"{name}_per_second": rate for name, rate in rates.items()},
-                "last_seen_seconds": sampler.last_seen(ip, now),
+                "last_seen_seconds": _last_seen(sampler, ip, counters, now),
             }
         peers.append(row)
     drops = {}
@@ -205,6 +207,13 @@ def status_document(state: DaemonState, sampler: Sampler, now: float, wall: floa
         "drops": drops,
         "counters": dict(sample.totals) if sample else {},
     }
+
+
+def _last_seen(sampler: Sampler, ip: IPv4Address, counters: PeerSample, now: float) -> float | None:
+    latest = sampler.latest.peers.get(ip) if sampler.latest else None
+    if counters.rx_packets and (latest is None or counters.rx_packets > latest.rx_packets):
+        return 0.0  # arrived since the last sample
+    return sampler.last_seen(ip, now)
 
 
 def _duration(seconds: float | None) -> str:

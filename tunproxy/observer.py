@@ -1,8 +1,10 @@
 """The daemon's window: control socket, HTTP health and metrics, systemd notifications, ip-masq.
 
-The daemon owns one ``Observer`` and tells it what happens (``own_lease``,
-``peer_added``, ``synced``, ...); everything that answers the outside world
-hangs off it, so the daemon's own loop stays as it was. ``start`` binds the
+The daemon owns one ``Observer``; the observer pulls what it shows from the
+daemon (backend, watcher, registry) when asked and once a second, and the
+daemon only says when its first list of peers is applied (``synced``).
+Everything that answers the outside world hangs off it, so the daemon's own
+loop stays as it was. ``start`` binds the
 sockets (a port in use is a ConfigError, one line, before anything else
 happens), ``run`` is the background task (samples counters once a second,
 sends systemd notifications, keeps the ip-masq rules in place), ``close``
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .observe import READY, DaemonState, PeerSample, Sample, Sampler, status_document
+from .observe import READY, DaemonState, PeerSample, PeerState, Sample, Sampler, status_document
 from .subnets import Lease
 
 if TYPE_CHECKING:
@@ -96,60 +98,55 @@ class Observer:
 
     # ---- what the daemon reports ----
 
-    def backend_ready(self) -> None:
-        """The backend exists (not yet open): record what ``status`` shows about it."""
-        d = self.daemon
-        b, s = d.backend, self.state
-        if b is not None:
-            s.backend = b.name
-            s.underlay = b.ctx.underlay.name
-            s.public_ip = b.ctx.public_ip
-            s.network = b.ctx.network.network
-            s.mtu = b.mtu
-        self._changed()
-
-    async def own_lease(self, lease: Lease) -> None:
-        self.state.lease = lease
-        if self._masq is not None:
-            try:
-                await self._masq.apply(lease.subnet)
-            except OSError as e:  # the periodic check tries again
-                log.error("ip-masq: %s", e)
-        self._changed()
-
-    def peer_added(self, lease: Lease, error: str | None = None) -> None:
-        self.state.peer_added(lease, error)
-        self._changed()
-
-    def peer_removed(self, lease: Lease) -> None:
-        self.state.peer_removed(lease)
-        self._changed()
-
     def synced(self) -> None:
-        """A full list of peers has been handed to the backend."""
+        """A full list of peers has been handed to the backend (the one hook the daemon calls)."""
         self.state.synced = True
-        self._changed()
+        self.refresh()
 
     # ---- what the outside asks ----
 
     def refresh(self) -> None:
-        """Pull what the registry knows (lease problems, store state, lease expiry)."""
-        registry = self.daemon.registry
-        self.state.store = store_description(registry)
-        self.state.lease_problem = getattr(registry, "lease_problem", None)
-        own = getattr(registry, "own_lease", None)
-        if isinstance(own, Lease) and self.state.lease is not None and own.subnet == self.state.lease.subnet:
-            self.state.lease = own  # the renewed expiry
+        """Pull the daemon's state: backend, our lease (with its expiry from the registry), the
+        peers the backend was given (and any it has not applied: a daemon's ``unapplied``, if it
+        keeps one), the store and any lease problem. Pulled, not pushed, so the daemon only
+        has to say when its first list of peers is applied (``synced``)."""
+        d, s = self.daemon, self.state
+        b = d.backend
+        if b is not None:
+            s.backend, s.mtu = b.name, b.mtu
+            s.underlay, s.public_ip, s.network = b.ctx.underlay.name, b.ctx.public_ip, b.ctx.network.network
+        registry = d.registry
+        s.store = store_description(registry)
+        s.lease_problem = getattr(registry, "lease_problem", None)
+        own_subnet = d.watcher.own_subnet
+        held = getattr(registry, "own_lease", None)
+        if own_subnet is None:
+            s.lease = None
+        elif isinstance(held, Lease) and held.subnet == own_subnet:
+            s.lease = held  # the registry's copy carries the renewed expiry
+        elif s.lease is None or s.lease.subnet != own_subnet:
+            s.lease = Lease(own_subnet, s.public_ip or IPv4Address(0), s.backend or "")
+        unapplied = getattr(d, "unapplied", {})
+        reasons = getattr(d, "_refusals_said", {})
+        s.peers = {
+            subnet: PeerState(lease, reasons.get(subnet, "not applied") if subnet in unapplied else None)
+            for subnet, lease in d.watcher.leases.items()
+            if lease.backend_type == s.backend
+        }
         self._changed()
 
-    def sample(self) -> None:
+    def snapshot(self) -> Sample | None:
+        """The fast path's counters now (None for a backend without one)."""
         fastpath = getattr(self.daemon.backend, "fastpath", None)
-        if fastpath is not None:
-            self.sampler.add(sample_of(fastpath.counters(), time.monotonic()))
+        return None if fastpath is None else sample_of(fastpath.counters(), time.monotonic())
+
+    def sample(self) -> None:
+        if (snap := self.snapshot()) is not None:
+            self.sampler.add(snap)
 
     def status(self) -> dict[str, Any]:
         self.refresh()
-        doc = status_document(self.state, self.sampler, time.monotonic(), time.time())
+        doc = status_document(self.state, self.sampler, time.monotonic(), time.time(), self.snapshot())
         doc |= {"version": __version__, "pid": os.getpid(), "started": self.started_at}
         return doc
 
@@ -170,7 +167,7 @@ class Observer:
     # ---- lifecycle ----
 
     async def start(self) -> None:
-        """Bind the control socket and the HTTP port, set up ip-masq; ConfigError if taken."""
+        """Bind the control socket and the HTTP port, check nft; ConfigError (one line) if one fails."""
         o = self.options
         try:
             if o.control_socket is not None:
@@ -200,10 +197,11 @@ class Observer:
         except BaseException:
             await self.close()
             raise
-        self._changed()
+        self.refresh()
 
     async def run(self) -> None:
-        """Sample counters every second, ping systemd's watchdog, keep the ip-masq rules."""
+        """Sample counters every second, ping systemd's watchdog, keep the ip-masq rules. Runs
+        until cancelled; the daemon starts it with its other loops, once our lease is held."""
         loop = asyncio.get_running_loop()
         watchdog = (self.options.watchdog_usec or 0) / 1e6 / 2  # systemd: ping at half the timeout
         check = max(1.0, self.daemon.options.check_interval)
@@ -216,12 +214,15 @@ class Observer:
             if self._notifier is not None and watchdog > 0 and now >= next_ping:
                 self._notifier.send("WATCHDOG=1")
                 next_ping = now + watchdog
-            if self._masq is not None and self.state.lease is not None and now >= next_check:
-                next_check = now + check
-                try:
-                    await self._masq.check(self.state.lease.subnet)
-                except OSError as e:
-                    log.error("ip-masq check failed: %s", e)
+            lease = self.state.lease
+            if self._masq is not None and lease is not None:
+                # At once for a new subnet; every check interval, whether someone deleted the table.
+                if lease.subnet != self._masq.subnet or now >= next_check:
+                    next_check = now + check
+                    try:
+                        await self._masq.check(lease.subnet)
+                    except OSError as e:
+                        log.error("ip-masq: %s", e)
             await asyncio.sleep(min(SAMPLE_INTERVAL, watchdog) if watchdog > 0 else SAMPLE_INTERVAL)
 
     def stuck_for(self, now: float) -> float | None:
@@ -262,8 +263,3 @@ class Observer:
             n = len(s.peers)
             return f"ready: subnet {subnet}, {n} peer{'' if n == 1 else 's'}, backend {s.backend}"
         return f"{phase}: {reason}"
-
-
-def peer_ips(state: DaemonState) -> dict[IPv4Address, str]:
-    """Public IP -> subnet of every known peer (labels for per-peer metrics)."""
-    return {p.lease.public_ip: str(subnet) for subnet, p in state.peers.items()}
