@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, cli_observe
 from .control import NoDaemon
 from .subnets import KNOWN_BACKENDS, ConfigError, LeaseError, NetworkConfig, parse_address, parse_network
 
@@ -94,15 +94,7 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
         help="masquerade traffic from the overlay to outside it (nftables table ip tunproxy); "
         "also FLANNEL_IPMASQ=true in subnet.env",
     )
-
-    obs = run.add_argument_group("observing")
-    _add_control_flag(obs)
-    obs.add_argument("--healthz-ip", default="0.0.0.0", help="address for /healthz, /readyz, /metrics")
-    obs.add_argument(
-        "--healthz-port",
-        type=int,
-        help="port for /healthz, /readyz and /metrics (default: no HTTP server, as flannel)",
-    )
+    cli_observe.add_run_flags(run)
 
     udp = run.add_argument_group("udp backend")
     udp.add_argument("--port", type=int, help="UDP port (default 8285, or Backend.Port)")
@@ -153,40 +145,11 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     leases = sub.add_parser("leases", help="list the leases in etcd")
     _add_etcd_flags(leases)
     leases.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    status = sub.add_parser(
-        "status",
-        help="ask the running daemon: lease, store, peers with counters and rates, drops",
-        description="Ask the running daemon over its control socket. Without flags it finds "
-        "the only daemon on this machine.",
-    )
-    _add_control_flag(status)
-    status.add_argument("--subnet-file", help="the daemon's --subnet-file, to find its control socket")
-    status.add_argument("--json", action="store_true", help="one JSON document instead of a table")
-    status.add_argument("--watch", action="store_true", help="redraw every second, like top")
-
-    drops = sub.add_parser(
-        "drops",
-        help="the daemon's most recently dropped packets, with reasons and decoded headers",
-    )
-    _add_control_flag(drops)
-    drops.add_argument("--subnet-file", help="the daemon's --subnet-file, to find its control socket")
-    drops.add_argument("--json", action="store_true", help="JSON instead of a table")
-    drops.add_argument(
-        "--pcap", metavar="FILE", help="write them as pcapng (reason in each packet's comment)"
-    )
+    asking = cli_observe.add_commands(sub)
     if environ is not None:
-        for subparser in (run, leases, status, drops):
+        for subparser in (run, leases, *asking):
             apply_env_defaults(subparser, environ)
     return parser
-
-
-def _add_control_flag(parser: Any) -> None:
-    parser.add_argument(
-        "--control-socket",
-        metavar="PATH",
-        help="the daemon's control socket (default: under /run/tunproxy/, keyed by --subnet-file)",
-    )
 
 
 def _add_etcd_flags(parser: argparse.ArgumentParser) -> None:
@@ -271,9 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--drop-ring {args.drop_ring} must be between 0 and 65536")
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port} is not a UDP port")
-    if args.healthz_port is not None and not 0 < args.healthz_port < 65536:
-        raise UsageError(f"--healthz-port {args.healthz_port} is not a TCP port")
-    healthz_ip = parse_address(args.healthz_ip, "--healthz-ip")
+    observe = cli_observe.observe_options(args)
     registry = make_registry(args)  # bad input is reported before the privilege check
     if os.geteuid() != 0:
         raise UsageError("tunproxy run needs root (CAP_NET_ADMIN) to create devices and routes")
@@ -291,74 +252,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             "offload": not args.no_offload,
             "drop_ring": args.drop_ring,
         },
-        observe=observe_options(args, healthz_ip),
+        observe=observe,
     )
     import uvloop
 
     uvloop.run(serve(Daemon(registry, options)))
     return 0
-
-
-def observe_options(args: argparse.Namespace, healthz_ip: Any) -> Any:
-    from .control import default_socket
-    from .observer import ObserveOptions
-
-    subnet_file = Path(args.subnet_file) if args.subnet_file else None
-    watchdog = os.environ.get("WATCHDOG_USEC", "")
-    watchdog_pid = os.environ.get("WATCHDOG_PID", "")
-    if watchdog_pid and watchdog_pid != str(os.getpid()):
-        watchdog = ""  # sd_watchdog_enabled(3): the watchdog is meant for another process
-    return ObserveOptions(
-        control_socket=Path(args.control_socket) if args.control_socket else default_socket(subnet_file),
-        healthz_ip=str(healthz_ip),
-        healthz_port=args.healthz_port,
-        ipmasq=args.ip_masq,
-        notify_socket=os.environ.get("NOTIFY_SOCKET") or None,
-        watchdog_usec=int(watchdog) if watchdog.isdigit() else None,
-    )
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    import time
-
-    from .control import query, resolve
-    from .observe import format_status
-
-    path = resolve(args.control_socket, args.subnet_file)
-    while True:
-        doc = query(path, "status")
-        if args.json:
-            text = json.dumps(doc, indent=None if args.watch else 2)
-        else:
-            text = format_status(doc)
-        if args.watch and not args.json:
-            text = "\x1b[H\x1b[2J" + text  # home and clear, as top redraws
-        print(text, flush=True)
-        if not args.watch:
-            return 0
-        time.sleep(1)
-
-
-def cmd_drops(args: argparse.Namespace) -> int:
-    from .control import query, resolve
-    from .drops import format_drops, write_pcapng
-
-    doc = query(resolve(args.control_socket, args.subnet_file), "drops")
-    if args.pcap:
-        try:
-            with open(args.pcap, "wb") as f:
-                write_pcapng(f, doc["drops"])
-        except OSError as e:
-            raise UsageError(f"cannot write --pcap {args.pcap}: {e.strerror}") from None
-        print(f"{len(doc['drops'])} dropped packets written to {args.pcap}", file=sys.stderr)
-    elif args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print(format_drops(doc))
-    return 0
-
-
-COMMANDS = {"status": cmd_status, "drops": cmd_drops}
 
 
 def cmd_leases(args: argparse.Namespace) -> int:
@@ -387,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         try:
-            if args.command in COMMANDS:
-                return COMMANDS[args.command](args)
+            if args.command in cli_observe.COMMANDS:
+                return cli_observe.COMMANDS[args.command](args)
             return cmd_run(args) if args.command == "run" else cmd_leases(args)
         except BaseExceptionGroup as group:  # from the daemon's task group: report the first cause
             raise first_leaf(group) from None

@@ -111,3 +111,29 @@ def test_contrib_env_file_names_only_real_flags():
     assert args.ip_masq is True and args.healthz_port == 8286
     unit = (Path(__file__).resolve().parents[2] / "contrib" / "tunproxy.service").read_text()
     assert "Type=notify" in unit and "EnvironmentFile=-/etc/default/tunproxy" in unit
+
+
+def test_observe_options_from_flags_and_systemds_environment():
+    import os
+
+    import pytest
+
+    from tunproxy.cli import build_parser
+    from tunproxy.cli_observe import observe_options
+    from tunproxy.subnets import ConfigError
+
+    args = build_parser().parse_args(["run", "--healthz-port", "8286", "--subnet-file", "/tmp/x/subnet.env"])
+    mine = {"NOTIFY_SOCKET": "@sd", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}
+    o = observe_options(args, mine)
+    assert (o.healthz_ip, o.healthz_port, o.notify_socket, o.watchdog_usec) == (
+        "0.0.0.0",
+        8286,
+        "@sd",
+        30000000,
+    )
+    assert o.control_socket == default_socket(Path("/tmp/x/subnet.env"))
+    assert observe_options(args, {**mine, "WATCHDOG_PID": "1"}).watchdog_usec is None  # not ours
+    with pytest.raises(ConfigError, match="--healthz-port 70000 is not a TCP port"):
+        observe_options(build_parser().parse_args(["run", "--healthz-port", "70000"]), {})
+    with pytest.raises(ConfigError, match="--healthz-ip"):
+        observe_options(build_parser().parse_args(["run", "--healthz-ip", "nope"]), {})
