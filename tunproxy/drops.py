@@ -73,7 +73,7 @@ def drop_document(fastpath: Any, now: float, wall: float) -> dict[str, Any]:
     the udp backend gives the fast path), ``wall`` Unix time. Without a fast path (vxlan,
     host-gw drop nothing in userspace) the list is empty."""
     if fastpath is None:
-        return {"recorded": 0, "drops": [], "note": "this backend has no userspace data path"}
+        return {"recorded": 0, "drops": [], "note": "this backend forwards in the kernel, not in tunproxy"}
     return {
         "recorded": fastpath.drops_total,
         "drops": drop_records(fastpath.drops(), int(now * 1000), wall),
@@ -95,7 +95,8 @@ def format_drops(doc: Mapping[str, Any]) -> str:
     """The table ``tunproxy drops`` prints, oldest first."""
     drops: Sequence[Mapping[str, Any]] = doc.get("drops") or []
     if not drops:
-        return "no dropped packets recorded"
+        note = doc.get("note")
+        return "no dropped packets recorded" + (f": {note}" if note else "")
     rows = [["TIME", "REASON", "DIR", "PEER", "PACKET"]]
     for d in drops:
         stamp = time.strftime("%H:%M:%S", time.localtime(d["time"])) + f".{int(d['time'] * 1000) % 1000:03d}"
