@@ -137,3 +137,32 @@ def test_observe_options_from_flags_and_systemds_environment():
         observe_options(build_parser().parse_args(["run", "--healthz-port", "70000"]), {})
     with pytest.raises(ConfigError, match="--healthz-ip"):
         observe_options(build_parser().parse_args(["run", "--healthz-ip", "nope"]), {})
+
+
+def test_resolve_finds_the_only_live_daemon_and_refuses_to_guess(tmp_path):
+    import socket
+
+    import pytest
+
+    from tunproxy.control import NoDaemon, resolve
+
+    with pytest.raises(NoDaemon, match="no tunproxy daemon is running"):
+        resolve(None, None, tmp_path)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "tunproxy-dead.sock"))
+    stale.close()  # a socket file nobody listens on: a killed daemon's
+    live = []
+    for name in ("tunproxy.sock", "tunproxy-abc.sock"):
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(tmp_path / name))
+        s.listen(1)
+        live.append(s)
+    try:
+        with pytest.raises(NoDaemon, match="2 tunproxy daemons run .*choose one with --control-socket"):
+            resolve(None, None, tmp_path)
+        live.pop().close()
+        assert resolve(None, None, tmp_path) == tmp_path / "tunproxy.sock"
+        assert resolve("/x.sock", "/y/subnet.env", tmp_path) == Path("/x.sock")
+    finally:
+        for s in live:
+            s.close()
