@@ -35,6 +35,17 @@ HOSTS = {"h1": ("192.0.2.11", "10.100.5.0/24"), "h2": ("192.0.2.12", "10.100.18.
 IPERF_PORT = "5201"
 UDP_PAYLOAD = 64
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# A Prometheus stand-in: GET /metrics once a second, as a scrape_interval of 1s would.
+SCRAPER = (
+    "import time, urllib.request\n"
+    "while True:\n"
+    "    try:\n"
+    "        urllib.request.urlopen('{url}', timeout=2).read()\n"
+    "        print('scraped', flush=True)\n"
+    "    except OSError as e:\n"
+    "        print('failed', e, flush=True)\n"
+    "    time.sleep(1)\n"
+)
 
 
 @dataclass(frozen=True)
@@ -223,6 +234,7 @@ class Active:
     target: str
     daemons: dict[str, Process]
     mtu: int | None
+    scraper: Process | None = None
 
 
 class Bench:
@@ -263,11 +275,18 @@ class Bench:
                 why = str(e).splitlines()[0]
             raise StartFailed(why, info) from None
         active.mtu = self.path_mtu(active.target)
+        if variant.scrape:
+            url = f"http://{HOSTS['h1'][0]}:9464/metrics"
+            active.scraper = self.h1.start(sys.executable, "-c", SCRAPER.format(url=url), name="scraper")
         return active
 
     def stop(self, active: Active, keep_logs: bool = False) -> dict[str, Any]:
         """Stop the daemons; their exit codes and stats, and any state they left behind."""
         daemons = []
+        scrapes = None
+        if active.scraper is not None:
+            active.scraper.stop(timeout=5)
+            scrapes = active.scraper.output().count("scraped")
         for name, proc in active.daemons.items():
             code = proc.stop(timeout=10)
             lines = [line for line in proc.output().splitlines() if "stats:" in line]
@@ -283,7 +302,10 @@ class Bench:
                     "log_tail": proc.output()[-2000:] if keep_logs or code != 0 else None,
                 }
             )
-        return {"daemons": daemons, "leftovers": self.reset_hosts() if active.daemons else []}
+        out = {"daemons": daemons, "leftovers": self.reset_hosts() if active.daemons else []}
+        if scrapes is not None:
+            out["metrics_scrapes"] = scrapes
+        return out
 
     def reset_hosts(self) -> list[str]:
         """Remove overlay routes, devices and addresses a stopped daemon left; say what was found."""

@@ -21,6 +21,7 @@ class Variant:
     backend: str | None
     args: tuple[str, ...] = ()
     kernel: bool = True
+    scrape: bool = False  # GET h1's /metrics once a second while the variant runs
 
 
 # flannel's C proxy moves one packet per system call; with tunproxy's offloads on, one TUN read
@@ -38,6 +39,17 @@ VARIANTS: tuple[Variant, ...] = (
         kernel=False,
     ),
     Variant("udp-nooffload", "tunproxy udp --no-offload (batched only)", "udp", ("--no-offload",), False),
+    # The cost of being observable: the drop ring on and /metrics scraped every second, against
+    # neither. Not in the default run; `python -m bench --variants udp-observed,udp-unobserved`.
+    Variant(
+        "udp-observed",
+        "tunproxy udp, drop ring + /metrics scraped every 1 s",
+        "udp",
+        ("--healthz-port", "9464"),
+        kernel=False,
+        scrape=True,
+    ),
+    Variant("udp-unobserved", "tunproxy udp, no drop ring, no HTTP", "udp", ("--drop-ring", "0"), False),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 # What `python -m bench` runs unless --variants says otherwise.

@@ -151,6 +151,24 @@ static void csum_finish(uint8_t *p, uint32_t len, uint32_t start, uint32_t off)
     put16(p + start + off, s ? s : 0xffff);
 }
 
+/* Count a drop and keep its first bytes in the drop ring (if there is one).
+ * Only ever on the drop path: the forwarding path pays nothing for the ring. */
+static void drop(struct fp_ctx *c, uint64_t *counter, uint32_t reason, uint32_t dir, uint32_t peer,
+                 const uint8_t *p, uint32_t len, uint32_t count)
+{
+    *counter += count;
+    if (!c->ndrops)
+        return;
+    struct fp_drop *d = &c->drops[c->drops_total++ % c->ndrops];
+    d->time_ms = c->now_ms;
+    d->peer = peer;
+    d->len = len;
+    d->reason = (uint8_t)reason;
+    d->dir = (uint8_t)dir;
+    d->count = (uint16_t)(count > 0xffff ? 0xffff : count);
+    memcpy(d->data, p, len < FP_DROP_SNAP ? len : FP_DROP_SNAP);
+}
+
 static inline uint8_t *slot(const struct fp_ring *r, uint32_t i)
 {
     return r->data + (size_t)i * r->slot_size + r->headroom;
@@ -588,7 +606,7 @@ int fp_init(struct fp_ctx *c)
     struct fp_ring *r = &c->ring;
     struct fp_gso *g = &c->gso;
     if (!r->data || !r->len || !r->addr || !r->iov || !r->msg || !c->routes ||
-        !c->routes_alt || !c->peers || !c->peers_alt)
+        !c->routes_alt || !c->peers || !c->peers_alt || (c->ndrops && !c->drops))
         return -EFAULT;
     if (c->batch < 1 || c->batch > r->nslots || r->slot_size <= r->headroom ||
         r->slot_size - r->headroom > FP_MAX_PACKET || c->mtu < 68 || c->mtu > FP_MAX_PACKET ||
@@ -626,6 +644,8 @@ int fp_init(struct fp_ctx *c)
     memset(c->len_count, 0, sizeof c->len_count);
     memset(&c->cnt, 0, sizeof c->cnt);
     c->gso_errno = 0;
+    c->drops_total = 0;
+    c->now_ms = 0;
     c->nroutes = 0;
     c->len_mask = 0;
     c->tokens = (uint64_t)c->icmp_burst * 1000;
@@ -643,13 +663,13 @@ static uint32_t next_hop(struct fp_ctx *c, int tun_fd, const uint8_t *p, uint32_
 {
     uint32_t peer = fp_lookup(c, get32(p + 16));
     if (!peer) {
-        c->cnt.drop_no_route++;
+        drop(c, &c->cnt.drop_no_route, FP_DROP_NO_ROUTE, FP_DIR_TX, 0, p, tot, 1);
         icmp_to_tun(c, tun_fd, p, tot, 3, 0, 0, now);
     } else if (p[8] <= 1) {
-        c->cnt.drop_ttl++;
+        drop(c, &c->cnt.drop_ttl, FP_DROP_TTL, FP_DIR_TX, peer, p, tot, 1);
         icmp_to_tun(c, tun_fd, p, tot, 11, 0, 0, now);
     } else if (seg > c->mtu && (get16(p + 6) & 0x4000)) {
-        c->cnt.drop_too_big++;
+        drop(c, &c->cnt.drop_too_big, FP_DROP_TOO_BIG, FP_DIR_TX, peer, p, tot, 1);
         icmp_to_tun(c, tun_fd, p, tot, 3, 4, c->mtu, now);
     } else {
         return peer;
@@ -668,6 +688,12 @@ static void count_sent(struct fp_ctx *c, const struct sockaddr_in *a, uint32_t p
     }
 }
 
+static void send_dropped(struct fp_ctx *c, const struct sockaddr_in *a, const uint8_t *p, uint32_t len,
+                         uint32_t count)
+{
+    drop(c, &c->cnt.drop_send, FP_DROP_SEND, FP_DIR_TX, ntohl(a->sin_addr.s_addr), p, len, count);
+}
+
 /* Send ring slots [0, n) with as few sendmmsg calls as the kernel allows. */
 static void send_batch(struct fp_ctx *c, int fd, uint32_t n)
 {
@@ -678,10 +704,12 @@ static void send_batch(struct fp_ctx *c, int fd, uint32_t n)
             if (k < 0 && errno == EINTR)
                 continue;
             if (k == 0 || errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) {
-                c->cnt.drop_send += n - done; /* socket full: drop the rest */
+                for (; done < n; done++) /* socket full: drop the rest */
+                    send_dropped(c, &r->addr[done], slot(r, done), r->len[done], 1);
                 return;
             }
-            c->cnt.drop_send++; /* this one datagram is refused: skip it */
+            /* this one datagram is refused: skip it */
+            send_dropped(c, &r->addr[done], slot(r, done), r->len[done], 1);
             done++;
             continue;
         }
@@ -709,7 +737,7 @@ static int tun_to_udp_plain(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t n
         taken++;
         uint32_t tot = ip_valid(p, (size_t)got), peer;
         if (!tot) {
-            c->cnt.drop_malformed++;
+            drop(c, &c->cnt.drop_malformed, FP_DROP_MALFORMED, FP_DIR_TX, 0, p, (uint32_t)got, 1);
         } else if ((peer = next_hop(c, tun_fd, p, tot, tot, now))) {
             ttl_dec(p);
             r->len[n] = tot;
@@ -738,7 +766,7 @@ static void send_singly(struct fp_ctx *c, int fd, uint32_t from)
             len = min32(left, g->seg_size[i]);
             if (sendto(fd, p, len, MSG_DONTWAIT, (struct sockaddr *)&g->addr[i],
                        sizeof g->addr[i]) != (ssize_t)len) {
-                c->cnt.drop_send++;
+                send_dropped(c, &g->addr[i], p, len, 1);
                 continue;
             }
             count_batch(&c->cnt.tx_batches, &c->cnt.tx_multi_batches, &c->cnt.tx_max_batch, 1);
@@ -775,7 +803,8 @@ static void gso_flush(struct fp_ctx *c, int fd)
                 continue;
             if (k == 0 || errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) {
                 for (; done < n; done++)
-                    c->cnt.drop_send += g->segs[done];
+                    send_dropped(c, &g->addr[done], g->iov[done].iov_base, g->seg_size[done],
+                                 g->segs[done]);
                 break;
             }
             if ((errno == EIO || errno == EINVAL) && g->segs[done] > 1) {
@@ -784,7 +813,8 @@ static void gso_flush(struct fp_ctx *c, int fd)
                 send_singly(c, fd, done);
                 break;
             }
-            c->cnt.drop_send += g->segs[done++];
+            send_dropped(c, &g->addr[done], g->iov[done].iov_base, g->seg_size[done], g->segs[done]);
+            done++;
             continue;
         }
         uint32_t sent = 0;
@@ -896,7 +926,7 @@ static void tx_packet(struct fp_ctx *c, int tun_fd, int udp_fd, uint8_t *p, size
         memcpy(gso_add(c, udp_fd, peer, tot), p, tot);
     return;
 malformed:
-    c->cnt.drop_malformed++;
+    drop(c, &c->cnt.drop_malformed, FP_DROP_MALFORMED, FP_DIR_TX, 0, p, (uint32_t)n, 1);
 }
 
 static int tun_to_udp_offload(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now)
@@ -915,7 +945,7 @@ static int tun_to_udp_offload(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t
         }
         taken++;
         if ((size_t)got < vnet) {
-            c->cnt.drop_malformed++;
+            drop(c, &c->cnt.drop_malformed, FP_DROP_MALFORMED, FP_DIR_TX, 0, p, 0, 1);
             continue;
         }
         memcpy(&v, p - vnet, vnet);
@@ -929,6 +959,7 @@ static int tun_to_udp_offload(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t
 
 int fp_tun_to_udp(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now)
 {
+    c->now_ms = now;
     return c->offload ? tun_to_udp_offload(c, tun_fd, udp_fd, now)
                       : tun_to_udp_plain(c, tun_fd, udp_fd, now);
 }
@@ -955,7 +986,7 @@ static void rx_write(struct fp_ctx *c, int tun_fd, const uint8_t *p, uint32_t to
                      struct fp_peer *peer)
 {
     if (tun_write(c, tun_fd, p, tot) != (ssize_t)tot) {
-        c->cnt.drop_tun_write++;
+        drop(c, &c->cnt.drop_tun_write, FP_DROP_TUN_WRITE, FP_DIR_RX, peer->addr, p, tot, 1);
         return;
     }
     c->cnt.rx_packets++;
@@ -998,7 +1029,8 @@ static void gro_flush(struct fp_ctx *c, int tun_fd)
     put16(h + 36, pseudo_sum(h, g->gro_len - 20));
     g->tun_iov[0] = (struct iovec){.iov_base = &v, .iov_len = sizeof v};
     if (writev(tun_fd, g->tun_iov, (int)n + 1) != (ssize_t)(sizeof v + g->gro_len)) {
-        c->cnt.drop_tun_write += n;
+        drop(c, &c->cnt.drop_tun_write, FP_DROP_TUN_WRITE, FP_DIR_RX, g->gro_peer->addr, h,
+             (uint32_t)g->tun_iov[1].iov_len, n);
         return;
     }
     c->cnt.tun_gso_writes++;
@@ -1072,9 +1104,9 @@ static void rx_packet(struct fp_ctx *c, int udp_fd, int tun_fd, uint8_t *p, uint
 {
     uint32_t tot, n;
     if (!(tot = ip_valid(p, len))) {
-        c->cnt.drop_malformed++;
+        drop(c, &c->cnt.drop_malformed, FP_DROP_MALFORMED, FP_DIR_RX, peer->addr, p, len, 1);
     } else if (p[8] <= 1) {
-        c->cnt.drop_ttl++;
+        drop(c, &c->cnt.drop_ttl, FP_DROP_TTL, FP_DIR_RX, peer->addr, p, tot, 1);
         n = icmp_error(c, p, tot, 11, 0, 0, now);
         if (n && sendto(udp_fd, c->scratch, n, MSG_DONTWAIT, (const struct sockaddr *)a,
                         sizeof *a) == (ssize_t)n)
@@ -1092,6 +1124,7 @@ int fp_udp_to_tun(struct fp_ctx *c, int udp_fd, int tun_fd, uint64_t now)
 {
     struct fp_ring *r = &c->ring;
     uint32_t cap = r->slot_size - r->headroom, datagrams = 0;
+    c->now_ms = now;
     for (uint32_t i = 0; i < c->batch; i++) {
         r->iov[i].iov_len = cap;
         r->msg[i].msg_hdr.msg_namelen = sizeof r->addr[i];
@@ -1117,10 +1150,11 @@ int fp_udp_to_tun(struct fp_ctx *c, int udp_fd, int tun_fd, uint64_t now)
         if (h->msg_namelen >= sizeof *a && a->sin_family == AF_INET)
             peer = peer_find(c->peers, c->peer_cap, ntohl(a->sin_addr.s_addr));
         if (!peer) {
-            c->cnt.drop_unknown_peer++;
+            uint32_t from = a->sin_family == AF_INET ? ntohl(a->sin_addr.s_addr) : 0;
+            drop(c, &c->cnt.drop_unknown_peer, FP_DROP_UNKNOWN_PEER, FP_DIR_RX, from, p, len, 1);
             datagrams++;
         } else if (h->msg_flags & MSG_TRUNC) {
-            c->cnt.drop_too_big++;
+            drop(c, &c->cnt.drop_too_big, FP_DROP_TOO_BIG, FP_DIR_RX, peer->addr, p, len, 1);
             datagrams++;
         } else {
             uint32_t size = c->offload ? gro_size(h, len) : len, n = 0;

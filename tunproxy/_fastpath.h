@@ -23,7 +23,25 @@ enum {
     FP_GSO_MAX_BYTES = 65507,/* UDP payload per send: 65535 - 20 (IPv4) - 8 (UDP) */
     FP_CMSG_WORDS = 4,       /* uint64_t per message for one int-sized cmsg (CMSG_SPACE) */
     FP_GRO_MAX_SEGS = 128,   /* TCP segments coalesced into one TUN write, at most */
-    FP_RC_GSO_OFF = 0x40000000 /* or'ed into a count: UDP GSO was refused and is now off */
+    FP_RC_GSO_OFF = 0x40000000, /* or'ed into a count: UDP GSO was refused and is now off */
+    FP_DROP_SNAP = 96        /* bytes of a dropped packet kept in the drop ring */
+};
+
+/* Why a packet was dropped: the order of the drop_* counters in fp_counters. */
+enum {
+    FP_DROP_NO_ROUTE = 0,
+    FP_DROP_TTL = 1,
+    FP_DROP_MALFORMED = 2,
+    FP_DROP_UNKNOWN_PEER = 3,
+    FP_DROP_TOO_BIG = 4,
+    FP_DROP_TUN_WRITE = 5,
+    FP_DROP_SEND = 6
+};
+
+/* Which way a dropped packet was going. */
+enum {
+    FP_DIR_TX = 0,           /* read from the TUN, for a peer */
+    FP_DIR_RX = 1            /* received from the socket, for the TUN */
 };
 
 /* fp_ctx.offload bits, chosen at init. */
@@ -50,6 +68,19 @@ struct fp_peer {
     uint64_t tx_bytes;
     uint64_t rx_packets;
     uint64_t rx_bytes;
+};
+
+/* One dropped packet in the drop ring: written only on the drop path, into
+ * memory the caller owns, overwriting the oldest. */
+struct fp_drop {
+    uint64_t time_ms;            /* now_ms of the fp_* call that dropped it */
+    uint32_t peer;               /* tx: the next hop (0: none); rx: the sender */
+    uint32_t len;                /* the packet's length; data holds min(len, FP_DROP_SNAP) */
+    uint8_t reason;              /* FP_DROP_* */
+    uint8_t dir;                 /* FP_DIR_* */
+    uint16_t count;              /* packets it stands for (a refused train of datagrams) */
+    uint32_t pad;
+    uint8_t data[FP_DROP_SNAP];  /* the packet's first bytes, from its IPv4 header */
 };
 
 struct fp_counters {
@@ -151,12 +182,17 @@ struct fp_ctx {
     struct fp_route *routes_alt; /* route_cap slots, where set_routes builds the next one */
     struct fp_peer *peers;       /* peer_cap entries, live */
     struct fp_peer *peers_alt;   /* peer_cap entries, next */
+    struct fp_drop *drops;       /* ndrops entries: the drop ring (may be NULL if ndrops is 0) */
+    uint32_t ndrops;
+    uint32_t pad2;
     /* State, owned by the C side. */
+    uint64_t drops_total;        /* records ever written; the next goes to drops_total % ndrops */
+    uint64_t now_ms;             /* now_ms of the current fp_tun_to_udp/fp_udp_to_tun call */
     uint32_t nroutes;
     uint32_t pad1;
     uint64_t len_mask;           /* bit n set: some route has length n */
     uint32_t len_count[33];      /* routes of each length */
-    uint32_t pad2;
+    uint32_t pad3;
     uint64_t tokens;             /* token bucket, in thousandths of a token */
     uint64_t last_ms;
     struct fp_counters cnt;

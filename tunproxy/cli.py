@@ -1,4 +1,4 @@
-"""The command line: ``tunproxy run`` and ``tunproxy leases``.
+"""The command line: ``tunproxy run``, ``status``, ``drops`` and ``leases``.
 
 Every flag can also come from the environment as ``TUNPROXY_<FLAG>`` or as
 flannel's ``FLANNELD_<FLAG>`` (``--etcd-endpoints`` -> ``TUNPROXY_ETCD_ENDPOINTS``,
@@ -25,7 +25,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, cli_observe
+from .control import NoDaemon
 from .fastpath import MAX_ROUTES
 from .subnets import KNOWN_BACKENDS, ConfigError, LeaseError, NetworkConfig, parse_address, parse_network
 from .supervise import TaskDied
@@ -88,14 +89,21 @@ def _number(minimum: float, inclusive: bool, unit: str) -> Converter:
     return convert
 
 
-def _port(raw: str, what: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ConfigError(f"{what} {raw!r} is not a UDP port (1-65535)") from None
-    if not 0 < value < 65536:
-        raise ConfigError(f"{what} {value} is not a UDP port (1-65535)")
-    return value
+def _port_of(protocol: str) -> Converter:
+    def convert(raw: str, what: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{what} {raw!r} is not a {protocol} port (1-65535)") from None
+        if not 0 < value < 65536:
+            raise ConfigError(f"{what} {value} is not a {protocol} port (1-65535)")
+        return value
+
+    return convert
+
+
+_port = _port_of("UDP")
+_tcp_port = _port_of("TCP")
 
 
 # Go's strconv.ParseBool (what flannel's boolean flags accept), plus yes/no/on/off.
@@ -205,8 +213,6 @@ def option(
 FLANNEL_IGNORED = {
     "--iptables-resync": "tunproxy writes no iptables rules",
     "--iptables-forward-rules": "tunproxy writes no iptables rules",
-    "--healthz-ip": "tunproxy has no healthz server",
-    "--healthz-port": "tunproxy has no healthz server",
     "--public-ipv6": "tunproxy carries IPv4 only",
     "--persistent-mac": "the VtepMAC is always derived from the public IP, so it is always persistent",
     "--set-node-network-unavailable": "tunproxy has no Kubernetes subnet manager",
@@ -299,7 +305,14 @@ def build_parser() -> ArgumentParser:
     )
     option(host, "--public-ip", convert=_address, help="address peers send to (default: the interface's)")
     option(host, "--subnet-file", default=DEFAULT_SUBNET_FILE, help="where to write subnet.env ('' for none)")
-    option(host, "--ip-masq", default=False, help="advertise FLANNEL_IPMASQ=true in subnet.env")
+    option(
+        host,
+        "--ip-masq",
+        default=False,
+        help="masquerade traffic from the overlay to outside it (nftables table ip tunproxy); "
+        "also FLANNEL_IPMASQ=true in subnet.env",
+    )
+    cli_observe.add_run_flags(run)
 
     udp = run.add_argument_group("udp backend")
     option(udp, "--port", convert=_port, help="UDP port (default: Backend.Port, else 8285)")
@@ -312,6 +325,13 @@ def build_parser() -> ArgumentParser:
         default=0,
         help="most peer routes the fast path holds (0, the default: every subnet the network config "
         "allows, at least 4096); leases past it are logged and added when room frees",
+    )
+    option(
+        udp,
+        "--drop-ring",
+        convert=_integer(0, 65536),
+        default=256,
+        help="dropped packets kept for tunproxy drops (default 256; 0: none)",
     )
     option(
         udp,
@@ -366,6 +386,8 @@ def build_parser() -> ArgumentParser:
     _add_etcd_flags(leases)
     option(leases, "--json", default=False, help="print JSON instead of a table")
     _add_log_level(leases)
+    for asking in cli_observe.add_commands(sub):
+        _add_log_level(asking)
     return parser
 
 
@@ -575,6 +597,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon, DaemonOptions, serve
     from .netlink import InterfaceChoice
 
+    observe = cli_observe.observe_options(args)
     registry = make_registry(args)  # bad input is reported before the privilege check
     if os.geteuid() != 0:
         raise UsageError("tunproxy run needs root (CAP_NET_ADMIN) to create devices and routes")
@@ -592,7 +615,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             "port_source": source(args, "port"),
             "offload": not args.no_offload,
             "max_routes": args.max_routes,
+            "drop_ring": args.drop_ring,
         },
+        observe=observe,
     )
     import uvloop
 
@@ -651,6 +676,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             )
             for warning in warnings:
                 log.warning("%s", warning)
+            if args.command in cli_observe.COMMANDS:
+                return cli_observe.COMMANDS[args.command](args)
             return cmd_run(args) if args.command == "run" else cmd_leases(args)
         except BaseExceptionGroup as group:  # from the daemon's task group: report the first cause
             raise first_leaf(group) from None
@@ -658,6 +685,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return fail(str(e), 2)
     except TaskDied as e:
         return fail(str(e), 1)
+    except NoDaemon as e:
+        print(f"tunproxy: {e}", file=sys.stderr)
+        return 3
     except PermissionError as e:
         return fail(f"permission denied: {describe_os_error(e)} (run as root)", 1)
     except OSError as e:

@@ -31,6 +31,8 @@ from .backends import Backend, BackendContext, create_backend
 from .backends.base import PeerRefused, RouteTableFull
 from .leases import EventKind, LeaseEvent, LeaseWatcher
 from .netlink import InterfaceChoice, find_underlay
+from .observe import changed_fields
+from .observer import ObserveOptions, Observer
 from .peers.base import Changes, OwnLease, Registry, Snapshot
 from .subnets import ConfigError, Lease, NetworkConfig
 from .supervise import supervised
@@ -47,6 +49,7 @@ class DaemonOptions:
     check_interval: float = 10.0
     ipmasq: bool = False
     backend_options: dict[str, Any] = field(default_factory=dict)
+    observe: ObserveOptions = field(default_factory=ObserveOptions)
 
 
 def subnet_env(network: IPv4Network, subnet: IPv4Network, mtu: int, ipmasq: bool) -> str:
@@ -156,6 +159,7 @@ class Daemon:
         self.unapplied: dict[IPv4Network, Lease] = {}
         self._refusals_said: dict[IPv4Network, str] = {}
         self._lock = SubnetFileLock(options.subnet_file) if options.subnet_file else None
+        self.observer = Observer(self, options.observe)
 
     async def run(self) -> None:
         if self._lock is not None:
@@ -183,20 +187,24 @@ class Daemon:
             backend.mtu,
         )
         try:
+            await self.observer.start()
             await backend.open()
             lease = await self.registry.acquire(public_ip, backend.name, backend.backend_data)
             await self._own_lease(lease)
             async with asyncio.TaskGroup() as tasks:
                 loops = {"the lease watch": self._follow(), "the periodic check": self._check_loop()}
+                loops["the observer"] = self.observer.run()
                 if opts.stats_interval > 0:
                     loops["the stats logger"] = self._stats_loop()
                 for name, loop in loops.items():
                     tasks.create_task(supervised(name, loop), name=name)
         finally:
+            await self.observer.stopping()
             if backend.stats():
                 log.info("stats: %s", backend.stats())
             await backend.close()
             await self.registry.close()
+            await self.observer.close()
 
     async def _own_lease(self, lease: Any) -> None:
         assert self.backend and self.config
@@ -215,6 +223,7 @@ class Daemon:
                 if not reconciled:
                     reconciled = True
                     await self._reconcile()
+                self.observer.synced()
             elif isinstance(update, Changes):
                 await self._apply(self.watcher.update(update.events))
             elif isinstance(update, OwnLease):
@@ -344,11 +353,13 @@ class Daemon:
         assert self.backend
         if self.options.stats_interval <= 0:
             return
+        previous: str | None = None
         while True:
             await asyncio.sleep(self.options.stats_interval)
             line = self.backend.stats()
-            if line:
-                log.info("stats: %s", line)
+            if line:  # only what changed, but a line every interval: a heartbeat
+                log.info("stats: %s", changed_fields(previous, line) or "unchanged")
+            previous = line or previous
 
     async def _check_loop(self) -> None:
         """Restore what was removed behind our back and retry refused leases; never ends on an error."""

@@ -3,7 +3,7 @@
 Builds the lab (a bridge on 192.0.2.0/24, hosts .11 .12 .13), starts
 ``tunproxy run`` in each (static peers, or etcd with ``--etcd`` when it is
 installed), pings every pair across the overlay, moves data with iperf3, prints
-what each daemon counted, and deletes everything, also on failure or Ctrl-C.
+each daemon's ``tunproxy status``, and deletes everything, also on failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -28,6 +29,11 @@ HOSTS = {
 
 def say(text: str) -> None:
     print(f"demo: {text}", flush=True)
+
+
+def subnet_file(lab: Lab, name: str) -> str:
+    """Where Host.tunproxy has the daemon write subnet.env: it also names its control socket."""
+    return str(lab.workdir / f"{name}-subnet.env")
 
 
 def overlay_address(subnet: str) -> str:
@@ -122,12 +128,20 @@ def main(argv: list[str] | None = None) -> int:
                 failures += 1
                 say(f"iperf3 FAILED: {result.stdout[-400:]}{result.stderr[-400:]}")
 
+            for name in procs:
+                status = subprocess.run(
+                    [sys.executable, "-m", "tunproxy", "status", "--subnet-file", subnet_file(lab, name)],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                say(f"tunproxy status on {name}:")
+                for line in (status.stdout or status.stderr).rstrip().splitlines():
+                    print(f"    {line}", flush=True)
+                failures += status.returncode != 0
             for name, proc in procs.items():
                 proc.stop()
-                stats = [line for line in proc.output().splitlines() if "stats:" in line]
-                say(
-                    f"{name} exited {proc.popen.returncode}; {stats[-1].split('stats: ')[1] if stats else ''}"
-                )
+                say(f"{name} exited {proc.popen.returncode}")
                 failures += proc.popen.returncode != 0
         finally:
             if etcd:

@@ -62,6 +62,11 @@ OFFLOAD_COUNTERS = (
 
 _PEER = struct.Struct("=II4Q")  # struct fp_peer
 assert _PEER.size == ffi.sizeof("struct fp_peer")
+DROP_SNAP = lib.FP_DROP_SNAP
+_DROP = struct.Struct(f"=QIIBBHI{DROP_SNAP}s")  # struct fp_drop
+assert _DROP.size == ffi.sizeof("struct fp_drop")
+assert [getattr(lib, "FP_DROP_" + r.upper()) for r in DROP_REASONS] == list(range(len(DROP_REASONS)))
+DEFAULT_DROP_RING = 256
 _NOTHING_TO_DO = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 _GSO_OFF = lib.FP_RC_GSO_OFF
 
@@ -79,6 +84,28 @@ class UdpGsoDisabled(FastPathError):
     def __init__(self, err: int, count: int) -> None:
         super().__init__(err, f"UDP GSO disabled, sending datagrams one by one: {os.strerror(err)}")
         self.count = count
+
+
+@dataclass(frozen=True)
+class Drop:
+    """One dropped packet from the drop ring.
+
+    ``time_ms`` is the ``now_ms`` passed to the call that dropped it (the
+    caller's monotonic clock); ``direction`` is ``"tx"`` (read from the TUN,
+    ``peer`` the next hop or None without a route) or ``"rx"`` (received,
+    ``peer`` the sender); ``length`` is the packet's own length and ``data``
+    its first ``DROP_SNAP`` bytes at most, from the IPv4 header on; ``count``
+    is how many packets the record stands for (a refused train of datagrams
+    is kept once).
+    """
+
+    time_ms: int
+    reason: str
+    direction: str
+    peer: IPv4Address | None
+    length: int
+    count: int
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -216,6 +243,7 @@ class FastPath:
         offload: bool = False,
         udp_gso: bool = True,
         gso_buffer: int = GSO_BUFFER,
+        drop_ring: int = DEFAULT_DROP_RING,
     ) -> None:
         _check_int("mtu", mtu, 68, MAX_PACKET)
         _check_int("port", port, 1, 65535)
@@ -225,6 +253,7 @@ class FastPath:
         _check_int("icmp_rate", icmp_rate, 0, MAX_ICMP_RATE)
         _check_int("icmp_burst", icmp_burst, 0, MAX_ICMP_RATE)
         _check_int("gso_buffer", gso_buffer, MAX_PACKET, 1 << 30)
+        _check_int("drop_ring", drop_ring, 0, 1 << 20)
         if offload and headroom < VNET_HDR_LEN:
             raise ValueError(f"offload needs a headroom of at least {VNET_HDR_LEN}, got {headroom}")
         if slot_size is None:
@@ -273,6 +302,7 @@ class FastPath:
             "routes_alt": ffi.new("struct fp_route[]", self._route_cap),
             "peers": ffi.new("struct fp_peer[]", self._peer_cap),
             "peers_alt": ffi.new("struct fp_peer[]", self._peer_cap),
+            "drops": ffi.new("struct fp_drop[]", max(drop_ring, 1)),
         }
         m = self._memory
         ring = c.ring
@@ -288,6 +318,8 @@ class FastPath:
         ring.headroom = headroom
         c.routes, c.routes_alt = m["routes"], m["routes_alt"]
         c.peers, c.peers_alt = m["peers"], m["peers_alt"]
+        c.drops, c.ndrops = m["drops"], drop_ring
+        self._drop_ring = drop_ring
         if offload:
             # A 64 KiB TSO packet fills one or two messages, anything else at most one;
             # a queue that fills up anyway is just sent early.
@@ -508,6 +540,36 @@ class FastPath:
             peers=peers,
             **{name: getattr(k, name) for name in OFFLOAD_COUNTERS},
         )
+
+    def drops(self) -> list[Drop]:
+        """The most recent dropped packets (at most ``drop_ring``), oldest first."""
+        c = self._ctx
+        cap, total = self._drop_ring, c.drops_total
+        if not cap or not total:
+            return []
+        raw = bytes(ffi.buffer(c.drops, cap * _DROP.size))
+        out = []
+        for k in range(max(0, total - cap), total):
+            time_ms, peer, length, reason, direction, count, _, data = _DROP.unpack_from(
+                raw, (k % cap) * _DROP.size
+            )
+            out.append(
+                Drop(
+                    time_ms=time_ms,
+                    reason=DROP_REASONS[reason] if reason < len(DROP_REASONS) else str(reason),
+                    direction="rx" if direction == lib.FP_DIR_RX else "tx",
+                    peer=IPv4Address(peer) if peer else None,
+                    length=length,
+                    count=count,
+                    data=data[: min(length, DROP_SNAP)],
+                )
+            )
+        return out
+
+    @property
+    def drops_total(self) -> int:
+        """Records ever written to the drop ring (a drop of a train of datagrams is one)."""
+        return int(self._ctx.drops_total)
 
     def __repr__(self) -> str:
         return (

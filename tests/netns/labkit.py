@@ -159,9 +159,12 @@ def counter(proc: Process, name: str, wait_for_new: bool = True, timeout: float 
         time.sleep(0.1)
     lines = [line for line in proc.output().splitlines() if "stats:" in line]
     assert lines, f"no stats line yet:\n{proc.output()[-2000:]}"
-    found = re.search(rf"\b{name}=(\d+)", lines[-1])
-    assert found, f"no counter {name} in {lines[-1]}"
-    return int(found.group(1))
+    # A stats line names only the counters that changed since the one before: the
+    # latest line naming this counter has its current value.
+    for line in reversed(lines):
+        if found := re.search(rf"\b{name}=(\d+)", line):
+            return int(found.group(1))
+    raise AssertionError(f"no counter {name} in any stats line: {lines[-1]}")
 
 
 ROUTED_HOSTS = {

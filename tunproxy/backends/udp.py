@@ -28,7 +28,15 @@ from pathlib import Path
 
 import pytun
 
-from ..fastpath import MAX_ROUTES, UDP_GRO, UDP_SEGMENT, VNET_HDR_LEN, FastPath, UdpGsoDisabled
+from ..fastpath import (
+    DEFAULT_DROP_RING,
+    MAX_ROUTES,
+    UDP_GRO,
+    UDP_SEGMENT,
+    VNET_HDR_LEN,
+    FastPath,
+    UdpGsoDisabled,
+)
 from ..netlink import delete_link, ensure_address, link_index, replace_route, run_netlink
 from ..subnets import ConfigError, Lease, NetworkConfig, udp_port
 from .base import Backend, RouteTableFull
@@ -197,6 +205,7 @@ class UdpBackend(Backend):
                 offload=self.offload,
                 udp_gso=self._udp_gso,
                 max_routes=self.max_routes,
+                drop_ring=int(self.ctx.options.get("drop_ring", DEFAULT_DROP_RING)),
             )
             self.fastpath.set_routes(self._routes)
         self.subnet = subnet

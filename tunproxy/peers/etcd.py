@@ -416,6 +416,8 @@ class EtcdRegistry(Registry):
         self.config_poll = 10.0  # seconds between looks at the config, for drift only
         self.watch_idle = 30.0  # seconds of watch silence before asking etcd for progress
         self._to_revoke: set[int] = set()  # etcd leases we no longer use
+        self.lease_problem: str | None = None  # set while our lease is lost and being re-acquired
+        self._cursor: WatchCursor | None = None
 
     # --- what the daemon calls ----------------------------------------------
 
@@ -428,6 +430,16 @@ class EtcdRegistry(Registry):
     def own_etcd_lease(self) -> int | None:
         """The etcd lease ID our key is attached to; 0 for a reservation."""
         return self._own.etcd_lease if self._own else None
+
+    @property
+    def reachable(self) -> bool:
+        """False from a failed call (after the endpoints were all tried) until the next one succeeds."""
+        return not self._conn.down
+
+    @property
+    def watch_revision(self) -> int | None:
+        """The etcd revision the watch has applied up to; None before the first listing."""
+        return self._cursor.revision if self._cursor and self._cursor.revision else None
 
     async def network_config(self) -> NetworkConfig:
         if self._config is not None:
@@ -687,9 +699,11 @@ class EtcdRegistry(Registry):
         else:
             return
         if not still_ours:
+            self.lease_problem = f"our lease on {own.lease.subnet} was lost; re-acquiring a subnet"
             self._own = await self._reacquire(own.lease.subnet)
             if own.etcd_lease != self._own.etcd_lease:
                 self._unused(own.etcd_lease)
+            self.lease_problem = None
             self._updates.put_nowait(OwnLease(self._own.lease))
 
     async def _renew(self, own: _Own) -> bool:
@@ -798,7 +812,7 @@ class EtcdRegistry(Registry):
             said = drift
 
     async def _watch_loop(self) -> None:
-        cursor = WatchCursor()
+        cursor = self._cursor = WatchCursor()
         backoff = Backoff()
         while True:
             client: _Client | None = None

@@ -1,0 +1,186 @@
+"""HTTP for probes and Prometheus: ``/healthz``, ``/readyz`` and ``/metrics``, with aiohttp.
+
+flannel's flags and defaults: ``--healthz-ip`` (0.0.0.0) and ``--healthz-port``
+(no server unless given). ``/healthz`` is 200 while the daemon's loops run;
+``/readyz`` is 200 once our lease is held and the backend has programmed every
+peer, else 503 with a one-line reason (``tunproxy.observe.DaemonState.readiness``).
+``/metrics`` is the Prometheus text format from prometheus-client; the
+``Collector`` reads the fast path's counters when scraped (one C struct read),
+so nothing is copied per packet. Metric names follow Prometheus's conventions
+(``_total`` for counters, base units, ``_timestamp_seconds``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import __version__
+from .observe import READY
+from .subnets import ConfigError
+
+if TYPE_CHECKING:
+    from .observer import Observer
+
+log = logging.getLogger("tunproxy")
+
+STUCK_AFTER = 10.0  # seconds without a tick of the observer's loop: /healthz fails
+
+# Fast-path counters exported as they are: name -> help. The batch maxima are gauges.
+COUNTERS = {
+    "tx_packets": "Packets sent to peers (TUN -> UDP).",
+    "tx_bytes": "Bytes of inner packets sent to peers.",
+    "rx_packets": "Packets received from peers and written to the TUN.",
+    "rx_bytes": "Bytes of inner packets received from peers.",
+    "tx_batches": "sendmmsg calls that sent at least one datagram.",
+    "tx_multi_batches": "sendmmsg calls that sent more than one datagram.",
+    "rx_batches": "recvmmsg calls that returned at least one datagram.",
+    "rx_multi_batches": "recvmmsg calls that returned more than one datagram.",
+    "tso_packets": "TSO super-packets read from the TUN (offload mode).",
+    "tso_segments": "Packets cut from TSO super-packets.",
+    "csum_completed": "Partial checksums completed for the TUN's other packets.",
+    "gso_sends": "Messages sent with UDP_SEGMENT carrying several datagrams.",
+    "gso_segments": "Datagrams in those messages.",
+    "gro_receives": "Received UDP_GRO buffers holding several datagrams.",
+    "gro_segments": "Datagrams in those buffers.",
+    "tun_gso_writes": "TUN writes of several coalesced TCP segments.",
+    "tun_gso_segments": "TCP segments in those writes.",
+}
+GAUGES = {
+    "tx_max_batch": "Most datagrams one sendmmsg call has sent.",
+    "rx_max_batch": "Most datagrams one recvmmsg call has returned.",
+}
+
+
+class Collector:
+    """A prometheus-client collector over an ``Observer``; see the module docstring."""
+
+    def __init__(self, observer: Observer) -> None:
+        self.observer = observer
+
+    def collect(self) -> Iterator[Metric]:
+        o = self.observer
+        o.refresh()
+        state = o.state
+        info = GaugeMetricFamily(
+            "tunproxy_build_info", "tunproxy's version and backend; always 1.", labels=["version", "backend"]
+        )
+        info.add_metric([__version__, state.backend or ""], 1)
+        yield info
+        phase, _ = state.readiness()
+        yield GaugeMetricFamily("tunproxy_ready", "1 while /readyz says ready.", value=int(phase == READY))
+        yield GaugeMetricFamily("tunproxy_peers", "Peers the backend was given.", value=len(state.peers))
+        if state.lease is not None and state.lease.expiration is not None:
+            yield GaugeMetricFamily(
+                "tunproxy_lease_expiry_timestamp_seconds",
+                "When our subnet lease expires unless renewed (Unix time).",
+                value=state.lease.expiration,
+            )
+        store = state.store
+        if store.get("kind") == "etcd":
+            yield GaugeMetricFamily(
+                "tunproxy_store_reachable", "1 while etcd answers.", value=int(bool(store.get("reachable")))
+            )
+            if store.get("watch_revision") is not None:
+                yield GaugeMetricFamily(
+                    "tunproxy_watch_revision",
+                    "The etcd revision the lease watch has applied up to.",
+                    value=store["watch_revision"],
+                )
+        fastpath = getattr(o.daemon.backend, "fastpath", None)
+        if fastpath is None:
+            return
+        c = fastpath.counters()
+        for name, help_ in COUNTERS.items():
+            yield CounterMetricFamily(f"tunproxy_{name}", help_, value=getattr(c, name))
+        for name, help_ in GAUGES.items():
+            yield GaugeMetricFamily(f"tunproxy_{name}", help_, value=getattr(c, name))
+        drops = CounterMetricFamily(
+            "tunproxy_dropped_packets", "Packets dropped, by reason.", labels=["reason"]
+        )
+        for reason, value in c.drops.items():
+            drops.add_metric([reason], value)
+        yield drops
+        yield CounterMetricFamily(
+            "tunproxy_icmp_errors_sent", "ICMP errors sent for dropped packets.", value=c.icmp_sent
+        )
+        yield CounterMetricFamily(
+            "tunproxy_icmp_errors_suppressed",
+            "ICMP errors not sent because of the rate limit.",
+            value=c.icmp_ratelimited,
+        )
+        subnets = _subnets_by_ip(o)
+        labels = ["subnet", "public_ip"]
+        families = {
+            name: CounterMetricFamily(f"tunproxy_peer_{name}", f"Per peer: {COUNTERS[name]}", labels=labels)
+            for name in ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes")
+        }
+        for addr, pc in sorted(c.peers.items()):
+            key = [subnets.get(addr, ""), str(addr)]
+            for name, family in families.items():
+                family.add_metric(key, getattr(pc, name))
+        yield from families.values()
+
+
+def _subnets_by_ip(o: Observer) -> dict[IPv4Address, str]:
+    out: dict[IPv4Address, list[str]] = {}
+    for subnet, peer in sorted(o.state.peers.items()):
+        out.setdefault(peer.lease.public_ip, []).append(str(subnet))
+    return {ip: ",".join(subnets) for ip, subnets in out.items()}
+
+
+class HttpServer:
+    """aiohttp on ``host:port`` serving the three paths; ``start`` raises ConfigError if it cannot bind."""
+
+    def __init__(self, observer: Observer, host: str, port: int) -> None:
+        self.observer = observer
+        self.host, self.port = host, port
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(Collector(observer))  # type: ignore[arg-type]
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await self._runner.cleanup()
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise ConfigError(f"cannot serve /healthz on {self.host}:{self.port}: {why}") from None
+        log.info("serving /healthz, /readyz and /metrics on %s:%d", self.host, self.port)
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        stuck = self.observer.stuck_for(asyncio.get_running_loop().time())
+        if self.observer.state.stopping:
+            return web.Response(status=503, text="stopping\n")
+        if stuck is not None and stuck > STUCK_AFTER:
+            return web.Response(status=503, text=f"the daemon's loops have not run for {stuck:.0f}s\n")
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        self.observer.refresh()
+        phase, reason = self.observer.state.readiness()
+        if phase == READY:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text=f"{phase}: {reason}\n")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body: Any = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
