@@ -1,7 +1,7 @@
 # make demo: install what is needed, then run three hosts in network namespaces.
 # make test: the whole suite (unit tests; as root also TUN, namespaces, etcd).
 PY ?= python3
-APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping containernetworking-plugins
+APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping containernetworking-plugins openssl nftables
 STAMP := build/.setup-stamp
 
 .PHONY: setup build demo demo-etcd demo-pods test test-unit lint bench bench-quick bench-control clean
@@ -30,10 +30,10 @@ demo-pods: build
 	$(PY) -m tunproxy.demo --pods
 
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 test-unit: build
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -rs tests/unit
 
 lint:
 	ruff check tunproxy tests bench
