@@ -7,7 +7,8 @@ time is from the daemon's "our subnet is" line to its "peers: N added ... in one
 burst" line (the Snapshot path a relist after a compaction takes too). Then
 ``--paced`` more leases are written one at a time at ``--rate`` per second; each
 one's latency, per daemon, is from the put's completion to the daemon's
-"peer added: <subnet>" line (logged once the route is in the C table). Both
+"peer added: <subnet>" line (logged once the route is in the C table); the put's
+issue time is used, so the put's own round trip is counted in (an upper bound). Both
 clocks are this machine's. Daemon memory is VmRSS (and the peak, VmHWM).
 
 Prints a table; writes bench/results/scale-<timestamp>.json. Targets (issue 12):
@@ -55,7 +56,8 @@ async def main(host, port, count, length):
 asyncio.run(main(*sys.argv[1:]))
 """
 
-# One create-only put at a time (a subnet a daemon holds is skipped), its completion time printed.
+# One create-only put at a time (a subnet a daemon holds is skipped), the time it was issued
+# printed: the latency measured from it includes the put's own round trip, an upper bound.
 _PACED = """
 import asyncio, json, sys, time
 from ipaddress import IPv4Network
@@ -71,11 +73,12 @@ async def main(host, port, count, length, first, rate):
                 break
             key = f"/coreos.com/network/subnets/{net.network_address}-{net.prefixlen}".encode()
             value = json.dumps({"PublicIP": "192.0.2.250", "BackendType": "udp"}).encode()
+            issued = time.time()
             ok, _ = await client.transaction(
                 compare=[t.version(key) == 0], success=[t.put(key, value, lease=grant.id)], failure=[]
             )
             if ok:
-                print(f"{time.time():.6f} {net}", flush=True)
+                print(f"{issued:.6f} {net}", flush=True)
                 written += 1
             await asyncio.sleep(1 / float(rate))
 
@@ -94,6 +97,14 @@ def log_times(text: str, pattern: str) -> list[tuple[float, re.Match[str]]]:
             when = dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
             out.append((when, found))
     return out
+
+
+def big_burst(text: str, leases: int) -> float | None:
+    """When the daemon logged the burst that added the bulk leases (and any daemons before it)."""
+    for when, found in log_times(text, r"peers: (\d+) added"):
+        if int(found.group(1)) >= leases:
+            return when
+    return None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -129,19 +140,15 @@ def scale(leases: int = 2000, daemons: int = 3, paced: int = 200, rate: float = 
             for name, host in hosts.items():
                 procs[name] = host.tunproxy("--etcd-endpoints", etcd.endpoint, "--stats-interval", "0")
             listing: dict[str, float] = {}
-            for proc in procs.values():
-                # The big burst: the bulk leases plus whichever daemons started before this one.
-                proc.wait_for(f"peers: {leases}", timeout=120)
-            # Every daemon routes the others too (small bursts after the big one).
-            for name, proc in procs.items():
-                for other in procs:
-                    if other != name:
-                        subnet = re.search(r"our subnet is (\S+)", procs[other].output())
-                        assert subnet
-                        proc.wait_for(f"peer added: {subnet.group(1)}", timeout=30)
+            deadline = time.monotonic() + 120
+            while not all(big_burst(proc.output(), leases) for proc in procs.values()):
+                if time.monotonic() > deadline or not all(proc.alive() for proc in procs.values()):
+                    raise RuntimeError("not every daemon listed the leases: " + procs["h1"].output()[-2000:])
+                time.sleep(0.2)
             for name, proc in procs.items():
                 [(own, _)] = log_times(proc.output(), r"our subnet is")[:1]
-                [(burst, _)] = log_times(proc.output(), rf"peers: {leases}\d? added")[:1]
+                burst = big_burst(proc.output(), leases)
+                assert burst is not None
                 listing[name] = burst - own
             memory_full = {name: memory(proc.pid) for name, proc in procs.items()}
             writer = lab.start(
@@ -176,6 +183,7 @@ def scale(leases: int = 2000, daemons: int = 3, paced: int = 200, rate: float = 
                     "p50": round(1000 * percentile(everything, 50), 1),
                     "p99": round(1000 * percentile(everything, 99), 1),
                     "max": round(1000 * max(everything, default=float("nan")), 1),
+                    "min": round(1000 * min(everything, default=float("nan")), 1),
                     "per_daemon_p99": {n: round(1000 * percentile(v, 99), 1) for n, v in latencies.items()},
                 },
                 "full_list_s": {n: round(v, 3) for n, v in listing.items()},
