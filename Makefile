@@ -1,10 +1,10 @@
 # make demo: install what is needed, then run three hosts in network namespaces.
 # make test: the whole suite (unit tests; as root also TUN, namespaces, etcd).
 PY ?= python3
-APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping containernetworking-plugins nftables tshark
+APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping containernetworking-plugins openssl nftables tshark
 STAMP := build/.setup-stamp
 
-.PHONY: setup build demo demo-etcd demo-pods test test-unit lint bench bench-quick bench-control clean
+.PHONY: setup build demo demo-etcd demo-pods test test-unit lint bench bench-quick bench-control soak scale clean
 
 setup: $(STAMP)
 
@@ -30,10 +30,10 @@ demo-pods: build
 	$(PY) -m tunproxy.demo --pods
 
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 test-unit: build
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -rs tests/unit
 
 lint:
 	ruff check tunproxy tests bench
@@ -47,6 +47,14 @@ bench-quick: build
 
 bench-control: build
 	$(PY) -m bench.control
+
+# Ten minutes of traffic while peers join, leave, restart and lose leases (SOAK_SECONDS=... to change).
+soak: build
+	$(PY) -m bench.soak --seconds $(or $(SOAK_SECONDS),600)
+
+# One etcd holding 2,000 leases and three daemons: route latency, a full relist, memory.
+scale: build
+	$(PY) -m bench.scale
 
 clean:
 	rm -rf build *.egg-info tunproxy/_fastpath_cffi* .pytest_cache .hypothesis

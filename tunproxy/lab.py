@@ -496,6 +496,125 @@ class EtcdCluster:
         self._tmp.cleanup()
 
 
+class NamespacedEtcdCluster:
+    """Three (or more) real etcd members, each in its own namespace on a lab segment, as deployed.
+
+    Member ``mI`` lives in namespace ``etcdI`` at ``addresses[I]`` (client port
+    2379, peer port 2380, etcd's defaults). Faults a user meets: ``kill`` a
+    member (SIGKILL, say the leader), ``partition`` it (its link down) and
+    ``heal`` it, ``stop``/``start`` any set of members; data dirs survive, so
+    a restarted member rejoins the same cluster. ``etcdctl`` runs in the
+    switch namespace, which needs an address on the segment (``Lab.switch_address``).
+    """
+
+    CLIENT_PORT = 2379
+    PEER_PORT = 2380
+
+    def __init__(self, lab: Lab, segment: str, addresses: list[str]) -> None:
+        self.lab = lab
+        self.names = [f"m{i}" for i in range(len(addresses))]
+        self.addresses = dict(zip(self.names, addresses, strict=True))
+        self.namespaces: dict[str, Netns] = {}
+        for i, name in enumerate(self.names):
+            ns = lab._netns(f"etcd{i}")
+            lab.attach(ns, segment, addresses[i], "eth1")
+            self.namespaces[name] = ns
+        self._tmp = tempfile.TemporaryDirectory(prefix="tunproxy-etcd-ns-", dir=lab.workdir)
+        self.datadir = Path(self._tmp.name)
+        self.popens: dict[str, subprocess.Popen[bytes]] = {}
+
+    def endpoint(self, name: str) -> str:
+        return f"http://{self.addresses[name]}:{self.CLIENT_PORT}"
+
+    @property
+    def endpoints(self) -> str:
+        """Every member's client URL, comma-separated, as --etcd-endpoints takes them."""
+        return ",".join(self.endpoint(name) for name in self.names)
+
+    def _argv(self, name: str) -> list[str]:
+        peer = f"http://{self.addresses[name]}:{self.PEER_PORT}"
+        initial = ",".join(f"{n}=http://{a}:{self.PEER_PORT}" for n, a in self.addresses.items())
+        return [
+            "etcd", "--name", name, "--data-dir", str(self.datadir / name),
+            "--listen-client-urls", self.endpoint(name), "--advertise-client-urls", self.endpoint(name),
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", initial, "--initial-cluster-state", "new",
+            "--log-level", "warn",
+        ]  # fmt: skip
+
+    def start(self, *names: str, timeout: float = 30) -> NamespacedEtcdCluster:
+        """Start ``names`` (default: every member not running) and wait for the cluster to be healthy."""
+        for name in names or self.names:
+            popen = self.popens.get(name)
+            if popen is not None and popen.poll() is None:
+                continue
+            log = open(self.datadir / f"{name}.log", "ab")  # noqa: SIM115
+            self.popens[name] = subprocess.Popen(
+                self.namespaces[name].cmd(*self._argv(name)),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+            log.close()
+        self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.etcdctl("endpoint", "health", check=False).returncode == 0:
+                return
+            time.sleep(0.2)
+        logs = {n: (self.datadir / f"{n}.log").read_text(errors="replace")[-800:] for n in self.names}
+        raise RuntimeError(f"the etcd cluster is not healthy after {timeout:.0f}s: {logs}")
+
+    def etcdctl(
+        self, *args: str, check: bool = True, endpoints: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [
+            "etcdctl", f"--endpoints={endpoints or self.endpoints}",
+            "--dial-timeout=2s", "--command-timeout=5s", *args,
+        ]  # fmt: skip
+        return subprocess.run(
+            self.lab.switch.cmd(*argv), check=check, capture_output=True, text=True, timeout=30,
+            env=dict(os.environ, ETCDCTL_API="3"),
+        )  # fmt: skip
+
+    def leader(self) -> str:
+        """The member that is leader now, from ``etcdctl endpoint status -w json``; RuntimeError if none."""
+        import json
+
+        out = self.etcdctl("endpoint", "status", "-w", "json", check=False)
+        for status in json.loads(out.stdout or "[]"):
+            header = status["Status"]["header"]
+            if header["member_id"] == status["Status"]["leader"]:
+                for name in self.names:
+                    if status["Endpoint"] == self.endpoint(name):
+                        return name
+        raise RuntimeError(f"no etcd leader: {out.stdout.strip()} {out.stderr.strip()}")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        popen = self.popens[name]
+        with contextlib.suppress(ProcessLookupError):
+            popen.send_signal(sig)
+        popen.wait(10)
+
+    def stop(self, *names: str) -> None:
+        for name in names or self.names:
+            if name in self.popens:
+                stop_process(self.popens[name])
+
+    def partition(self, name: str) -> None:
+        """Cut ``name`` off the segment: its link goes down, so packets to it are lost, not refused."""
+        self.namespaces[name].ip("link", "set", "eth1", "down")
+
+    def heal(self, name: str) -> None:
+        self.namespaces[name].ip("link", "set", "eth1", "up")
+
+    def close(self) -> None:
+        for popen in self.popens.values():
+            stop_process(popen, timeout=5)
+        self._tmp.cleanup()
+
+
 _SINK = """
 import hashlib, socket, sys
 s = socket.socket()

@@ -2,7 +2,9 @@
 
 While cut, open connections are aborted and new ones are closed at once, so
 the client sees etcd as unreachable while the test keeps writing to etcd
-directly (and compacting its history) behind its back.
+directly (and compacting its history) behind its back. While paused, nothing
+from etcd reaches the client (and the proxy stops reading from etcd, so etcd's
+send buffers fill): the client's watch lags behind, its connection still open.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ class TcpProxy:
         self._server: asyncio.AbstractServer | None = None
         self._transports: set[asyncio.WriteTransport] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -42,6 +46,13 @@ class TcpProxy:
     def restore(self) -> None:
         self.cut_off = False
 
+    def pause(self) -> None:
+        """Hold back everything etcd sends to the client, connections left open."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.cut_off:
             writer.transport.abort()
@@ -56,7 +67,7 @@ class TcpProxy:
         self._transports |= pair
         pumps = [
             asyncio.create_task(self._pump(reader, up_writer)),
-            asyncio.create_task(self._pump(up_reader, writer)),
+            asyncio.create_task(self._pump(up_reader, writer, self._flowing)),
         ]
         self._tasks.update(pumps)
         try:
@@ -70,9 +81,13 @@ class TcpProxy:
             self._transports -= pair
 
     @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gate: asyncio.Event | None = None
+    ) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
+                if gate is not None:
+                    await gate.wait()
                 writer.write(data)
                 await writer.drain()
 

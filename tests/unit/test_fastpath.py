@@ -194,6 +194,41 @@ def test_tx_rewrite_matches_python_twin(env, packet):
     assert after.peers[P2].tx_packets == before.peers[P2].tx_packets + 1
 
 
+# The checksums where RFC 1624's update wraps: ttl_dec adds ~HC + 0xFEFF (~m + m' for a TTL
+# decrement), so HC <= 0xFEFE carries out of 16 bits and 0xFEFF, 0xFF00 and up do not; 0x0000
+# and 0x0001 sit at the bottom of the fold. Reached by construction, not left to chance.
+WRAP_CHECKSUMS = [0x0000, 0x0001, 0x00FF, 0x0100, 0xFEFD, 0xFEFE, 0xFEFF, 0xFF00, 0xFF01, 0xFFFE]
+
+
+def _with_checksum(target: int, ttl: int, src: str, dst: str) -> bytes:
+    """A valid IPv4 packet whose header checksum field is ``target``: the ID is chosen to get it."""
+    fields = dict(src=src, dst=dst, payload=b"wrap", ttl=ttl, df=True)
+    base = int.from_bytes(h.build_ipv4(ident=0, **fields)[10:12], "big")
+    total = (~target & 0xFFFF) + base  # the ID adds this to the one's complement sum
+    ident = (total & 0xFFFF) + (total >> 16)
+    packet = h.build_ipv4(ident=ident, **fields)
+    assert int.from_bytes(packet[10:12], "big") == target, (hex(target), packet[10:12].hex())
+    return packet
+
+
+@pytest.mark.parametrize("ttl", [2, 64, 255])
+@pytest.mark.parametrize("target", WRAP_CHECKSUMS, ids=[f"{c:#06x}" for c in WRAP_CHECKSUMS])
+def test_ttl_checksum_wrap_matches_python_twin_both_ways(env, target, ttl):
+    env.fp.set_routes({NET("10.2.0.0/16"): P2, NET("10.9.0.0/16"): P3})
+    out = _with_checksum(target, ttl, "10.9.0.1", "10.2.0.5")
+    env.inject(out)
+    assert env.tx() == 1
+    [sent] = receive(env.peers[P2], 1)
+    assert sent == h.forward(out)
+    assert h.checksum(sent[:20]) == 0
+    back = _with_checksum(target, ttl, "10.2.0.5", "10.9.0.1")
+    env.send_from(P2, back)
+    assert env.rx() == 1
+    [written] = receive(env.kernel, 1)
+    assert written == h.forward(back)
+    assert h.checksum(written[:20]) == 0
+
+
 @HYPO
 @given(packet=packets())
 def test_rx_rewrite_matches_python_twin(env, packet):
@@ -449,6 +484,100 @@ def test_icmp_rate_limit(make_env):
     c = env.counters()
     assert c.icmp_sent == 12 and c.icmp_ratelimited == 27 - 12
     assert c.drops["no_route"] == 27
+
+
+def _silent_kinds(*, ttl: int = 64, df: bool = False, size: int = 0) -> dict[str, bytes]:
+    """SILENT's kinds of packet (no ICMP error may be sent about them) with a given TTL, DF and payload."""
+    pad = bytes(size)
+
+    def ip(src: str = "10.9.0.1", dst: str = "10.2.0.5", payload: bytes = pad, **kw) -> bytes:
+        return h.build_ipv4(src=src, dst=dst, payload=payload, ttl=ttl, df=df, **kw)
+
+    def icmp_kind(icmp_type: int, **kw) -> bytes:
+        return ip(proto=1, payload=bytes([icmp_type, 1]) + bytes(30) + pad, **kw)
+
+    return {
+        "icmp-unreachable": icmp_kind(3),
+        "icmp-source-quench": icmp_kind(4),
+        "icmp-redirect": icmp_kind(5),
+        "icmp-time-exceeded": icmp_kind(11),
+        "icmp-parameter-problem": icmp_kind(12),
+        "non-first-fragment": ip(frag_offset=185, payload=bytes(20) + pad),
+        "fragment-offset-4096": ip(frag_offset=0x1000, mf=True),
+        "icmp-echo-fragment": icmp_kind(8, frag_offset=1),
+        "multicast-dst": ip(dst="224.0.0.251", payload=bytes(20) + pad),
+        "multicast-dst-edge": ip(dst="224.0.0.0"),
+        "broadcast-dst": ip(dst="255.255.255.255"),
+        "multicast-src": ip(src="239.1.1.1"),
+        "zero-src": ip(src="0.0.0.0"),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_silent_kinds()))
+def test_ttl_expiry_is_silent_for(env, kind):
+    """Time-exceeded obeys the same rules as net-unreachable (RFC 1812 4.3.2.7)."""
+    env.fp.set_routes({NET("0.0.0.0/0"): P2})
+    packet = _silent_kinds(ttl=1)[kind]
+    env.inject(packet)
+    assert env.tx() == 1
+    assert receive(env.kernel) == [] and receive(env.peers[P2]) == []
+    c = env.counters()
+    assert c.drops["ttl"] == 1 and c.icmp_sent == 0 and c.tx_packets == 0
+
+
+@pytest.mark.parametrize("kind", list(_silent_kinds()))
+def test_frag_needed_is_silent_for(env, kind):
+    """Frag-needed obeys the same rules too: a DF packet over the MTU about which no error is due."""
+    env.fp.set_routes({NET("0.0.0.0/0"): P2})
+    packet = _silent_kinds(df=True, size=MTU)[kind]
+    assert len(packet) > MTU
+    env.inject(packet)
+    assert env.tx() == 1
+    assert receive(env.kernel) == [] and receive(env.peers[P2]) == []
+    c = env.counters()
+    assert c.drops["too_big"] == 1 and c.icmp_sent == 0 and c.tx_packets == 0
+
+
+def _expiring(i: int) -> bytes:
+    return udp("10.9.0.1", f"10.2.0.{i}", ttl=1)
+
+
+def _too_big(i: int) -> bytes:
+    return h.build_ipv4(src="10.9.0.1", dst=f"10.2.0.{i}", payload=bytes(MTU), df=True)
+
+
+@pytest.mark.parametrize(
+    ("make", "drop", "answer"),
+    [
+        (_expiring, "ttl", lambda p: h.icmp_time_exceeded(p, LOCAL)),
+        (_too_big, "too_big", lambda p: h.icmp_frag_needed(p, LOCAL, MTU)),
+    ],
+    ids=["time-exceeded", "frag-needed"],
+)
+def test_icmp_rate_limit_covers(make_env, make, drop, answer):
+    """One token bucket limits every ICMP error, not only net-unreachable."""
+    env = make_env(icmp_rate=10, icmp_burst=5)
+    env.fp.set_routes({NET("0.0.0.0/0"): P2})
+
+    def burst(n: int) -> list[bytes]:
+        packets = [make(i) for i in range(n)]
+        env.inject(*packets)
+        assert env.tx() == n
+        got = receive(env.kernel)
+        assert got == [answer(p) for p in packets[: len(got)]]  # the first ones, in order
+        return got
+
+    env.now = 1000
+    assert len(burst(8)) == 5
+    assert env.counters().icmp_ratelimited == 3
+    assert burst(3) == []  # same instant: the bucket is empty
+    env.now = 1100  # 100 ms at 10/s: one token
+    assert len(burst(3)) == 1
+    env.now = 60_000  # a long pause refills only up to the burst
+    assert len(burst(9)) == 5
+    c = env.counters()
+    assert c.icmp_sent == 11 and c.icmp_ratelimited == 23 - 11
+    assert c.drops[drop] == 23 and c.tx_packets == 0
 
 
 def test_ttl_expiry_towards_a_peer(env):

@@ -95,6 +95,10 @@ CHANNEL_OPTIONS = {
     "grpc.initial_reconnect_backoff_ms": 500,
     "grpc.min_reconnect_backoff_ms": 500,
     "grpc.max_reconnect_backoff_ms": 5_000,
+    # etcd batches a lagging watch's backlog into one response that can run to tens of MB;
+    # gRPC's default 4 MiB limit failed it on every retry, and the watch never caught up.
+    # etcd's Go client (clientv3 defaultMaxCallRecvMsgSize) takes up to math.MaxInt32.
+    "grpc.max_receive_message_length": 2**31 - 1,
 }
 
 
