@@ -243,6 +243,7 @@ def build_parser() -> ArgumentParser:
         "(SIGHUP re-reads the peers file). Every flag can also be set as TUNPROXY_<FLAG> "
         "or flannel's FLANNELD_<FLAG>.",
     )
+    run.add_argument("--version", action="version", version=f"tunproxy {__version__}")  # as flanneld's
     net = run.add_argument_group("network (static mode)")
     option(net, "--network", convert=_cidr, help="the overlay range, e.g. 10.100.0.0/16")
     option(net, "--subnet", convert=_cidr, help="this host's subnet, e.g. 10.100.5.0/24")
@@ -323,8 +324,8 @@ def build_parser() -> ArgumentParser:
         "--max-routes",
         convert=_integer(0, MAX_ROUTES),
         default=0,
-        help="most peer routes the fast path holds (0, the default: every subnet the network config "
-        "allows, at least 4096); leases past it are logged and added when room frees",
+        help="most peer routes the fast path holds (0, the default: every SubnetLen subnet of the "
+        "network, at least 4096); leases past it are logged and added when room frees",
     )
     option(
         udp,
@@ -450,7 +451,7 @@ def resolve(
     warnings: list[str] = []
     known: set[str] = set()
     for action in sub._actions:
-        if not action.option_strings or action.dest == "help":
+        if not action.option_strings or action.dest in ("help", "version"):
             continue
         names = env_names(action)
         known.update(names)
@@ -502,6 +503,8 @@ def static_network_config(args: argparse.Namespace) -> NetworkConfig:
             text = Path(args.net_config).read_text()
         except OSError as e:
             raise ConfigError(f"cannot read {what} {args.net_config}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{what} {args.net_config} is not UTF-8 text") from None
         try:
             config = NetworkConfig.parse(text)
         except ConfigError as e:
@@ -553,6 +556,29 @@ def check_etcd_flags(args: argparse.Namespace) -> None:
                 Path(path).read_bytes()
             except OSError as e:
                 raise ConfigError(f"cannot read {source(args, dest)} {path}: {e.strerror}") from None
+    check_tls_files(args)
+
+
+def check_tls_files(args: argparse.Namespace) -> None:
+    """PEM files that TLS cannot use are one line naming the flag, not gRPC's C-core log lines later."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if args.etcd_cafile:
+        try:
+            context.load_verify_locations(cafile=args.etcd_cafile)
+        except (ssl.SSLError, ValueError):
+            what = source(args, "etcd_cafile")
+            raise ConfigError(f"{what} {args.etcd_cafile} holds no PEM certificate") from None
+    if args.etcd_certfile and args.etcd_keyfile:
+        try:
+            context.load_cert_chain(args.etcd_certfile, args.etcd_keyfile)
+        except (ssl.SSLError, ValueError):
+            cert, key = source(args, "etcd_certfile"), source(args, "etcd_keyfile")
+            raise ConfigError(
+                f"{cert} {args.etcd_certfile} and {key} {args.etcd_keyfile} are not a PEM certificate "
+                "and its private key"
+            ) from None
 
 
 def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from .cniconf import (
     CURRENT_VERSION,
+    DECODING_FAILURE,
     DEFAULT_SUBNET_FILE,
     INCOMPATIBLE_CNI_VERSION,
     INTERNAL,
@@ -70,6 +71,8 @@ def read_subnet_env(path: Path) -> SubnetEnv:
         ) from None
     except OSError as e:
         raise CNIError(IO_FAILURE, f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise CNIError(DECODING_FAILURE, f"{path} is not UTF-8 text") from None
     return parse_subnet_env(text, str(path))
 
 

@@ -246,16 +246,21 @@ class Daemon:
         """
         removed: list[Lease] = []
         added: list[Lease] = []
-        for start in range(0, max(len(events), 1), CHUNK):
-            gone, new = await self._apply_chunk(events[start : start + CHUNK])
+        for start in range(0, len(events), CHUNK):
+            if start:
+                await asyncio.sleep(0)  # let the data path run between chunks
+            gone, new = await self._apply_chunk(events[start : start + CHUNK], retry=False)
             removed += gone
             added += new
-            if start + CHUNK < len(events):
-                await asyncio.sleep(0)  # let the data path run between chunks
+        if self.unapplied:  # once per burst, after its removals: room may have freed
+            _, new = await self._apply_chunk((), retry=True)
+            added += new
         self._log_changes(removed, added)
 
-    async def _apply_chunk(self, events: Sequence[LeaseEvent]) -> tuple[list[Lease], list[Lease]]:
-        """Apply up to CHUNK events and the leases waiting for a retry; returns what was removed, added."""
+    async def _apply_chunk(
+        self, events: Sequence[LeaseEvent], retry: bool
+    ) -> tuple[list[Lease], list[Lease]]:
+        """Apply up to CHUNK events, or with ``retry`` the leases waiting; returns what was removed, added."""
         assert self.backend
         removed: dict[IPv4Network, Lease] = {}
         added: dict[IPv4Network, Lease] = {}
@@ -273,15 +278,16 @@ class Daemon:
                 self._refusals_said.pop(lease.subnet, None)
         for subnet in added:
             self.unapplied.pop(subnet, None)
-        retry = dict(self.unapplied)
-        self.unapplied.clear()
-        if not (removed or added or retry):
+        waiting = dict(self.unapplied) if retry else {}
+        if retry:
+            self.unapplied.clear()
+        if not (removed or added or waiting):
             return [], []
-        failures = await self.backend.apply(list(removed.values()), [*retry.values(), *added.values()])
+        failures = await self.backend.apply(list(removed.values()), [*waiting.values(), *added.values()])
         failed = {lease.subnet for lease, _ in failures}
         self._say_refusals(failures)
         return list(removed.values()), [
-            lease for lease in (*retry.values(), *added.values()) if lease.subnet not in failed
+            lease for lease in (*waiting.values(), *added.values()) if lease.subnet not in failed
         ]
 
     def _foreign(self, event: LeaseEvent) -> None:

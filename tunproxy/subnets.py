@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -36,9 +36,31 @@ IGNORED_FIELDS = {
     "IPv6SubnetMax": _IPV4_ONLY,
     "IPv6Networks": _IPV4_ONLY,
     "Networks": "flannel's MultiClusterCIDR list (Kubernetes only); tunproxy uses Network",
-    "EnableNFTables": "tunproxy writes no firewall rules (--ip-masq only sets FLANNEL_IPMASQ)",
+    "EnableNFTables": "tunproxy's --ip-masq rules are always nftables",
 }
 _FIELDS = ("Network", "SubnetLen", "SubnetMin", "SubnetMax", "Backend", "EnableIPv4", *IGNORED_FIELDS)
+BACKEND_FIELDS = {
+    "udp": ("Type", "Port"),
+    "vxlan": ("Type", "VNI", "Port", "GBP", "DirectRouting", "MTU", "Learning", "MacPrefix"),
+    "host-gw": ("Type",),
+}
+
+
+def go_keys(doc: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """``doc`` with keys renamed to ``names`` as Go's encoding/json matches them: exactly, else ignoring case.
+
+    flanneld decodes net-conf.json with encoding/json, so ``"network"`` or
+    ``"backend": {"type": "vxlan"}`` mean Network and Backend.Type there;
+    they must here too. An exact match wins over a case-folded one.
+    """
+    canonical = {name.casefold(): name for name in names}
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        name = canonical.get(key.casefold(), key) if isinstance(key, str) else key
+        if name in out and key != name and name in doc:
+            continue  # the exact spelling is also there: it wins
+        out[name] = value
+    return out
 
 
 class ConfigError(ValueError):
@@ -116,6 +138,7 @@ class NetworkConfig:
             doc = raw
         if not isinstance(doc, Mapping):
             raise ConfigError("network config must be a JSON object")
+        doc = go_keys(doc, _FIELDS)
         if "Network" not in doc:
             raise ConfigError('network config has no "Network" (e.g. "10.100.0.0/16")')
         network = parse_network(doc["Network"], "Network")
@@ -123,7 +146,10 @@ class NetworkConfig:
         backend = doc.get("Backend") or {}
         if not isinstance(backend, Mapping):
             raise ConfigError('"Backend" must be a JSON object like {"Type": "udp"}')
+        backend = go_keys(backend, ("Type",))
         backend_type = backend.get("Type") or DEFAULT_BACKEND
+        if isinstance(backend_type, str):
+            backend = go_keys(backend, BACKEND_FIELDS.get(backend_type, ("Type",)))
         if backend_type not in KNOWN_BACKENDS:
             raise ConfigError(f"Backend.Type {backend_type!r} is not one of {', '.join(KNOWN_BACKENDS)}")
         options = {k: v for k, v in backend.items() if k != "Type"}

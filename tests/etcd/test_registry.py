@@ -789,3 +789,48 @@ def test_a_background_task_that_dies_ends_updates_with_one_line(etcd):
         await reg.close()
 
     run(main())
+
+
+def test_a_revoked_lease_with_600_keys_arrives_in_chunks(etcd):
+    """One watch response with 600 deletions is decoded and handed over in chunks of at most
+    DECODE_CHUNK, with the event loop turning between them (the data path runs meanwhile)."""
+    from tunproxy.peers.etcd import DECODE_CHUNK
+
+    async def main() -> None:
+        await put_config(etcd, {"Network": "10.100.0.0/16", "SubnetLen": 28, "Backend": {"Type": "udp"}})
+        subnets = list(IPv4Network("10.100.0.0/16").subnets(new_prefix=28))[1:601]
+        async with admin(etcd) as client:
+            grant = await client.lease(600)
+            t = client.transactions
+            for start in range(0, 600, 100):
+                batch = subnets[start : start + 100]
+                puts = [t.put(key(str(s)), value(ip(7)), lease=grant.id) for s in batch]
+                await client.transaction(compare=[], success=puts, failure=[])
+        reg = registry(etcd.endpoint)
+        await reg.acquire(ip(1), "udp", None)  # a subnet the 600 left free
+        follower = Follower(reg)
+        await follower.table_until(lambda table: len(table) == 601)  # and our own
+        turns = 0
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while True:
+                await asyncio.sleep(0)
+                turns += 1
+
+        counter = asyncio.create_task(count_turns())
+        async with admin(etcd) as client:
+            await client.revoke_lease(grant.id)
+        sizes = []
+        while sum(sizes) < 600:
+            update = await follower.next()
+            if isinstance(update, Changes):
+                sizes.append(len(update.events))
+        counter.cancel()
+        assert len(sizes) >= 600 // DECODE_CHUNK and max(sizes) <= DECODE_CHUNK, sizes
+        assert turns >= len(sizes)
+        assert len(follower.watcher.leases) == 1
+        await follower.stop()
+        await reg.close()
+
+    run(main())

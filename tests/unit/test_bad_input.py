@@ -347,18 +347,18 @@ def test_ignored_fields_and_options_are_one_warning_each(caplog):
             "EnableNFTables": True,
             "Networks": ["10.100.0.0/16"],
             "Colour": "blue",
-            "Backend": {"Type": "vxlan", "Learning": True, "MacPrefix": "0E-2A", "Mtu": 1400},
+            "Backend": {"Type": "vxlan", "Learning": True, "MacPrefix": "0E-2A", "Mtus": 1400},
         }
     )
     assert config.warnings == (
         "ignoring EnableIPv6: tunproxy carries IPv4 only",
         "ignoring IPv6Network: tunproxy carries IPv4 only",
-        "ignoring EnableNFTables: tunproxy writes no firewall rules (--ip-masq only sets FLANNEL_IPMASQ)",
+        "ignoring EnableNFTables: tunproxy's --ip-masq rules are always nftables",
         "ignoring Networks: flannel's MultiClusterCIDR list (Kubernetes only); tunproxy uses Network",
         "ignoring Colour: not a flannel network config field",
         "ignoring Backend.Learning: tunproxy writes every neighbour and FDB entry, learning stays off",
         "ignoring Backend.MacPrefix: flannel uses it on Windows only",
-        "ignoring Backend.Mtu: not an option of the vxlan backend",
+        "ignoring Backend.Mtus: not an option of the vxlan backend",
     )
     caplog.set_level(logging.WARNING, logger="tunproxy")
     create_backend(BackendContext(config, UNDERLAY, UNDERLAY.address))

@@ -62,14 +62,15 @@ def now_ms() -> int:
 
 
 def default_max_routes(config: NetworkConfig) -> int:
-    """Routes the udp backend holds by default: every subnet the config allows, at least 4096.
+    """Routes the udp backend holds by default: every SubnetLen subnet of the network, at least 4096.
 
-    In etcd mode a lease outside the network config is rejected, so with
-    this default the table cannot fill up; the floor leaves room for static
-    peers of other lengths. The table itself grows as it fills, so a large
-    limit costs no memory until the peers are there.
+    That covers every lease the network config lets hosts take, and leases
+    outside SubnetMin-SubnetMax (reservations, older configs). Leases of
+    other lengths can still exceed it; past the limit a lease is logged once
+    and added when room frees. The table grows as it fills, so a large limit
+    costs no memory until the peers are there.
     """
-    subnets = ((int(config.subnet_max) - int(config.subnet_min)) >> (32 - config.subnet_len)) + 1
+    subnets = 1 << (config.subnet_len - config.network.prefixlen)
     return min(MAX_ROUTES, max(MIN_DEFAULT_ROUTES, subnets))
 
 

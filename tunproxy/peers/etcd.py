@@ -84,6 +84,7 @@ DEFAULT_TTL = 24 * 3600.0
 DEFAULT_RENEW_MARGIN = 3600.0
 REVOKE_RETRY = 10.0  # seconds between tries at revoking a lease we no longer use
 SHUTDOWN_WAIT = 2.0  # seconds a background task gets to end once cancelled
+DECODE_CHUNK = 256  # lease values decoded between two turns of the event loop
 
 
 # gRPC channel options: notice a dead peer on an idle watch (etcd allows pings every 5 s or
@@ -587,6 +588,9 @@ class EtcdRegistry(Registry):
         except OSError as e:
             log.warning("cannot read the previous subnet file %s: %s", self.subnet_file, e.strerror)
             return None
+        except UnicodeDecodeError:
+            log.warning("previous subnet file %s is not UTF-8 text; ignoring it", self.subnet_file)
+            return None
         subnet = previous_subnet(text)
         if subnet is None:
             log.warning("previous subnet file %s has no usable FLANNEL_SUBNET; ignoring it", self.subnet_file)
@@ -791,7 +795,9 @@ class EtcdRegistry(Registry):
         assert self._config is not None
         resp = await client.get_prefix(self.subnets_key)
         leases = []
-        for kv in resp.kvs:
+        for count, kv in enumerate(resp.kvs, 1):
+            if count % DECODE_CHUNK == 0:
+                await asyncio.sleep(0)  # a listing of thousands must not stall the data path
             key = kv.key.decode(errors="replace")
             lease, message = self._decoder.decode(key, kv.value, self._config.network)
             self._warn(message)
@@ -895,10 +901,15 @@ class EtcdRegistry(Registry):
                     reason = resp.cancel_reason or "no reason given"
                     raise WatchFailed(f"etcd cancelled the watch: {reason}", relist=True)
                 if resp.events:
-                    events = self._changes(resp.events)
+                    # One response can hold thousands of events (a revoked lease shared by many
+                    # keys): decode them in chunks and let the data path run in between.
+                    for start in range(0, len(resp.events), DECODE_CHUNK):
+                        if start:
+                            await asyncio.sleep(0)
+                        events = self._changes(resp.events[start : start + DECODE_CHUNK])
+                        if events:
+                            self._updates.put_nowait(Changes(tuple(events)))
                     cursor.seen(max(ev.kv.mod_revision for ev in resp.events))
-                    if events:
-                        self._updates.put_nowait(Changes(tuple(events)))
                 else:
                     cursor.seen(resp.header.revision)  # a progress notification
             raise WatchFailed("the watch stream ended")

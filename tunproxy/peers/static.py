@@ -78,6 +78,8 @@ class StaticRegistry(Registry):
                 text = self.peers_file.read_text()
             except OSError as e:
                 raise ConfigError(f"cannot read peers file {self.peers_file}: {e.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"peers file {self.peers_file} is not UTF-8 text") from None
             for lease in parse_peers_file(text, str(self.peers_file)):
                 if lease.subnet in leases:
                     raise ConfigError(f"peer subnet {lease.subnet} is listed twice")
