@@ -10,8 +10,9 @@ Several daemons may share one filesystem (labs run one per network namespace
 on one machine), so the default path is keyed by the daemon's subnet file,
 which already has to be unique per daemon: the default subnet file
 ``/run/tunproxy/subnet.env`` gives ``/run/tunproxy/tunproxy.sock``, any other
-gives ``/run/tunproxy/tunproxy-<12 hex digits of its path's SHA-256>.sock``.
-``--control-socket`` overrides either.
+gives ``/run/tunproxy/tunproxy-<12 hex digits of its path's SHA-256>.sock``,
+and none (``--subnet-file ''``) gives ``tunproxy-netns-<inode of the network
+namespace>.sock``. ``--control-socket`` overrides them.
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ class NoDaemon(Exception):
 
 def default_socket(subnet_file: Path | None) -> Path:
     """The control socket path for a daemon writing ``subnet_file`` (see the module docstring)."""
-    if subnet_file is None or Path(os.path.abspath(subnet_file)) == DEFAULT_SUBNET_FILE:
+    if subnet_file is None:
+        # No file to key it by: key it by the network namespace, one daemon's natural scope,
+        # so daemons of a lab (one per namespace) never share a socket.
+        return RUN_DIR / f"tunproxy-netns-{os.stat('/proc/self/ns/net').st_ino}.sock"
+    if Path(os.path.abspath(subnet_file)) == DEFAULT_SUBNET_FILE:
         return RUN_DIR / "tunproxy.sock"
     digest = hashlib.sha256(os.path.abspath(subnet_file).encode()).hexdigest()[:12]
     return RUN_DIR / f"tunproxy-{digest}.sock"

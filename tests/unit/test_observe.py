@@ -80,6 +80,11 @@ def test_control_socket_is_unique_per_subnet_file():
     assert default_socket(Path("/run/tunproxy/subnet.env")) == Path("/run/tunproxy/tunproxy.sock")
     a, b = default_socket(Path("/tmp/a/subnet.env")), default_socket(Path("/tmp/b/subnet.env"))
     assert a != b and a.parent == b.parent == Path("/run/tunproxy")
+    # No subnet file: keyed by the network namespace, so a lab's daemons (one per namespace) differ.
+    import os
+
+    netns = os.stat("/proc/self/ns/net").st_ino
+    assert default_socket(None) == Path(f"/run/tunproxy/tunproxy-netns-{netns}.sock")
 
 
 def test_ip_masq_ruleset_is_flannels_four_rules_in_our_own_table():
