@@ -38,7 +38,9 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ..leftovers import Kept
 from ..netlink import (
+    ForeignRoute,
     Underlay,
     delete_route,
     ensure_address,
@@ -416,7 +418,10 @@ class VxlanBackend(Backend):
             self._write_peer(ipr, index, peer)
 
         async with self._lock:
-            await run_netlink(write)
+            try:
+                await run_netlink(write)
+            except ForeignRoute as e:  # retried at each check, in case its owner deletes it
+                raise PeerRefused(str(e)) from None
             self.peers[lease.subnet] = peer
         if direct:
             log.info(
@@ -438,7 +443,10 @@ class VxlanBackend(Backend):
             index, created = self._ensure_link(ipr)
             self._configure_subnet(ipr, index)
             for peer in self.peers.values():
-                self._write_peer(ipr, index, peer)
+                try:
+                    self._write_peer(ipr, index, peer)
+                except ForeignRoute as e:
+                    log.warning("peer %s not restored: %s", peer.lease.subnet, e)
             return created, self._prune(ipr, index), self._prune_entries(ipr, index)
 
         async with self._lock:
@@ -453,6 +461,13 @@ class VxlanBackend(Backend):
             log.info("removed stale route to %s (no such peer)", dst)
         for what in entries:
             log.info("removed stale %s (no such peer)", what)
+
+    def kept(self) -> Kept:
+        underlay = self.ctx.underlay.name
+        routes = frozenset(
+            (p.lease.subnet, underlay if p.mac is None else self.device) for p in self.peers.values()
+        )
+        return Kept(routes=routes, devices=frozenset({self.device}))
 
     async def close(self) -> None:
         def teardown(ipr: IPRoute) -> None:
