@@ -286,11 +286,13 @@ class VxlanBackend(Backend):
         if self.subnet is not None:
             ensure_address(ipr, index, self.subnet.network_address, 32)
 
-    def _write_peer(self, ipr: IPRoute, index: int, peer: _Peer) -> None:
+    def _write_peer(self, ipr: IPRoute, index: int, peer: _Peer, have: frozenset[Any] = frozenset()) -> None:
+        """Write the peer's entries; its route only if not in ``have``, our routes as (dst, gateway, oif)."""
         subnet = str(peer.lease.subnet)
         if peer.mac is None:
             u = self.ctx.underlay
-            replace_route(ipr, dst=subnet, gateway=str(peer.lease.public_ip), oif=u.index)
+            if (peer.lease.subnet, str(peer.lease.public_ip), u.index) not in have:
+                replace_route(ipr, dst=subnet, gateway=str(peer.lease.public_ip), oif=u.index)
             return
         gateway = str(peer.gateway)
         ipr.neigh("replace", dst=gateway, lladdr=peer.mac, ifindex=index, state=NUD_PERMANENT)
@@ -302,7 +304,8 @@ class VxlanBackend(Backend):
             state=NUD_PERMANENT | NUD_NOARP,
             flags=NTF_SELF,
         )
-        replace_route(ipr, dst=subnet, gateway=gateway, oif=index, flags=RTNH_F_ONLINK)
+        if (peer.lease.subnet, gateway, index) not in have:
+            replace_route(ipr, dst=subnet, gateway=gateway, oif=index, flags=RTNH_F_ONLINK)
 
     def _erase_peer(self, ipr: IPRoute, index: int | None, peer: _Peer) -> None:
         subnet = str(peer.lease.subnet)
@@ -442,9 +445,13 @@ class VxlanBackend(Backend):
         def repair(ipr: IPRoute) -> tuple[bool, list[IPv4Network], list[str]]:
             index, created = self._ensure_link(ipr)
             self._configure_subnet(ipr, index)
+            # One dump of our routes instead of a lookup per peer: a route in place is not rewritten.
+            have = frozenset(routes_via(ipr, oif=index))
+            if self.options.direct_routing:
+                have |= frozenset(routes_via(ipr, oif=self.ctx.underlay.index))
             for peer in self.peers.values():
                 try:
-                    self._write_peer(ipr, index, peer)
+                    self._write_peer(ipr, index, peer, have)
                 except ForeignRoute as e:
                     log.warning("peer %s not restored: %s", peer.lease.subnet, e)
             return created, self._prune(ipr, index), self._prune_entries(ipr, index)
