@@ -619,6 +619,24 @@ def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     )
 
 
+def backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The udp backend's knobs for BackendContext.options, with ``sources``: the flag or variable
+    each udp flag that was given came from (another backend warns about each, see create_backend)."""
+    from .backends import UDP_ONLY
+
+    given = getattr(args, "sources", {})
+    return {
+        "tun_name": args.tun_name,
+        "batch": args.batch,
+        "port": args.port,
+        "port_source": source(args, "port"),
+        "offload": not args.no_offload,
+        "max_routes": args.max_routes,
+        "drop_ring": args.drop_ring,
+        "sources": {dest: given[dest] for dest in UDP_ONLY if dest in given},
+    }
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon, DaemonOptions, serve
     from .netlink import InterfaceChoice
@@ -634,15 +652,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         stats_interval=args.stats_interval,
         check_interval=args.check_interval,
         ipmasq=args.ip_masq,
-        backend_options={
-            "tun_name": args.tun_name,
-            "batch": args.batch,
-            "port": args.port,
-            "port_source": source(args, "port"),
-            "offload": not args.no_offload,
-            "max_routes": args.max_routes,
-            "drop_ring": args.drop_ring,
-        },
+        backend_options=backend_options(args),
         observe=observe,
     )
     import uvloop

@@ -34,6 +34,7 @@ from .netlink import InterfaceChoice, find_underlay
 from .observe import changed_fields
 from .observer import ObserveOptions, Observer
 from .peers.base import Changes, OwnLease, Registry, Snapshot
+from .subnetenv import SubnetEnv
 from .subnets import ConfigError, Lease, NetworkConfig
 from .supervise import supervised
 
@@ -72,9 +73,12 @@ def write_subnet_file(path: Path, text: str) -> None:
 
     The temporary file has a unique name (mkstemp in the same directory), so
     two daemons sharing a filesystem never write through the same one.
-    Raises OSError naming the path.
+    Raises OSError naming the path (NotADirectoryError when the directory is a file).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's answer when the directory's name is taken by a file
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -159,6 +163,7 @@ class Daemon:
         self.unapplied: dict[IPv4Network, Lease] = {}
         self._refusals_said: dict[IPv4Network, str] = {}
         self._lock = SubnetFileLock(options.subnet_file) if options.subnet_file else None
+        self._env = SubnetEnv(options.subnet_file, write_subnet_file) if options.subnet_file else None
         self.observer = Observer(self, options.observe)
 
     async def run(self) -> None:
@@ -190,7 +195,7 @@ class Daemon:
             await self.observer.start()
             await backend.open()
             lease = await self.registry.acquire(public_ip, backend.name, backend.backend_data)
-            await self._own_lease(lease)
+            await self._own_lease(lease, at_start=True)
             async with asyncio.TaskGroup() as tasks:
                 loops = {"the lease watch": self._follow(), "the periodic check": self._check_loop()}
                 loops["the observer"] = self.observer.run()
@@ -206,14 +211,14 @@ class Daemon:
             await self.registry.close()
             await self.observer.close()
 
-    async def _own_lease(self, lease: Any) -> None:
+    async def _own_lease(self, lease: Any, at_start: bool = False) -> None:
         assert self.backend and self.config
         log.info("our subnet is %s", lease.subnet)
         await self._apply(self.watcher.set_own_subnet(lease.subnet))
         await self.backend.set_subnet(lease.subnet)
-        if self.options.subnet_file:
+        if self._env:  # a failure at run time is logged and retried at each check, see SubnetEnv
             text = subnet_env(self.config.network, lease.subnet, self.backend.mtu, self.options.ipmasq)
-            write_subnet_file(self.options.subnet_file, text)
+            self._env.set(text, fatal=at_start)
 
     async def _follow(self) -> None:
         reconciled = False
@@ -373,6 +378,8 @@ class Daemon:
         while True:
             await asyncio.sleep(self.options.check_interval)
             try:
+                if self._env:
+                    self._env.flush()
                 await self.backend.check()
                 if self.unapplied:
                     await self._apply(())

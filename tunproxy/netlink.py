@@ -193,12 +193,98 @@ def find_underlay(iface: InterfaceChoice | str | None, public_ip: IPv4Address | 
     return with_ipr(lookup)
 
 
+RTPROT_TUNPROXY = 116
+"""The routing protocol number on every route tunproxy installs (``ip route show proto 116``).
+
+Linux keeps the number with the route (``rtm_protocol``, linux/rtnetlink.h)
+and never acts on it; 0 to 4 are the kernel's and iproute2's rt_protos names
+others (zebra 11, bird 12, dhcp 16, babel 42, bgp 186, ...). 116 (0x74, "t",
+as in the VtepMAC prefix) is in none of those lists. It is how tunproxy tells
+its own routes (a killed run's, another backend's) from an operator's: it
+replaces or deletes only routes that carry it.
+"""
+
+RT_TABLE_MAIN = 254
+RTM_F_FIB_MATCH = 0x2000  # linux/rtnetlink.h: "route get" returns the matching FIB entry
+_PROTO_NAMES = {0: "unspec", 1: "redirect", 2: "kernel", 3: "boot", 4: "static", 16: "dhcp"}
+
+
+class ForeignRoute(ConfigError):
+    """A route tunproxy would install has the same destination as one it did not make.
+
+    The message names that route and its device, for one line. tunproxy never
+    replaces such a route (it would be lost when tunproxy stops).
+    """
+
+
+def describe_route(ipr: IPRoute, msg: Any) -> str:
+    """``10.100.0.0/16 via 192.0.2.1 dev eth1 proto boot``, as ``ip route`` prints it."""
+    text = f"{msg.get_attr('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}"
+    if msg.get_attr("RTA_GATEWAY"):
+        text += f" via {msg.get_attr('RTA_GATEWAY')}"
+    oif = msg.get_attr("RTA_OIF")
+    if oif:
+        links = ipr.get_links(oif)
+        text += f" dev {links[0].get_attr('IFLA_IFNAME') if links else oif}"
+    proto = msg["proto"]
+    return f"{text} proto {_PROTO_NAMES.get(proto, proto)}"
+
+
+def _same_route(msg: Any, dst: IPv4Network, priority: int) -> bool:
+    return (
+        msg.get_attr("RTA_TABLE", msg["table"]) == RT_TABLE_MAIN
+        and msg["dst_len"] == dst.prefixlen
+        and (msg.get_attr("RTA_DST") or "0.0.0.0") == str(dst.network_address)
+        and (msg.get_attr("RTA_PRIORITY") or 0) == priority
+    )
+
+
+def existing_route(ipr: IPRoute, dst: IPv4Network, priority: int = 0) -> Any:
+    """The main table's route to exactly ``dst`` with this metric, or None.
+
+    One ``route get fibmatch`` answers in the usual case; a dump of the main
+    table when a more specific route or another metric hides it.
+    """
+    try:
+        for msg in ipr.route("get", dst=str(dst.network_address), flags=RTM_F_FIB_MATCH):
+            if _same_route(msg, dst, priority):
+                return msg
+    except NetlinkError:
+        pass
+    routes = ipr.get_routes(family=2, table=RT_TABLE_MAIN)
+    return next((m for m in routes if _same_route(m, dst, priority)), None)
+
+
 def replace_route(ipr: IPRoute, **route: Any) -> None:
+    """Install one of our routes (proto ``RTPROT_TUNPROXY``), or update ours to the same destination.
+
+    Raises ForeignRoute, and changes nothing, when the main table already
+    has a route to that destination and metric that tunproxy did not make.
+    """
+    route.setdefault("proto", RTPROT_TUNPROXY)
+    try:
+        ipr.route("add", **route)
+        return
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
+    dst = IPv4Network(route["dst"])
+    found = existing_route(ipr, dst, route.get("priority", 0))
+    if found is not None and found["proto"] != RTPROT_TUNPROXY:
+        raise ForeignRoute(
+            f"a route tunproxy did not make is in the way: {describe_route(ipr, found)}; "
+            f"tunproxy will not replace it (delete it, or keep the overlay off {dst})"
+        )
     ipr.route("replace", **route)
 
 
 def delete_route(ipr: IPRoute, **route: Any) -> None:
-    """Delete a route; one that is already gone is fine (we are converging, not asserting)."""
+    """Delete one of our routes; one that is gone, or is not ours, is left alone (ESRCH).
+
+    The kernel matches ``proto`` on delete, so a route tunproxy did not make
+    is never deleted here.
+    """
+    route.setdefault("proto", RTPROT_TUNPROXY)
     try:
         ipr.route("del", **route)
     except NetlinkError as e:
@@ -234,9 +320,10 @@ def delete_link(name: str) -> None:
 
 
 def routes_via(ipr: IPRoute, **match: Any) -> list[tuple[IPv4Network, str | None, int | None]]:
-    """(destination, gateway, oif) for the main table's IPv4 routes matching the filter."""
+    """(destination, gateway, oif) for the main table's IPv4 routes of ours matching the filter."""
+    match.setdefault("proto", RTPROT_TUNPROXY)
     out = []
-    for r in ipr.get_routes(family=2, **match):
+    for r in ipr.get_routes(family=2, table=RT_TABLE_MAIN, **match):
         dst = r.get_attr("RTA_DST")
         if dst is None:
             continue

@@ -142,6 +142,11 @@ class NetworkConfig:
         if "Network" not in doc:
             raise ConfigError('network config has no "Network" (e.g. "10.100.0.0/16")')
         network = parse_network(doc["Network"], "Network")
+        if network.prefixlen == 0:  # flannel takes 0.0.0.0/0 for no Network at all (IP4Net.Empty)
+            raise ConfigError(
+                f"Network {network} covers every address, the default route too; "
+                "give the overlay its own range, e.g. 10.100.0.0/16"
+            )
 
         backend = doc.get("Backend") or {}
         if not isinstance(backend, Mapping):

@@ -223,6 +223,20 @@ def test_a_deleted_tun_device_is_created_again():
         assert proc.popen.returncode == 0 and "Traceback" not in proc.output()
 
 
+def test_data_path_errors_of_a_deleted_tun_name_the_device():
+    with Lab() as lab:
+        hosts = build_udp(lab, names=("h1", "h2"))
+        proc = start_udp(hosts["h1"], "--check-interval", "3600", peers=("h2",))
+        start_udp(hosts["h2"], peers=("h1",))
+        hosts["h1"].wait_ping(overlay("h2"))
+        hosts["h1"].ns.run("ip", "link", "del", "tunproxy0")  # our fd now reads EBADFD
+        proc.wait_for("ERROR tun->udp (tunproxy0 -> UDP 192.0.2.11:8285): ", timeout=5)
+        errors = [line for line in proc.output().splitlines() if "ERROR" in line]
+        assert errors and all("tunproxy0" in line for line in errors), errors
+        assert proc.alive()
+        proc.stop()
+
+
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "plain"])
 def test_socat_is_a_peer_flannels_wire_format(offload):
     """A peer that is nothing but socat moving raw IP packets in UDP datagrams interoperates."""

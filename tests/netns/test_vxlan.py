@@ -187,8 +187,12 @@ def test_device_deleted_behind_our_back_is_recreated(lab):
     all_pairs_ping(nodes, {n: s for n, (_, s) in HOSTS.items()})
     h1, h2 = nodes["h1"], nodes["h2"]
     h1.ns.ip("link", "del", "tunproxy.1")
-    # Meanwhile on h2, a route like one a killed run leaves for a peer that is gone:
-    h2.ns.ip("route", "add", "10.100.99.0/24", "via", "10.100.99.0", "dev", "tunproxy.1", "onlink")
+    # Meanwhile on h2, a route like one a killed run leaves for a peer that is gone (tunproxy's proto):
+    h2.ns.ip(
+        "route", "add", "10.100.99.0/24", "via", "10.100.99.0", "dev", "tunproxy.1", "onlink", "proto", "116"
+    )
+    # and one an operator added, which is not tunproxy's to remove.
+    h2.ns.ip("route", "add", "10.100.98.0/24", "via", "10.100.98.0", "dev", "tunproxy.1", "onlink")
     assert h1.ping("10.100.18.0").returncode != 0
     procs["h1"].wait_for("tunproxy.1 was gone; recreated it with 2 peer(s)", timeout=15)
     h1.wait_ping("10.100.18.0", timeout=5)
@@ -196,6 +200,7 @@ def test_device_deleted_behind_our_back_is_recreated(lab):
     assert set(fdb(h1, "tunproxy.1")) == {vtep_mac_of("h2"), vtep_mac_of("h3")}
     procs["h2"].wait_for("removed stale route to 10.100.99.0/24", timeout=15)
     assert "10.100.99.0/24" not in routes(h2)
+    assert "10.100.98.0/24" in routes(h2) and "stale route to 10.100.98.0/24" not in procs["h2"].output()
 
 
 def test_close_removes_the_device(lab):

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, ClassVar
 
-from ..netlink import Underlay
+from ..leftovers import Kept, sweep
+from ..netlink import Underlay, run_netlink
 from ..subnets import Lease, NetworkConfig
 
 log = logging.getLogger(__name__)
@@ -110,15 +111,28 @@ class Backend(abc.ABC):
     async def check(self) -> None:  # noqa: B027 - optional hook
         """Called periodically: restore state that someone removed behind our back."""
 
+    def kept(self) -> Kept:
+        """The routes, devices and lo address of tunproxy's that this backend uses now.
+
+        Everything else of tunproxy's (see ``tunproxy.leftovers``) is removed
+        by ``reconcile``, whichever backend left it.
+        """
+        return Kept()
+
     async def reconcile(self) -> None:
         """Called once, right after the first snapshot of leases is applied, before we report ready.
 
         Removes what an earlier (killed) run left that no current lease
-        justifies: routes into the overlay, neighbour and FDB entries. The
-        periodic ``check`` does the same work, so by default this is one
-        check done now instead of ``--check-interval`` seconds later.
+        justifies: first this backend's own kind (``check``: routes into the
+        overlay, neighbour and FDB entries), then tunproxy's state of any
+        backend that this one does not use (``kept``): routes with tunproxy's
+        protocol, stale ``tunproxy.*`` VXLAN devices, a stale TUN, host-gw's
+        address on lo. One log line per thing removed.
         """
         await self.check()
+        kept = self.kept()
+        for what in await run_netlink(lambda ipr: sweep(ipr, kept)):
+            log.info("removed %s, left by an earlier run", what)
 
 
 YIELD_EVERY = 64  # peer operations between two turns of the event loop in a burst

@@ -9,7 +9,8 @@ flannel's host-gw puts no address anywhere (the subnet belongs to a bridge
 and its containers). We put the subnet's first address on ``lo`` as a /32,
 the address the udp and vxlan backends put on their devices, so that
 ``ping 10.100.X.0`` reaches a host the same way whatever backend it runs;
-a host answers for an address on ``lo`` on any interface.
+a host answers for an address on ``lo`` on any interface. The address carries
+the label ``lo:tunproxy``: only addresses with it are ever removed from ``lo``.
 
 ``check`` restores a peer route someone deleted and drops overlay routes on
 the underlay that no current peer accounts for (a killed run's leftovers).
@@ -25,7 +26,8 @@ from ipaddress import IPv4Address, IPv4Network
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..netlink import Underlay, delete_route, link_index, replace_route, routes_via, run_netlink
+from ..leftovers import LOOPBACK_LABEL, Kept
+from ..netlink import ForeignRoute, Underlay, delete_route, link_index, replace_route, routes_via, run_netlink
 from ..subnets import Lease
 from .base import Backend, BackendContext, PeerRefused
 
@@ -60,13 +62,11 @@ class HostGwBackend(Backend):
         return {"dst": str(lease.subnet), "gateway": str(lease.public_ip), "oif": self.ctx.underlay.index}
 
     def _loopback_addresses(self, ipr: IPRoute, index: int) -> list[IPv4Address]:
-        """The /32s inside the overlay network on lo: ours, or a killed run's."""
-        network = self.ctx.network.network
+        """The /32s on lo with tunproxy's label: ours, or a killed run's (others' are left alone)."""
         found = []
         for a in ipr.get_addr(family=2, index=index):
-            addr = IPv4Address(a.get_attr("IFA_ADDRESS"))
-            if a["prefixlen"] == 32 and addr in network:
-                found.append(addr)
+            if a["prefixlen"] == 32 and a.get_attr("IFA_LABEL") == LOOPBACK_LABEL:
+                found.append(IPv4Address(a.get_attr("IFA_ADDRESS")))
         return found
 
     def _set_loopback(self, ipr: IPRoute, want: IPv4Address | None) -> None:
@@ -77,7 +77,7 @@ class HostGwBackend(Backend):
                 ipr.addr("del", index=index, address=str(addr), prefixlen=32)
         if want is not None:
             try:
-                ipr.addr("add", index=index, address=str(want), prefixlen=32)
+                ipr.addr("add", index=index, address=str(want), prefixlen=32, label=LOOPBACK_LABEL)
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
                     raise
@@ -102,7 +102,10 @@ class HostGwBackend(Backend):
             replace_route(ipr, **self._route(lease))
 
         async with self._lock:
-            await run_netlink(write)
+            try:
+                await run_netlink(write)
+            except ForeignRoute as e:  # retried at each check, in case its owner deletes it
+                raise PeerRefused(str(e)) from None
             self.peers[lease.subnet] = lease
 
     async def remove_peer(self, lease: Lease) -> None:
@@ -120,7 +123,11 @@ class HostGwBackend(Backend):
             restored = []
             for lease in self.peers.values():
                 if (lease.subnet, str(lease.public_ip)) not in have:
-                    replace_route(ipr, **self._route(lease))
+                    try:
+                        replace_route(ipr, **self._route(lease))
+                    except ForeignRoute as e:
+                        log.warning("route to %s via %s not restored: %s", lease.subnet, lease.public_ip, e)
+                        continue
                     restored.append(lease)
             stale = []
             for dst, gw in have:
@@ -137,6 +144,12 @@ class HostGwBackend(Backend):
             log.warning("route to %s via %s was missing; restored", lease.subnet, lease.public_ip)
         for dst in stale:
             log.info("removed stale route to %s (no such peer)", dst)
+
+    def kept(self) -> Kept:
+        name = self.ctx.underlay.name
+        routes = frozenset((subnet, name) for subnet in self.peers)
+        loopback = str(self.subnet.network_address) if self.subnet else None
+        return Kept(routes=routes, loopback=loopback)
 
     async def close(self) -> None:
         def teardown(ipr: IPRoute) -> None:

@@ -37,6 +37,7 @@ from ..fastpath import (
     FastPath,
     UdpGsoDisabled,
 )
+from ..leftovers import DEFAULT_TUN, Kept
 from ..netlink import delete_link, ensure_address, link_index, replace_route, run_netlink
 from ..subnets import ConfigError, Lease, NetworkConfig, udp_port
 from .base import Backend, RouteTableFull
@@ -233,7 +234,7 @@ class UdpBackend(Backend):
             self.fastpath.tun_to_udp(self.tun.fileno(), self.sock.fileno(), now_ms())
         except UdpGsoDisabled as e:  # raised once; the datagrams went out one by one
             self._udp_gso = False
-            log.warning("tun->udp: %s", e.strerror)
+            log.warning("%s: %s", self._path("tun->udp"), e.strerror)
         except OSError as e:  # the data path must not die; the counters say what was lost
             self._log_error("tun->udp", e)
 
@@ -244,12 +245,18 @@ class UdpBackend(Backend):
         except OSError as e:
             self._log_error("udp->tun", e)
 
+    def _path(self, direction: str) -> str:
+        """``tun->udp (tunproxy0 -> UDP 192.0.2.11:8285)``: a data path error names its device and socket."""
+        sock = f"UDP {self.ctx.underlay.address}:{self.port}"
+        ends = (self.tun_name, sock) if direction == "tun->udp" else (sock, self.tun_name)
+        return f"{direction} ({ends[0]} -> {ends[1]})"
+
     def _log_error(self, direction: str, error: OSError) -> None:
         """One line per direction and errno a minute: a persistent error must not flood the log."""
         key, now = (direction, error.errno), time.monotonic()
         if now - self._errors_logged.get(key, -ERROR_LOG_INTERVAL) >= ERROR_LOG_INTERVAL:
             self._errors_logged[key] = now
-            log.error("%s: %s", direction, error)
+            log.error("%s: %s", self._path(direction), error)
 
     async def add_peer(self, lease: Lease) -> None:
         for _, error in await self.apply((), (lease,)):
@@ -285,6 +292,10 @@ class UdpBackend(Backend):
 
     def stats(self) -> str | None:
         return self.fastpath.counters().summary() if self.fastpath else None
+
+    def kept(self) -> Kept:
+        routes = frozenset({(self.ctx.network.network, self.tun_name)})
+        return Kept(routes=routes, devices=frozenset({self.tun_name}), tun_names=(DEFAULT_TUN, self.tun_name))
 
     async def close(self) -> None:
         if self._readers:

@@ -38,7 +38,9 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ..leftovers import Kept
 from ..netlink import (
+    ForeignRoute,
     Underlay,
     delete_route,
     ensure_address,
@@ -284,11 +286,13 @@ class VxlanBackend(Backend):
         if self.subnet is not None:
             ensure_address(ipr, index, self.subnet.network_address, 32)
 
-    def _write_peer(self, ipr: IPRoute, index: int, peer: _Peer) -> None:
+    def _write_peer(self, ipr: IPRoute, index: int, peer: _Peer, have: frozenset[Any] = frozenset()) -> None:
+        """Write the peer's entries; its route only if not in ``have``, our routes as (dst, gateway, oif)."""
         subnet = str(peer.lease.subnet)
         if peer.mac is None:
             u = self.ctx.underlay
-            replace_route(ipr, dst=subnet, gateway=str(peer.lease.public_ip), oif=u.index)
+            if (peer.lease.subnet, str(peer.lease.public_ip), u.index) not in have:
+                replace_route(ipr, dst=subnet, gateway=str(peer.lease.public_ip), oif=u.index)
             return
         gateway = str(peer.gateway)
         ipr.neigh("replace", dst=gateway, lladdr=peer.mac, ifindex=index, state=NUD_PERMANENT)
@@ -300,7 +304,8 @@ class VxlanBackend(Backend):
             state=NUD_PERMANENT | NUD_NOARP,
             flags=NTF_SELF,
         )
-        replace_route(ipr, dst=subnet, gateway=gateway, oif=index, flags=RTNH_F_ONLINK)
+        if (peer.lease.subnet, gateway, index) not in have:
+            replace_route(ipr, dst=subnet, gateway=gateway, oif=index, flags=RTNH_F_ONLINK)
 
     def _erase_peer(self, ipr: IPRoute, index: int | None, peer: _Peer) -> None:
         subnet = str(peer.lease.subnet)
@@ -416,7 +421,10 @@ class VxlanBackend(Backend):
             self._write_peer(ipr, index, peer)
 
         async with self._lock:
-            await run_netlink(write)
+            try:
+                await run_netlink(write)
+            except ForeignRoute as e:  # retried at each check, in case its owner deletes it
+                raise PeerRefused(str(e)) from None
             self.peers[lease.subnet] = peer
         if direct:
             log.info(
@@ -437,8 +445,15 @@ class VxlanBackend(Backend):
         def repair(ipr: IPRoute) -> tuple[bool, list[IPv4Network], list[str]]:
             index, created = self._ensure_link(ipr)
             self._configure_subnet(ipr, index)
+            # One dump of our routes instead of a lookup per peer: a route in place is not rewritten.
+            have = frozenset(routes_via(ipr, oif=index))
+            if self.options.direct_routing:
+                have |= frozenset(routes_via(ipr, oif=self.ctx.underlay.index))
             for peer in self.peers.values():
-                self._write_peer(ipr, index, peer)
+                try:
+                    self._write_peer(ipr, index, peer, have)
+                except ForeignRoute as e:
+                    log.warning("peer %s not restored: %s", peer.lease.subnet, e)
             return created, self._prune(ipr, index), self._prune_entries(ipr, index)
 
         async with self._lock:
@@ -453,6 +468,13 @@ class VxlanBackend(Backend):
             log.info("removed stale route to %s (no such peer)", dst)
         for what in entries:
             log.info("removed stale %s (no such peer)", what)
+
+    def kept(self) -> Kept:
+        underlay = self.ctx.underlay.name
+        routes = frozenset(
+            (p.lease.subnet, underlay if p.mac is None else self.device) for p in self.peers.values()
+        )
+        return Kept(routes=routes, devices=frozenset({self.device}))
 
     async def close(self) -> None:
         def teardown(ipr: IPRoute) -> None:
