@@ -27,35 +27,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunproxy.lab import EtcdServer, Lab, Process
+from tunproxy.lab import EtcdServer, Lab, Process, bulk_leases
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 NETWORK = "10.100.0.0/16"
 ETCD_ADDRESS = "192.0.2.100"
 SUBNET_LEN = 28
-
-_BULK = """
-import asyncio, json, sys
-from ipaddress import IPv4Network
-import aetcd
-
-async def main(host, port, count, length):
-    async with aetcd.Client(host, int(port), timeout=10) as client:
-        grant = await client.lease(3600)
-        t = client.transactions
-        subnets = list(IPv4Network("10.100.0.0/16").subnets(new_prefix=int(length)))[1:]
-        ops = []
-        for i, net in enumerate(subnets[: int(count)]):
-            key = f"/coreos.com/network/subnets/{net.network_address}-{net.prefixlen}".encode()
-            value = json.dumps({"PublicIP": f"192.0.2.{200 + i % 50}", "BackendType": "udp"}).encode()
-            ops.append(t.put(key, value, lease=grant.id))
-        for start in range(0, len(ops), 100):
-            await client.transaction(compare=[], success=ops[start : start + 100], failure=[])
-        print("written", len(ops), flush=True)
-
-asyncio.run(main(*sys.argv[1:]))
-"""
 
 # One create-only put at a time (a subnet a daemon holds is skipped), the time it was issued
 # printed: the latency measured from it includes the put's own round trip, an upper bound.
@@ -150,10 +128,7 @@ def forced_relist(lab: Lab, etcd: EtcdServer, proc: Process, source: str, leases
             keys = etcd.etcdctl("lease", "timetolive", lease, "--keys").stdout
             if keys.count("/coreos.com/network/subnets/") > 10:
                 etcd.etcdctl("lease", "revoke", lease)
-        lab.switch.run(
-            sys.executable, "-c", _BULK.replace("200 + i % 50", "150 + i % 50"), ETCD_ADDRESS, str(etcd.port),
-            str(leases), str(SUBNET_LEN), timeout=300,
-        )  # fmt: skip
+        bulk_leases(etcd, leases, SUBNET_LEN, ip_base=150)
         status = json.loads(etcd.etcdctl("endpoint", "status", "-w", "json").stdout)
         etcd.etcdctl("compaction", str(status[0]["Status"]["header"]["revision"]))
     finally:
@@ -188,10 +163,7 @@ def scale(leases: int = 2000, daemons: int = 3, paced: int = 200, rate: float = 
         try:
             config = {"Network": NETWORK, "SubnetLen": SUBNET_LEN, "Backend": {"Type": "udp"}}
             etcd.etcdctl("put", "/coreos.com/network/config", json.dumps(config))
-            lab.switch.run(
-                sys.executable, "-c", _BULK, ETCD_ADDRESS, str(etcd.port), str(leases), str(SUBNET_LEN),
-                timeout=300,
-            )  # fmt: skip
+            bulk_leases(etcd, leases, SUBNET_LEN)
             hosts = {
                 f"h{i}": lab.add_host(f"h{i}", "br0", f"192.0.2.{10 + i}") for i in range(1, daemons + 1)
             }

@@ -304,6 +304,42 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def etcd_argv(name: str, datadir: Path, client: str, peer: str, cluster: str) -> list[str]:
+    """etcd's command line for member ``name`` of the new cluster ``cluster`` (name=peer-url,...)."""
+    return [
+        "etcd", "--name", name, "--data-dir", str(datadir),
+        "--listen-client-urls", client, "--advertise-client-urls", client,
+        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", cluster, "--initial-cluster-state", "new",
+        "--log-level", "warn",
+    ]  # fmt: skip
+
+
+def spawn_logged(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own session, appending its output to ``log_path``."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+
+
+def etcdctl(
+    endpoints: str, ns: Netns | None, *args: str, check: bool = True, timeout: float = 15
+) -> subprocess.CompletedProcess[str]:
+    """``etcdctl`` (API v3) against ``endpoints``, run in ``ns`` if given; bounded in time."""
+    argv = ["etcdctl", f"--endpoints={endpoints}", "--dial-timeout=2s", "--command-timeout=5s", *args]
+    if ns:
+        argv = ns.cmd(*argv)
+    return subprocess.run(
+        argv,
+        check=check,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, ETCDCTL_API="3"),
+    )
+
+
 class EtcdServer:
     """A real etcd (Debian's etcd-server) with a throwaway data dir, stopped by PID.
 
@@ -333,32 +369,8 @@ class EtcdServer:
     def start(self, timeout: float = 20) -> EtcdServer:
         client = f"http://{self.address}:{self.port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
-        argv = [
-            "etcd",
-            "--name",
-            "tp",
-            "--data-dir",
-            str(self.datadir / "data"),
-            "--listen-client-urls",
-            client,
-            "--advertise-client-urls",
-            client,
-            "--listen-peer-urls",
-            peer,
-            "--initial-advertise-peer-urls",
-            peer,
-            "--initial-cluster",
-            f"tp={peer}",
-            "--log-level",
-            "warn",
-        ]
-        if self.ns:
-            argv = self.ns.cmd(*argv)
-        log = open(self.datadir / "etcd.log", "ab")  # noqa: SIM115
-        self.popen = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-        log.close()
+        argv = etcd_argv("tp", self.datadir / "data", client, peer, f"tp={peer}")
+        self.popen = spawn_logged(self.ns.cmd(*argv) if self.ns else argv, self.datadir / "etcd.log")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.etcdctl("endpoint", "health", check=False).returncode == 0:
@@ -370,17 +382,7 @@ class EtcdServer:
         raise RuntimeError(f"etcd did not start: {(self.datadir / 'etcd.log').read_text()[-2000:]}")
 
     def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        argv = ["etcdctl", f"--endpoints={self.endpoint}", "--dial-timeout=2s", "--command-timeout=5s", *args]
-        if self.ns:
-            argv = self.ns.cmd(*argv)
-        return subprocess.run(
-            argv,
-            check=check,
-            capture_output=True,
-            text=True,
-            timeout=15,
-            env=dict(os.environ, ETCDCTL_API="3"),
-        )
+        return etcdctl(self.endpoint, self.ns, *args, check=check)
 
     def stop(self) -> None:
         """Stop the server but keep its data, so ``start()`` brings the same cluster back."""
@@ -396,104 +398,6 @@ class EtcdServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class EtcdCluster:
-    """Three (or ``size``) real etcd members on one address with their own ports, stopped by PID.
-
-    For faults a single server cannot show: a lost quorum (stop a majority),
-    a member partitioned from the rest.
-    """
-
-    def __init__(
-        self, address: str, ns: Netns | None = None, workdir: Path | None = None, size: int = 3
-    ) -> None:
-        self.address = address
-        self.ns = ns
-        self._tmp = tempfile.TemporaryDirectory(prefix="tunproxy-etcd-cluster-", dir=workdir)
-        self.datadir = Path(self._tmp.name)
-        self.names = [f"m{i}" for i in range(size)]
-        self.client_ports = {name: free_port() for name in self.names}
-        self.peer_ports = {name: free_port() for name in self.names}
-        self.popens: dict[str, subprocess.Popen[bytes]] = {}
-
-    def endpoint(self, name: str) -> str:
-        return f"http://{self.address}:{self.client_ports[name]}"
-
-    @property
-    def endpoints(self) -> str:
-        """Every member's client URL, comma-separated, as --etcd-endpoints takes them."""
-        return ",".join(self.endpoint(name) for name in self.names)
-
-    def start(self, timeout: float = 30) -> EtcdCluster:
-        initial = ",".join(f"{n}=http://{self.address}:{self.peer_ports[n]}" for n in self.names)
-        for name in self.names:
-            peer = f"http://{self.address}:{self.peer_ports[name]}"
-            argv = [
-                "etcd",
-                "--name",
-                name,
-                "--data-dir",
-                str(self.datadir / name),
-                "--listen-client-urls",
-                self.endpoint(name),
-                "--advertise-client-urls",
-                self.endpoint(name),
-                "--listen-peer-urls",
-                peer,
-                "--initial-advertise-peer-urls",
-                peer,
-                "--initial-cluster",
-                initial,
-                "--initial-cluster-state",
-                "new",
-                "--log-level",
-                "warn",
-            ]
-            if self.ns:
-                argv = self.ns.cmd(*argv)
-            log = open(self.datadir / f"{name}.log", "ab")  # noqa: SIM115
-            self.popens[name] = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-            log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.etcdctl("endpoint", "health", check=False).returncode == 0:
-                return self
-            time.sleep(0.2)
-        self.close()
-        raise RuntimeError("the etcd cluster did not become healthy")
-
-    def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        argv = [
-            "etcdctl",
-            f"--endpoints={self.endpoints}",
-            "--dial-timeout=2s",
-            "--command-timeout=5s",
-            *args,
-        ]
-        if self.ns:
-            argv = self.ns.cmd(*argv)
-        return subprocess.run(
-            argv,
-            check=check,
-            capture_output=True,
-            text=True,
-            timeout=15,
-            env=dict(os.environ, ETCDCTL_API="3"),
-        )
-
-    def pid(self, name: str) -> int:
-        return self.popens[name].pid
-
-    def close(self) -> None:
-        for popen in self.popens.values():
-            if popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(popen.pid, signal.SIGCONT)  # a stopped member cannot act on SIGTERM
-            stop_process(popen)
-        self._tmp.cleanup()
 
 
 class NamespacedEtcdCluster:
@@ -531,29 +435,16 @@ class NamespacedEtcdCluster:
         """Every member's client URL, comma-separated, as --etcd-endpoints takes them."""
         return ",".join(self.endpoint(name) for name in self.names)
 
-    def _argv(self, name: str) -> list[str]:
-        peer = f"http://{self.addresses[name]}:{self.PEER_PORT}"
-        initial = ",".join(f"{n}=http://{a}:{self.PEER_PORT}" for n, a in self.addresses.items())
-        return [
-            "etcd", "--name", name, "--data-dir", str(self.datadir / name),
-            "--listen-client-urls", self.endpoint(name), "--advertise-client-urls", self.endpoint(name),
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", initial, "--initial-cluster-state", "new",
-            "--log-level", "warn",
-        ]  # fmt: skip
-
     def start(self, *names: str, timeout: float = 30) -> NamespacedEtcdCluster:
         """Start ``names`` (default: every member not running) and wait for the cluster to be healthy."""
+        cluster = ",".join(f"{n}=http://{a}:{self.PEER_PORT}" for n, a in self.addresses.items())
         for name in names or self.names:
             popen = self.popens.get(name)
             if popen is not None and popen.poll() is None:
                 continue
-            log = open(self.datadir / f"{name}.log", "ab")  # noqa: SIM115
-            self.popens[name] = subprocess.Popen(
-                self.namespaces[name].cmd(*self._argv(name)),
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-            log.close()
+            peer = f"http://{self.addresses[name]}:{self.PEER_PORT}"
+            argv = etcd_argv(name, self.datadir / name, self.endpoint(name), peer, cluster)
+            self.popens[name] = spawn_logged(self.namespaces[name].cmd(*argv), self.datadir / f"{name}.log")
         self.wait_healthy(timeout)
         return self
 
@@ -569,14 +460,10 @@ class NamespacedEtcdCluster:
     def etcdctl(
         self, *args: str, check: bool = True, endpoints: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        argv = [
-            "etcdctl", f"--endpoints={endpoints or self.endpoints}",
-            "--dial-timeout=2s", "--command-timeout=5s", *args,
-        ]  # fmt: skip
-        return subprocess.run(
-            self.lab.switch.cmd(*argv), check=check, capture_output=True, text=True, timeout=30,
-            env=dict(os.environ, ETCDCTL_API="3"),
-        )  # fmt: skip
+        return etcdctl(endpoints or self.endpoints, self.lab.switch, *args, check=check, timeout=30)
+
+    def pid(self, name: str) -> int:
+        return self.popens[name].pid
 
     def leader(self) -> str:
         """The member that is leader now, from ``etcdctl endpoint status -w json``; RuntimeError if none."""
@@ -613,6 +500,46 @@ class NamespacedEtcdCluster:
         for popen in self.popens.values():
             stop_process(popen, timeout=5)
         self._tmp.cleanup()
+
+
+_BULK = """
+import asyncio, json, sys
+from ipaddress import IPv4Network
+import aetcd
+
+async def main(host, port, count, length, first, ip_base):
+    async with aetcd.Client(host, int(port), timeout=10) as client:
+        grant = await client.lease(3600)
+        t = client.transactions
+        subnets = list(IPv4Network("10.100.0.0/16").subnets(new_prefix=int(length)))[int(first):]
+        ops = []
+        for i, net in enumerate(subnets[: int(count)]):
+            key = f"/coreos.com/network/subnets/{net.network_address}-{net.prefixlen}".encode()
+            public_ip = f"192.0.2.{int(ip_base) + i % 50}"
+            value = json.dumps({"PublicIP": public_ip, "BackendType": "udp"}).encode()
+            ops.append(t.put(key, value, lease=grant.id))
+        for start in range(0, len(ops), 100):
+            await client.transaction(compare=[], success=ops[start : start + 100], failure=[])
+        print(grant.id, flush=True)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def bulk_leases(server: EtcdServer, count: int, subnet_len: int, first: int = 1, ip_base: int = 200) -> int:
+    """Write ``count`` udp leases of /``subnet_len`` subnets of 10.100.0.0/16 (from the ``first``-th)
+    into ``server`` as thousands of hosts would, all on one etcd lease; returns that lease's ID.
+
+    The PublicIPs cycle through 192.0.2.``ip_base`` to ``ip_base + 49`` (addresses nobody holds).
+    Runs where the server is reachable (its namespace); transactions of 100 puts.
+    """
+    argv = [sys.executable, "-c", _BULK, server.address, str(server.port), str(count), str(subnet_len)]
+    argv += [str(first), str(ip_base)]
+    if server.ns:
+        out = server.ns.run(*argv, timeout=300)
+    else:
+        out = sh(*argv, timeout=300)
+    return int(out.stdout.split()[-1])
 
 
 _SINK = """
