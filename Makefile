@@ -1,10 +1,12 @@
 # make demo: install what is needed, then run three hosts in network namespaces.
 # make test: the whole suite (unit tests; as root also TUN, namespaces, etcd).
+# make fuzz FUZZ_SECONDS=600: each libFuzzer target (fuzz/) for that long, under ASan and UBSan.
 PY ?= python3
-APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping containernetworking-plugins
+APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping containernetworking-plugins clang
 STAMP := build/.setup-stamp
+FUZZ_SECONDS ?= 60
 
-.PHONY: setup build demo demo-etcd demo-pods test test-unit lint bench bench-quick bench-control clean
+.PHONY: setup build demo demo-etcd demo-pods test test-unit lint bench bench-quick bench-control fuzz clean
 
 setup: $(STAMP)
 
@@ -47,6 +49,9 @@ bench-quick: build
 
 bench-control: build
 	$(PY) -m bench.control
+
+fuzz: setup
+	$(PY) -m fuzz --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf build *.egg-info tunproxy/_fastpath_cffi* .pytest_cache .hypothesis
