@@ -38,7 +38,7 @@ test-unit: build
 	$(PY) -m pytest -q tests/unit
 
 lint:
-	ruff check tunproxy tests bench
+	ruff check tunproxy tests bench fuzz
 	mypy tunproxy
 
 bench: build

@@ -70,32 +70,35 @@ def _cc(argv: list[str], target: str) -> None:
         raise BuildError(f"building fuzz target {target} failed: {done.stderr.strip()[-2000:]}")
 
 
-def build(target: str) -> Path:
+def build(target: str, where: Path = BUILD) -> Path:
     """The target's binary, rebuilt if any source is newer.
 
     Only the fast path gets coverage instrumentation (the harness's own loops
     and checks would only add noise and cost); both get the sanitizers.
     """
-    out = BUILD / target
+    out = where / target
     harness, fastpath = FUZZ / f"fuzz_{target}.c", ROOT / "tunproxy" / "_fastpath.c"
     deps = [harness, fastpath, ROOT / "tunproxy" / "_fastpath.h"]
     if out.exists() and all(out.stat().st_mtime >= d.stat().st_mtime for d in deps):
         return out
-    BUILD.mkdir(parents=True, exist_ok=True)
+    where.mkdir(parents=True, exist_ok=True)
     cc, include = compiler(), f"-I{ROOT / 'tunproxy'}"
-    objects = [BUILD / f"{target}-harness.o", BUILD / f"{target}-fastpath.o"]
+    objects = [where / f"{target}-harness.o", where / f"{target}-fastpath.o"]
     _cc([cc, *CFLAGS, SANITIZE, include, "-c", str(harness), "-o", str(objects[0])], target)
     _cc([cc, *CFLAGS, SANITIZE_COVERAGE, include, "-c", str(fastpath), "-o", str(objects[1])], target)
     _cc([cc, LINK, *map(str, objects), *LDFLAGS[target], "-o", str(out)], target)
     return out
 
 
-def run(target: str, seconds: float, runs: int = -1) -> Result:
-    """Run one target on one job for ``seconds`` (or ``runs`` inputs, whichever ends first)."""
-    binary = build(target)
-    work = BUILD / f"corpus-{target}"
+def run(target: str, seconds: float, runs: int = -1, where: Path = BUILD) -> Result:
+    """Run one target on one job for ``seconds`` (or ``runs`` inputs, whichever ends first).
+
+    ``where`` holds the binary, the working corpus, the log and any crash input.
+    """
+    binary = build(target, where)
+    work = where / f"corpus-{target}"
     work.mkdir(parents=True, exist_ok=True)
-    prefix = BUILD / f"crash-{target}-"
+    prefix = where / f"crash-{target}-"
     argv = [
         str(binary),
         f"-max_total_time={max(1, int(seconds))}",
@@ -110,10 +113,10 @@ def run(target: str, seconds: float, runs: int = -1) -> Result:
     ]
     started = time.monotonic()
     # One process, one job: the machine is shared; -fork/-jobs would take every core.
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=BUILD, timeout=seconds + 300)
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=where, timeout=seconds + 300)
     elapsed = time.monotonic() - started
     log = done.stderr
-    (BUILD / f"{target}.log").write_text(log)
+    (where / f"{target}.log").write_text(log)
     executed = [int(n) for n in re.findall(r"stat::number_of_executed_units: (\d+)", log)]
     cov = [int(n) for n in re.findall(r"\bcov: (\d+)", log)]
     crash = re.search(r"Test unit written to (\S+)", log)
@@ -168,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--runs", type=int, default=-1, help="stop a target after this many inputs (default: no limit)"
     )
-    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, of: " + ", ".join(TARGETS))
     ap.add_argument(
-        "--out", type=Path, default=ROOT / "bench" / "results", help="where the JSON goes ('' for none)"
+        "--build", type=Path, default=BUILD, help="where binaries, working corpora and crashes go"
     )
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, of: " + ", ".join(TARGETS))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="JSON goes here ('': none)")
     args = ap.parse_args(argv)
     targets = [t for t in args.targets.split(",") if t]
     unknown = [t for t in targets if t not in TARGETS]
@@ -179,15 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fuzz: bad --targets {','.join(unknown)!r} or --seconds {args.seconds}", file=sys.stderr)
         return 2
     try:
-        results = [run(t, args.seconds, args.runs) for t in targets]
+        results = [run(t, args.seconds, args.runs, args.build) for t in targets]
     except BuildError as e:
         print(f"fuzz: {e}", file=sys.stderr)
         return 2
     print(table(results))
     for r in results:
         if r.crash:
-            print(f"{r.target}: finding written to {r.crash}; log in {BUILD / (r.target + '.log')}")
-    if str(args.out):
+            print(f"{r.target}: finding written to {r.crash}; log in {args.build / (r.target + '.log')}")
+    if args.out:
+        args.out = Path(args.out)
         args.out.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         path = args.out / f"fuzz-{stamp}.json"
