@@ -6,7 +6,7 @@ APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping conta
 STAMP := build/.setup-stamp
 FUZZ_SECONDS ?= 60
 
-.PHONY: setup build demo demo-etcd demo-pods test test-unit lint bench bench-quick bench-control fuzz clean
+.PHONY: setup build demo demo-etcd demo-pods test test-unit lint bench bench-quick bench-control bench-lookup fuzz clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,9 @@ bench-quick: build
 
 bench-control: build
 	$(PY) -m bench.control
+
+bench-lookup: build
+	$(PY) -m bench.lookup
 
 fuzz: setup
 	$(PY) -m fuzz --seconds $(FUZZ_SECONDS)
