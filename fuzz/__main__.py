@@ -95,6 +95,7 @@ def run(target: str, seconds: float, runs: int = -1, where: Path = BUILD) -> Res
 
     ``where`` holds the binary, the working corpus, the log and any crash input.
     """
+    where = where.resolve()  # libFuzzer runs with where as its cwd
     binary = build(target, where)
     work = where / f"corpus-{target}"
     work.mkdir(parents=True, exist_ok=True)
