@@ -1,10 +1,12 @@
 # make demo: install what is needed, then run three hosts in network namespaces.
 # make test: the whole suite (unit tests; as root also TUN, namespaces, etcd).
+# make fuzz FUZZ_SECONDS=600: each libFuzzer target (fuzz/) for that long, under ASan and UBSan.
 PY ?= python3
-APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping containernetworking-plugins openssl nftables tshark
+APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping containernetworking-plugins openssl nftables tshark clang
 STAMP := build/.setup-stamp
+FUZZ_SECONDS ?= 60
 
-.PHONY: setup build demo demo-etcd demo-pods test test-unit lint bench bench-quick bench-control soak scale clean
+.PHONY: setup build demo demo-etcd demo-pods test test-unit lint bench bench-quick bench-control bench-lookup fuzz soak scale clean
 
 setup: $(STAMP)
 
@@ -36,7 +38,7 @@ test-unit: build
 	$(PY) -m pytest -q -rs tests/unit
 
 lint:
-	ruff check tunproxy tests bench
+	ruff check tunproxy tests bench fuzz
 	mypy tunproxy
 
 bench: build
@@ -55,6 +57,12 @@ soak: build
 # One etcd holding 2,000 leases and three daemons: route latency, a full relist, memory.
 scale: build
 	$(PY) -m bench.scale
+
+bench-lookup: build
+	$(PY) -m bench.lookup
+
+fuzz: setup
+	$(PY) -m fuzz --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf build *.egg-info tunproxy/_fastpath_cffi* .pytest_cache .hypothesis

@@ -27,6 +27,8 @@
  * Peers (the set of next hops) live in an open-addressing hash table at most
  * half full, so the receive path can reject an unknown source in O(1).  It is
  * rebuilt on each route change, copying the counters of peers that stay.
+ * A known peer is not trusted with any source address: the inner source of
+ * its packet must route back to it (see rx_packet), or it is dropped as spoofed.
  *
  * Time comes in as now_ms, so the ICMP token bucket is deterministic in tests.
  *
@@ -1098,13 +1100,20 @@ static void gro_add(struct fp_ctx *c, int tun_fd, uint8_t *p, uint32_t tot, stru
     g->gro_closed = payload < g->gro_mss || (p[33] & TCP_PSH);
 }
 
-/* One datagram from a known peer: checked, TTL - 1, written to the TUN. */
+/* One datagram from a known peer: checked, TTL - 1, written to the TUN.
+ * Anti-spoofing, as WireGuard's allowed-ips: the inner source must route back
+ * to the peer it came from (the longest match of the source is one of the
+ * peer's subnets), or any host could inject packets "from" any other host's
+ * pods.  One more lookup per packet, the same one the send side does. */
 static void rx_packet(struct fp_ctx *c, int udp_fd, int tun_fd, uint8_t *p, uint32_t len,
                       const struct sockaddr_in *a, struct fp_peer *peer, uint64_t now)
 {
     uint32_t tot, n;
     if (!(tot = ip_valid(p, len))) {
         drop(c, &c->cnt.drop_malformed, FP_DROP_MALFORMED, FP_DIR_RX, peer->addr, p, len, 1);
+    } else if (!c->allow_any_source && fp_lookup(c, get32(p + 12)) != peer->addr) {
+        /* before the TTL check: no ICMP error to a forged source */
+        drop(c, &c->cnt.drop_spoofed, FP_DROP_SPOOFED, FP_DIR_RX, peer->addr, p, tot, 1);
     } else if (p[8] <= 1) {
         drop(c, &c->cnt.drop_ttl, FP_DROP_TTL, FP_DIR_RX, peer->addr, p, tot, 1);
         n = icmp_error(c, p, tot, 11, 0, 0, now);

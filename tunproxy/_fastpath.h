@@ -35,7 +35,8 @@ enum {
     FP_DROP_UNKNOWN_PEER = 3,
     FP_DROP_TOO_BIG = 4,
     FP_DROP_TUN_WRITE = 5,
-    FP_DROP_SEND = 6
+    FP_DROP_SEND = 6,
+    FP_DROP_SPOOFED = 7
 };
 
 /* Which way a dropped packet was going. */
@@ -95,6 +96,7 @@ struct fp_counters {
     uint64_t drop_too_big;
     uint64_t drop_tun_write;
     uint64_t drop_send;
+    uint64_t drop_spoofed;       /* inner source routed to another peer, or to none */
     uint64_t icmp_sent;
     uint64_t icmp_ratelimited;
     uint64_t tx_batches;         /* sendmmsg calls that sent >= 1 datagram */
@@ -176,6 +178,7 @@ struct fp_ctx {
     uint32_t peer_cap;           /* power of two, >= 4 * max_routes */
     uint32_t offload;            /* FP_OFFLOAD_* bits */
     int32_t gso_errno;           /* why FP_OFFLOAD_UDP_GSO was cleared, if it was */
+    uint32_t allow_any_source;   /* 0: a peer's packet must come from that peer's subnets */
     struct fp_ring ring;
     struct fp_gso gso;           /* offload mode only */
     struct fp_route *routes;     /* route_cap slots, the live table */

@@ -340,6 +340,13 @@ def build_parser() -> ArgumentParser:
         default=False,
         help="one packet per TUN read/write: no TSO on the TUN, no UDP GSO/GRO (same wire format)",
     )
+    option(
+        udp,
+        "--allow-any-source",
+        default=False,
+        help="accept a peer's packets whatever their inner source (default: only from the peer's "
+        "subnets, others are dropped and counted as spoofed)",
+    )
 
     _add_etcd_flags(run)
     store = run.add_argument_group("leases")
@@ -631,6 +638,7 @@ def backend_options(args: argparse.Namespace) -> dict[str, Any]:
         "port": args.port,
         "port_source": source(args, "port"),
         "offload": not args.no_offload,
+        "allow_any_source": args.allow_any_source,
         "max_routes": args.max_routes,
         "drop_ring": args.drop_ring,
         "sources": {dest: given[dest] for dest in UDP_ONLY if dest in given},

@@ -32,7 +32,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from tunproxy._fastpath_cffi import ffi, lib
 
-DROP_REASONS = ("no_route", "ttl", "malformed", "unknown_peer", "too_big", "tun_write", "send")
+DROP_REASONS = ("no_route", "ttl", "malformed", "unknown_peer", "too_big", "tun_write", "send", "spoofed")
 MAX_PACKET = lib.FP_MAX_PACKET
 MAX_BATCH = 1024
 MAX_HEADROOM = 4096
@@ -218,7 +218,11 @@ class FastPath:
     ``mtu`` is the largest inner packet sent with DF set (bigger ones get an
     ICMP "fragmentation needed"); ``local_addr`` is the tunnel's own address,
     the source of the ICMP errors; every peer listens on UDP ``port``, and a
-    datagram from any other address or port is dropped as ``unknown_peer``.
+    datagram from any other address is dropped as ``unknown_peer``.
+    A peer's packet whose inner source does not route back to that peer
+    (longest prefix match, as WireGuard's allowed-ips) is dropped as
+    ``spoofed``, unless ``allow_any_source`` is set (for setups that route
+    foreign sources through a peer, such as a gateway behind it).
     ``slot_size`` (default ``headroom + 65535``, so any IPv4 packet fits) is
     the bytes per ring slot; the ring has ``batch`` slots.
 
@@ -244,6 +248,7 @@ class FastPath:
         udp_gso: bool = True,
         gso_buffer: int = GSO_BUFFER,
         drop_ring: int = DEFAULT_DROP_RING,
+        allow_any_source: bool = False,
     ) -> None:
         _check_int("mtu", mtu, 68, MAX_PACKET)
         _check_int("port", port, 1, 65535)
@@ -286,6 +291,7 @@ class FastPath:
         c.max_routes = capacity
         c.route_cap = self._route_cap
         c.peer_cap = self._peer_cap
+        c.allow_any_source = bool(allow_any_source)
         if offload:
             c.offload = lib.FP_OFFLOAD_VNET | (lib.FP_OFFLOAD_UDP_GSO if udp_gso else 0)
         self._offload = bool(offload)
@@ -371,6 +377,11 @@ class FastPath:
     @property
     def offload(self) -> bool:
         return self._offload
+
+    @property
+    def allow_any_source(self) -> bool:
+        """Whether anti-spoofing is off: a peer may send packets from any inner source."""
+        return bool(self._ctx.allow_any_source)
 
     @property
     def udp_gso(self) -> bool:

@@ -70,3 +70,29 @@ def test_an_error_inside_the_daemons_task_group_is_still_one_line(monkeypatch, c
     monkeypatch.setattr(cli, "cmd_run", failing_run)
     code, err = run_main(["run"], capsys)
     assert code == 2 and err.strip() == "tunproxy: error: no free subnet in 10.100.0.0/16"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "allowed"),
+    [
+        ([], {}, False),  # anti-spoofing is on by default
+        (["--allow-any-source"], {}, True),
+        ([], {"TUNPROXY_ALLOW_ANY_SOURCE": "true"}, True),
+        (["--allow-any-source=false"], {"FLANNELD_ALLOW_ANY_SOURCE": "true"}, False),
+    ],
+)
+def test_allow_any_source_reaches_the_udp_backend(argv, env, allowed, monkeypatch):
+    import uvloop
+
+    from tunproxy import daemon
+
+    seen = {}
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(daemon, "Daemon", lambda registry, options: seen.setdefault("options", options))
+    monkeypatch.setattr(daemon, "serve", lambda d: None)
+    monkeypatch.setattr(uvloop, "run", lambda coro: None)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    base = ["run", "--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--subnet-file", ""]
+    assert cli.main(base + argv) == 0
+    assert seen["options"].backend_options["allow_any_source"] is allowed

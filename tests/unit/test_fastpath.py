@@ -232,7 +232,7 @@ def test_ttl_checksum_wrap_matches_python_twin_both_ways(env, target, ttl):
 @HYPO
 @given(packet=packets())
 def test_rx_rewrite_matches_python_twin(env, packet):
-    env.fp.set_routes({NET("10.0.0.0/8"): P3})
+    env.fp.set_routes({NET("0.0.0.0/0"): P3})  # every source is P3's: the rewrite alone
     before = env.counters()
     env.send_from(P3, packet)
     assert env.rx() == 1
@@ -710,6 +710,75 @@ def test_unknown_peers_are_dropped(env):
     assert env.rx() == 1 and receive(env.kernel, 1) == [h.forward(packet)]
 
 
+# ---- anti-spoofing ----
+
+SPOOF_ROUTES = {NET("10.1.0.0/16"): P2, NET("10.2.0.0/16"): P3, NET("10.2.9.0/24"): P2}
+
+
+def test_spoofed_sources_are_dropped_and_counted(env):
+    env.fp.set_routes(SPOOF_ROUTES)
+    legit = [
+        udp("10.1.0.5", "10.244.0.9"),
+        udp("10.2.9.1", "10.244.0.9"),  # P3's /16, but the longer /24 is P2's
+        h.icmp_net_unreachable(udp("10.244.0.9", "10.3.0.1"), "10.1.0.0"),  # from P2's tunnel address
+    ]
+    spoofed = [
+        udp("10.2.0.5", "10.244.0.9"),  # P3's subnet
+        udp("192.168.1.1", "10.244.0.9"),  # nobody's
+        udp("10.244.0.7", "10.244.0.9"),  # ours
+        udp("10.2.0.5", "10.244.0.9", ttl=1),  # no ICMP error goes back to a forged source
+    ]
+    before = env.counters()
+    env.send_from(P2, spoofed[0], legit[0], *spoofed[1:], *legit[1:])
+    time.sleep(0.05)
+    assert env.rx() == len(legit) + len(spoofed)
+    assert receive(env.kernel, len(legit)) == [h.forward(p) for p in legit]
+    assert receive(env.kernel) == [] and receive(env.peers[P2]) == []
+    after = env.counters()
+    assert after.drops["spoofed"] - before.drops["spoofed"] == len(spoofed)
+    assert after.rx_packets - before.rx_packets == len(legit) == after.peers[P2].rx_packets
+    assert sum(after.drops.values()) - sum(before.drops.values()) == len(spoofed)
+    assert after.icmp_sent == before.icmp_sent
+
+
+def test_allow_any_source_lets_foreign_sources_through(make_env):
+    env = make_env(allow_any_source=True)
+    assert env.fp.allow_any_source and not FastPath(mtu=MTU, local_addr=LOCAL).allow_any_source
+    env.fp.set_routes(SPOOF_ROUTES)
+    packets = [udp("10.2.0.5", "10.244.0.9"), udp("192.168.1.1", "10.244.0.9")]
+    env.send_from(P2, *packets)
+    time.sleep(0.05)
+    assert env.rx() == 2
+    assert receive(env.kernel, 2) == [h.forward(p) for p in packets]
+    assert env.counters().drops["spoofed"] == 0
+
+
+@HYPO
+@given(table=route_tables(max_size=12), data=st.data())
+def test_source_check_matches_brute_force(env, table, data):
+    """A packet from peer P is delivered exactly when the longest match of its
+    source is a route to P (the twin: brute_force over the same table)."""
+    table = {net: peer for net, peer in table.items() if peer in env.peers}
+    sender = data.draw(st.sampled_from(sorted(env.peers)))
+    if sender not in table.values():
+        table[NET("172.16.0.0/12")] = sender
+    env.fp.set_routes(table)
+    sources = data.draw(st.lists(st.sampled_from(probes(table, data)), min_size=1, max_size=40))
+    packets = [udp(str(src), "10.244.0.9", ident=i) for i, src in enumerate(sources)]
+    owned = [brute_force(table, src) == sender for src in sources]
+    expected = [h.forward(p) for p, ok in zip(packets, owned, strict=True) if ok]
+    before = env.counters()
+    env.send_from(sender, *packets)
+    done = 0
+    while done < len(packets):
+        assert wait_readable(env.udp)
+        done += env.rx()
+    assert receive(env.kernel, len(expected)) == expected
+    assert receive(env.kernel) == []
+    after = env.counters()
+    assert after.drops["spoofed"] - before.drops["spoofed"] == len(packets) - len(expected)
+
+
 # ---- batching ----
 
 
@@ -847,7 +916,7 @@ def test_counters_shape_and_summary(env):
     assert (
         set(c.drops)
         == set(DROP_REASONS)
-        == {"no_route", "ttl", "malformed", "unknown_peer", "too_big", "tun_write", "send"}
+        == {"no_route", "ttl", "malformed", "unknown_peer", "too_big", "tun_write", "send", "spoofed"}
     )
     line = c.summary()
     assert "\n" not in line

@@ -421,6 +421,35 @@ def test_a_tcp_train_becomes_one_tso_write(env):
     delta(env, before, tun_gso_writes=1, tun_gso_segments=40, rx_packets=40, rx_bytes=total)
 
 
+def test_spoofed_segments_in_a_gro_buffer_are_dropped_and_the_rest_coalesce(env):
+    """Anti-spoofing on the offload path: each datagram of a UDP_GRO buffer is
+    checked, a spoofed one never joins (or breaks) a coalesced write."""
+    gro_env(env)
+    env.fp.set_routes({NET("10.2.0.0/16"): P2, NET("10.3.0.0/16"): P3})  # DST is in P2's subnet
+    segments = stream(6)
+    forged = h.build_tcp(src="10.3.0.9", dst=SRC, seq=7 + 3 * 1000, ident=103, payload=bytes(1000), df=True)
+    before = env.counters()
+    send_gso(env.peers[P2], env.port, segments[:3] + [forged] + segments[3:])
+    wait_readable(env.udp)
+    assert env.rx() == 1
+    writes = tun_writes(env, 1)
+    assert unsplit(writes) == [h.forward(s) for s in segments]
+    delta(env, before, rx_packets=6, tun_gso_writes=1, tun_gso_segments=6, gro_segments=7)
+    assert env.counters().drops["spoofed"] - before.drops["spoofed"] == 1
+
+
+def test_allow_any_source_on_the_offload_path(make_env):
+    env = make_env(allow_any_source=True)
+    gro_env(env)
+    env.fp.set_routes({NET("10.3.0.0/16"): P2})  # DST is nobody's
+    segments = stream(4)
+    send_gso(env.peers[P2], env.port, segments)
+    wait_readable(env.udp)
+    assert env.rx() == 1
+    assert unsplit(tun_writes(env, 1)) == [h.forward(s) for s in segments]
+    assert env.counters().drops["spoofed"] == 0
+
+
 def test_coalescing_across_datagrams_and_its_limits(env):
     """Separate datagrams coalesce too; a write holds at most 64 KiB."""
     segments = stream(70, mss=1300)

@@ -23,7 +23,7 @@ def backend_class(name: str) -> type[Backend]:
     return cls
 
 
-UDP_ONLY = ("port", "batch", "tun_name", "max_routes", "drop_ring", "no_offload")
+UDP_ONLY = ("port", "batch", "tun_name", "max_routes", "drop_ring", "no_offload", "allow_any_source")
 """The dests of ``tunproxy run``'s udp backend flags; another backend ignores them, with a warning."""
 
 

@@ -88,6 +88,7 @@ class UdpBackend(Backend):
             log.warning("%s", warning)
         self.batch: int = int(opts.get("batch") or 64)
         self.offload: bool = bool(opts.get("offload", True))
+        self.allow_any_source: bool = bool(opts.get("allow_any_source", False))
         self.max_routes: int = int(opts.get("max_routes") or default_max_routes(ctx.network))
         self._routes: dict[IPv4Network, IPv4Address] = {}  # what the C table holds, by subnet
         self._udp_gso = self.offload
@@ -208,6 +209,7 @@ class UdpBackend(Backend):
                 udp_gso=self._udp_gso,
                 max_routes=self.max_routes,
                 drop_ring=int(self.ctx.options.get("drop_ring", DEFAULT_DROP_RING)),
+                allow_any_source=self.allow_any_source,
             )
             self.fastpath.set_routes(self._routes)
         self.subnet = subnet
