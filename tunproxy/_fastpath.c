@@ -11,22 +11,24 @@
  * what to do with an error, when to log - is Python's business.
  *
  * Memory is all the caller's (see _fastpath.h): the ring of slots, the
- * mmsghdr/iovec/sockaddr arrays that point into it, the two route tables and
- * the two peer tables.  So nothing is allocated per packet and nothing can
+ * mmsghdr/iovec/sockaddr arrays that point into it, the route and peer
+ * tables (and their spares, for growing and whole replacements), the drop ring.  So nothing is allocated per packet and nothing can
  * leak; an error is just a -errno return value.
  *
- * Route lookup: the table is an array sorted by (32 - len, prefix), plus a
- * 33-bit mask of the prefix lengths present.  A lookup walks the present
- * lengths from longest to shortest and binary-searches for (len, dst & mask):
- * at most 33 searches of log2(n) steps, usually two or three, and the same
- * array is what Python reads back.  Changes are made on the spare ("alt")
- * table, which is then swapped in with a freshly built peer table, so a packet
- * sees the old table or the new one and never a mix.  Everything runs on one
- * thread, which is what makes the swap atomic.
+ * Route lookup: the table is an open-addressing hash of (prefix, len), at
+ * most half full, plus a 33-bit mask of the prefix lengths present.  A lookup
+ * walks the present lengths from longest to shortest and probes once for
+ * (dst & mask, len): usually one or two probes, whatever the table size.  A
+ * batch of changes (fp_update_routes) is checked whole before anything moves,
+ * so an error leaves the table as it was, and costs the size of the batch,
+ * not of the table: 2,000 leases revoked at once are one call.  fp_set_routes
+ * builds a new table aside (the "alt" arrays) and swaps it in.  Everything
+ * runs on one thread, so a packet sees the table before a call or after it.
  *
  * Peers (the set of next hops) live in an open-addressing hash table at most
- * half full, so the receive path can reject an unknown source in O(1).  It is
- * rebuilt on each route change, copying the counters of peers that stay.
+ * a quarter full, so the receive path can reject an unknown source in O(1).
+ * Each peer counts the routes pointing at it and goes with the last one; a
+ * peer that keeps any route keeps its counters through every change.
  * A known peer is not trusted with any source address: the inner source of
  * its packet must route back to it (see rx_packet), or it is dropped as spoofed.
  *
