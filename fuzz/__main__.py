@@ -78,13 +78,14 @@ def build(target: str, where: Path = BUILD) -> Path:
     """
     out = where / target
     harness, fastpath = FUZZ / f"fuzz_{target}.c", ROOT / "tunproxy" / "_fastpath.c"
-    deps = [harness, fastpath, ROOT / "tunproxy" / "_fastpath.h"]
+    deps = [harness, fastpath, ROOT / "tunproxy" / "_fastpath.h", FUZZ / "check.h"]
     if out.exists() and all(out.stat().st_mtime >= d.stat().st_mtime for d in deps):
         return out
     where.mkdir(parents=True, exist_ok=True)
     cc, include = compiler(), f"-I{ROOT / 'tunproxy'}"
+    own = f"-I{FUZZ}"
     objects = [where / f"{target}-harness.o", where / f"{target}-fastpath.o"]
-    _cc([cc, *CFLAGS, SANITIZE, include, "-c", str(harness), "-o", str(objects[0])], target)
+    _cc([cc, *CFLAGS, SANITIZE, include, own, "-c", str(harness), "-o", str(objects[0])], target)
     _cc([cc, *CFLAGS, SANITIZE_COVERAGE, include, "-c", str(fastpath), "-o", str(objects[1])], target)
     _cc([cc, LINK, *map(str, objects), *LDFLAGS[target], "-o", str(out)], target)
     return out

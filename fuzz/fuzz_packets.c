@@ -39,6 +39,7 @@
  */
 #define _GNU_SOURCE
 #include "_fastpath.h"
+#include "check.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -50,13 +51,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define CHECK(cond)                                                                    \
-    do {                                                                               \
-        if (!(cond)) {                                                                 \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);   \
-            abort();                                                                   \
-        }                                                                              \
-    } while (0)
 
 enum { NPEERS = 4, MAX_RX = 256, HEADROOM = 64, UDP_FD = 1000 };
 static const uint32_t PEERS[NPEERS + 1] = {0xc0000201, 0xc0000202, 0xc0000203, 0xc0000204,
