@@ -617,6 +617,12 @@ def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     static_data = getattr(backend_class(config.backend_type), "static_backend_data", None)
     if static_data is not None:
         static_data = functools.partial(static_data, config=config)
+    if args.peers_file:  # at start, name the flag or variable it came from (a reload names the file)
+        try:
+            Path(args.peers_file).read_bytes()
+        except OSError as e:
+            what = source(args, "peers_file")
+            raise ConfigError(f"cannot read {what} {args.peers_file}: {e.strerror}") from None
     return StaticRegistry(
         config,
         own,
@@ -654,7 +660,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise UsageError("tunproxy run needs root (CAP_NET_ADMIN) to create devices and routes")
     options = DaemonOptions(
-        iface=InterfaceChoice(tuple(args.iface), tuple(args.iface_regex), args.iface_can_reach),
+        iface=InterfaceChoice(
+            tuple(args.iface),
+            tuple(args.iface_regex),
+            args.iface_can_reach,
+            (source(args, "iface"), source(args, "iface_regex"), source(args, "iface_can_reach")),
+        ),
         public_ip=args.public_ip,
         subnet_file=Path(args.subnet_file) if args.subnet_file else None,
         stats_interval=args.stats_interval,

@@ -83,6 +83,8 @@ class InterfaceChoice:
     names: tuple[str, ...] = ()
     regexes: tuple[str, ...] = ()
     can_reach: IPv4Address | None = None
+    labels: tuple[str, str, str] = ("--iface", "--iface-regex", "--iface-can-reach")
+    """Where each of the three came from (a flag, or a TUNPROXY_/FLANNELD_ variable), for messages."""
 
     @property
     def empty(self) -> bool:
@@ -161,13 +163,14 @@ def find_underlay(iface: InterfaceChoice | str | None, public_ip: IPv4Address | 
                 raise ConfigError("no default route to pick an interface from; pass --iface")
             return routes[0].get_attr("RTA_OIF"), None
         attempts: list[tuple[str, Callable[[], tuple[int, str | None]]]] = []
+        by_name, by_regex, by_route = choice.labels
         for name in choice.names:
-            attempts.append((f"--iface {name}", functools.partial(_by_name_or_address, ipr, name)))
+            attempts.append((f"{by_name} {name}", functools.partial(_by_name_or_address, ipr, name)))
         for pattern in choice.regexes:
-            attempts.append((f"--iface-regex {pattern}", functools.partial(_by_regex, ipr, pattern)))
+            attempts.append((f"{by_regex} {pattern}", functools.partial(_by_regex, ipr, pattern)))
         if choice.can_reach:
             reach = choice.can_reach
-            attempts.append((f"--iface-can-reach {reach}", functools.partial(_by_route, ipr, reach)))
+            attempts.append((f"{by_route} {reach}", functools.partial(_by_route, ipr, reach)))
         failures = []
         for what, attempt in attempts:
             try:
@@ -176,7 +179,8 @@ def find_underlay(iface: InterfaceChoice | str | None, public_ip: IPv4Address | 
                 log.debug("%s: %s", what, e)
                 failures.append(f"{what}: {e}")
         if len(failures) == 1 and choice.names:  # the common case keeps its plain message
-            raise ConfigError(failures[0].partition(": ")[2])
+            what, _, why = failures[0].partition(": ")
+            raise ConfigError(why if by_name == "--iface" else f"{why} ({what})")
         raise ConfigError(f"no interface matches: {'; '.join(failures)}")
 
     def lookup(ipr: IPRoute) -> Underlay:

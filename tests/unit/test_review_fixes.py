@@ -155,3 +155,22 @@ def test_net_conf_keys_match_as_go_decodes_them_ignoring_case() -> None:
     assert config.backend == {"VNI": 7, "DirectRouting": True} and config.warnings == ()
     exact = NetworkConfig.parse('{"Network": "10.100.0.0/16", "NETWORK": "10.7.0.0/16"}')
     assert exact.network == IPv4Network("10.100.0.0/16")  # the exact spelling wins
+
+
+def test_a_missing_peers_file_from_the_environment_names_the_variable(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nope.json"
+    line = one_line(capsys, STATIC, {"TUNPROXY_PEERS_FILE": str(missing)})
+    assert line == f"tunproxy: error: cannot read TUNPROXY_PEERS_FILE {missing}: No such file or directory"
+
+
+def test_an_interface_from_the_environment_is_named_with_its_variable() -> None:
+    from tunproxy.netlink import InterfaceChoice, find_underlay
+    from tunproxy.subnets import ConfigError
+
+    with pytest.raises(ConfigError) as flag:
+        find_underlay(InterfaceChoice(("tp-nope0",)))
+    assert str(flag.value) == "interface 'tp-nope0' does not exist"
+    labels = ("FLANNELD_IFACE", "--iface-regex", "--iface-can-reach")
+    with pytest.raises(ConfigError) as variable:
+        find_underlay(InterfaceChoice(("tp-nope0",), labels=labels))
+    assert str(variable.value) == "interface 'tp-nope0' does not exist (FLANNELD_IFACE tp-nope0)"
