@@ -60,18 +60,6 @@ static const uint16_t PORT = 8285;
 
 /* ---- reading the input ---- */
 
-struct in {
-    const uint8_t *p;
-    size_t n;
-};
-
-static uint32_t take(struct in *in, int bytes)
-{
-    uint32_t v = 0;
-    for (int i = 0; i < bytes && in->n; i++, in->p++, in->n--)
-        v |= (uint32_t)in->p[0] << (8 * i);
-    return v;
-}
 
 static uint32_t get16(const uint8_t *p) { return (uint32_t)p[0] << 8 | p[1]; }
 static uint32_t get32(const uint8_t *p) { return get16(p) << 16 | get16(p + 2); }

@@ -35,18 +35,6 @@
 
 enum { MAX_MODEL = 1024, NPEERS = 4 };
 
-struct in {
-    const uint8_t *p;
-    size_t n;
-};
-
-static uint32_t take(struct in *in, int bytes)
-{
-    uint32_t v = 0;
-    for (int i = 0; i < bytes && in->n; i++, in->p++, in->n--)
-        v |= (uint32_t)in->p[0] << (8 * i);
-    return v;
-}
 
 static uint32_t mask_of(uint32_t len) { return len == 0 ? 0 : len >= 32 ? 0xffffffffu : 0xffffffffu << (32 - len); }
 
