@@ -23,11 +23,12 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from tunproxy.backend_config import UdpFlags
 from tunproxy.backends.base import BackendContext
 from tunproxy.backends.udp import UdpBackend
 from tunproxy.fastpath import FastPath
+from tunproxy.model import Lease, NetworkConfig
 from tunproxy.netlink import Underlay
-from tunproxy.subnets import Lease, NetworkConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CONFIG = NetworkConfig.parse({"Network": "10.100.0.0/16", "SubnetLen": 29, "Backend": {"Type": "udp"}})
@@ -40,7 +41,7 @@ def _leases(count: int) -> list[Lease]:
 
 def _backend(leases: list[Lease]) -> UdpBackend:
     underlay = Underlay("eth1", 2, IPv4Address("192.0.2.250"), 24, 1500)
-    backend = UdpBackend(BackendContext(CONFIG, underlay, underlay.address, {"offload": False}))
+    backend = UdpBackend(BackendContext(CONFIG, underlay, underlay.address, UdpFlags(offload=False)))
     backend.fastpath = FastPath(mtu=1472, local_addr="10.100.0.0", batch=1, max_routes=backend.max_routes)
     asyncio.run(backend.apply((), leases))
     return backend

@@ -26,9 +26,19 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__, cli_observe
+from .backend_config import (
+    BACKEND_TYPES,
+    BATCH_DEFAULT,
+    BATCH_MAX,
+    DEFAULT_TUN,
+    DROP_RING_DEFAULT,
+    DROP_RING_MAX,
+    UdpFlags,
+    parse_backend,
+)
 from .control import NoDaemon
 from .fastpath import MAX_ROUTES
-from .subnets import KNOWN_BACKENDS, ConfigError, LeaseError, NetworkConfig, parse_address, parse_network
+from .model import ConfigError, LeaseError, NetworkConfig, parse_address, parse_network
 from .supervise import TaskDied
 
 ENV_PREFIXES = ("TUNPROXY_", "FLANNELD_")  # the first set wins; the command line wins over both
@@ -257,8 +267,8 @@ def build_parser() -> ArgumentParser:
     option(
         net,
         "--backend",
-        convert=_choice(*KNOWN_BACKENDS),
-        metavar="{" + ",".join(KNOWN_BACKENDS) + "}",
+        convert=_choice(*BACKEND_TYPES),
+        metavar="{" + ",".join(BACKEND_TYPES) + "}",
         help="backend type (default: the net config's, else udp)",
     )
     option(
@@ -317,8 +327,16 @@ def build_parser() -> ArgumentParser:
 
     udp = run.add_argument_group("udp backend")
     option(udp, "--port", convert=_port, help="UDP port (default: Backend.Port, else 8285)")
-    option(udp, "--batch", convert=_integer(1, 1024), default=64, help="packets per system call (default 64)")
-    option(udp, "--tun-name", convert=_ifname, default="tunproxy0", help="TUN device (default tunproxy0)")
+    option(
+        udp,
+        "--batch",
+        convert=_integer(1, BATCH_MAX),
+        default=BATCH_DEFAULT,
+        help=f"packets per system call (default {BATCH_DEFAULT})",
+    )
+    option(
+        udp, "--tun-name", convert=_ifname, default=DEFAULT_TUN, help=f"TUN device (default {DEFAULT_TUN})"
+    )
     option(
         udp,
         "--max-routes",
@@ -330,9 +348,9 @@ def build_parser() -> ArgumentParser:
     option(
         udp,
         "--drop-ring",
-        convert=_integer(0, 65536),
-        default=256,
-        help="dropped packets kept for tunproxy drops (default 256; 0: none)",
+        convert=_integer(0, DROP_RING_MAX),
+        default=DROP_RING_DEFAULT,
+        help=f"dropped packets kept for tunproxy drops (default {DROP_RING_DEFAULT}; 0: none)",
     )
     option(
         udp,
@@ -531,8 +549,8 @@ def static_network_config(args: argparse.Namespace) -> NetworkConfig:
     if args.backend and args.backend != config.backend_type:
         # The Backend options were written for the config's type; another type gets none of them.
         warnings = [w for w in config.warnings if not w.startswith("ignoring Backend.")]
-        if config.backend:
-            names = ", ".join(sorted(config.backend))
+        if config.backend.raw:
+            names = ", ".join(sorted(config.backend.raw))
             warnings.append(
                 f"ignoring Backend {names}: written for {config.backend_type}, "
                 f"{source(args, 'backend')} is {args.backend}"
@@ -543,7 +561,7 @@ def static_network_config(args: argparse.Namespace) -> NetworkConfig:
             config.subnet_min,
             config.subnet_max,
             args.backend,
-            {},
+            parse_backend(args.backend, {}),
             tuple(warnings),
         )
     return config
@@ -614,9 +632,7 @@ def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         if subnet in peers:
             raise ConfigError(f"peer subnet {subnet} is listed twice")
         peers[subnet] = ip
-    static_data = getattr(backend_class(config.backend_type), "static_backend_data", None)
-    if static_data is not None:
-        static_data = functools.partial(static_data, config=config)
+    static_data = functools.partial(backend_class(config.backend_type).static_backend_data, config=config)
     if args.peers_file:  # at start, name the flag or variable it came from (a reload names the file)
         try:
             Path(args.peers_file).read_bytes()
@@ -632,23 +648,27 @@ def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     )
 
 
-def backend_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The udp backend's knobs for BackendContext.options, with ``sources``: the flag or variable
-    each udp flag that was given came from (another backend warns about each, see create_backend)."""
+def udp_flags(args: argparse.Namespace) -> UdpFlags:
+    """The udp backend's flags, with the flag or variable each given one came from (another
+    backend warns about each, see create_backend)."""
     from .backends import UDP_ONLY
 
     given = getattr(args, "sources", {})
-    return {
-        "tun_name": args.tun_name,
-        "batch": args.batch,
-        "port": args.port,
-        "port_source": source(args, "port"),
-        "offload": not args.no_offload,
-        "allow_any_source": args.allow_any_source,
-        "max_routes": args.max_routes,
-        "drop_ring": args.drop_ring,
-        "sources": {dest: given[dest] for dest in UDP_ONLY if dest in given},
-    }
+    dests = {"offload": "no_offload"}  # the field is the positive; the flag turns it off
+    sources = {}
+    for name in UDP_ONLY:
+        if dests.get(name, name) in given:
+            sources[name] = given[dests.get(name, name)]
+    return UdpFlags(
+        tun_name=args.tun_name,
+        batch=args.batch,
+        port=args.port,
+        offload=not args.no_offload,
+        allow_any_source=args.allow_any_source,
+        max_routes=args.max_routes,
+        drop_ring=args.drop_ring,
+        sources=sources,
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -671,7 +691,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         stats_interval=args.stats_interval,
         check_interval=args.check_interval,
         ipmasq=args.ip_masq,
-        backend_options=backend_options(args),
+        udp=udp_flags(args),
         observe=observe,
     )
     import uvloop

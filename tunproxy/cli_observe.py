@@ -17,7 +17,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from .subnets import ConfigError, parse_address
+from .model import ConfigError, parse_address
 
 SUBNET_FILE_HELP = "the daemon's --subnet-file, to find its control socket"
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .subnets import ConfigError
+from .model import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -1,42 +1,40 @@
-"""The daemon: one registry, one backend, and the lease table between them.
+"""The daemon: one registry, one backend, and the lease fold between them.
 
 It is deliberately thin. It asks the registry for the config and our lease,
-folds the registry's updates through a LeaseWatcher, and hands each burst of
-events to the backend as one ``apply`` call, in bounded chunks so the data
-path keeps forwarding while thousands of leases come or go. Anything a backend
-cannot do for one peer is logged once and retried on the next change and at
-the periodic check; only setup errors stop us. Every background loop is
-supervised: one that ends while the daemon runs takes the daemon down with
-one line, rather than leaving it half alive.
+folds the registry's updates through a LeaseWatcher (which decides what is
+routed), and turns each ``PeerChanges`` into ``apply`` calls on the backend,
+in bounded chunks so the data path keeps forwarding while thousands of leases
+come or go. Anything a backend cannot do for one peer is logged once and
+retried on the next change and at the periodic check; only setup errors stop
+us. Every background loop is supervised: one that ends while the daemon runs
+takes the daemon down with one line, rather than leaving it half alive.
+
+The underlay lookup and the backend factory are parameters, so a fake
+registry and a fake backend drive a real Daemon in unit tests, without root.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import logging
-import os
 import signal
-import struct
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
 
+from .backend_config import UdpFlags
 from .backends import Backend, BackendContext, create_backend
 from .backends.base import PeerRefused, RouteTableFull
-from .leases import EventKind, LeaseEvent, LeaseWatcher
-from .netlink import InterfaceChoice, find_underlay
+from .model import Lease, NetworkConfig
+from .netlink import InterfaceChoice, Underlay, find_underlay
 from .observe import changed_fields
 from .observer import ObserveOptions, Observer
 from .peers.base import Changes, OwnLease, Registry, Snapshot
-from .subnetenv import SubnetEnv
-from .subnets import ConfigError, Lease, NetworkConfig
+from .subnetenv import SubnetEnv, SubnetFileLock, subnet_env, write_subnet_file
 from .supervise import supervised
+from .watcher import LeaseWatcher, PeerChanges
 
 log = logging.getLogger("tunproxy")
 
@@ -49,119 +47,44 @@ class DaemonOptions:
     stats_interval: float = 60.0
     check_interval: float = 10.0
     ipmasq: bool = False
-    backend_options: dict[str, Any] = field(default_factory=dict)
+    udp: UdpFlags = field(default_factory=UdpFlags)
     observe: ObserveOptions = field(default_factory=ObserveOptions)
-
-
-def subnet_env(network: IPv4Network, subnet: IPv4Network, mtu: int, ipmasq: bool) -> str:
-    """flannel's subnet.env: FLANNEL_SUBNET is the subnet's first host address with its length."""
-    first = subnet.network_address + 1
-    return (
-        f"FLANNEL_NETWORK={network}\n"
-        f"FLANNEL_SUBNET={first}/{subnet.prefixlen}\n"
-        f"FLANNEL_MTU={mtu}\n"
-        f"FLANNEL_IPMASQ={'true' if ipmasq else 'false'}\n"
-    )
 
 
 CHUNK = 512  # lease events applied between two turns of the event loop
 LOG_EACH = 16  # bursts larger than this are logged as one summary line (each peer at debug)
 
 
-def write_subnet_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: readers never see half a file.
-
-    The temporary file has a unique name (mkstemp in the same directory), so
-    two daemons sharing a filesystem never write through the same one.
-    Raises OSError naming the path (NotADirectoryError when the directory is a file).
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # mkdir's answer when the directory's name is taken by a file
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-# struct flock from <fcntl.h> on Linux: l_type, l_whence, l_start, l_len, l_pid (and padding).
-_FLOCK = struct.Struct("@hhqqi4x")
-
-
-class SubnetFileLock:
-    """An exclusive lock on ``<subnet file>.lock``, held while the daemon runs.
-
-    A second daemon given the same subnet file (for instance the default
-    one, by two hosts of a lab in network namespaces on one machine) would
-    overwrite the first one's subnet.env; it is refused instead. The lock is
-    a POSIX record lock, so the kernel names the holder's PID (F_GETLK) and
-    drops the lock when the holder dies, however it dies.
-    """
-
-    def __init__(self, subnet_file: Path) -> None:
-        self.subnet_file = subnet_file
-        self.path = subnet_file.with_name(subnet_file.name + ".lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock; ConfigError naming the file and the holder's PID if another daemon has it."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create the directory {self.path.parent}: {e.strerror}") from None
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise ConfigError(f"cannot open the lock file {self.path}: {e.strerror}") from None
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = self._holder(fd)
-            os.close(fd)
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise ConfigError(f"cannot lock {self.path}: {e.strerror}") from None
-            who = f"pid {holder}" if holder else "another process"
-            raise ConfigError(
-                f"subnet file {self.subnet_file} is in use by another tunproxy ({who}); "
-                "give each daemon its own --subnet-file"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-
-    @staticmethod
-    def _holder(fd: int) -> int | None:
-        with contextlib.suppress(OSError):
-            query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-            l_type, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, query))
-            if l_type != fcntl.F_UNLCK and pid > 0:
-                return int(pid)
-        return None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the lock; the file stays for the next daemon
-            self._fd = None
+UnderlayLookup = Callable[[InterfaceChoice | str | None, IPv4Address | None], Underlay]
+BackendFactory = Callable[[BackendContext], Backend]
 
 
 class Daemon:
-    def __init__(self, registry: Registry, options: DaemonOptions) -> None:
+    """Runs one registry and one backend until cancelled (see the module docstring).
+
+    ``find_underlay`` (blocking: called in a worker thread) and
+    ``create_backend`` default to the real ones; tests pass fakes.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        options: DaemonOptions,
+        find_underlay: UnderlayLookup = find_underlay,
+        create_backend: BackendFactory = create_backend,
+    ) -> None:
         self.registry = registry
         self.options = options
+        self._find_underlay = find_underlay
+        self._create_backend = create_backend
         self.backend: Backend | None = None
         self.config: NetworkConfig | None = None
-        self.watcher = LeaseWatcher()
-        self.foreign: set[IPv4Network] = set()
-        # Leases the backend could not apply, retried on the next change and at each check.
+        self.own_lease: Lease | None = None
+        self.watcher = LeaseWatcher("")
+        # Leases the backend could not apply, retried on the next change and at each check,
+        # and the reason last logged for each (logged again only when it changes).
         self.unapplied: dict[IPv4Network, Lease] = {}
-        self._refusals_said: dict[IPv4Network, str] = {}
+        self.refusals: dict[IPv4Network, str] = {}
         self._lock = SubnetFileLock(options.subnet_file) if options.subnet_file else None
         self._env = SubnetEnv(options.subnet_file, write_subnet_file) if options.subnet_file else None
         self.observer = Observer(self, options.observe)
@@ -177,12 +100,12 @@ class Daemon:
 
     async def _run(self) -> None:
         opts = self.options
-        underlay = await asyncio.to_thread(find_underlay, opts.iface, opts.public_ip)
+        underlay = await asyncio.to_thread(self._find_underlay, opts.iface, opts.public_ip)
         public_ip = opts.public_ip or underlay.address
-        self.watcher.own_public_ip = public_ip
         self.config = config = await self.registry.network_config()
-        ctx = BackendContext(config, underlay, public_ip, opts.backend_options)
-        self.backend = backend = create_backend(ctx)
+        ctx = BackendContext(config, underlay, public_ip, opts.udp)
+        self.backend = backend = self._create_backend(ctx)
+        self.watcher = LeaseWatcher(backend.name, own_public_ip=public_ip)
         log.info(
             "backend %s on %s (%s), public ip %s, mtu %d",
             backend.name,
@@ -211,9 +134,10 @@ class Daemon:
             await self.registry.close()
             await self.observer.close()
 
-    async def _own_lease(self, lease: Any, at_start: bool = False) -> None:
+    async def _own_lease(self, lease: Lease, at_start: bool = False) -> None:
         assert self.backend and self.config
         log.info("our subnet is %s", lease.subnet)
+        self.own_lease = lease
         await self._apply(self.watcher.set_own_subnet(lease.subnet))
         await self.backend.set_subnet(lease.subnet)
         if self._env:  # a failure at run time is logged and retried at each check, see SubnetEnv
@@ -243,63 +167,15 @@ class Daemon:
             log.error("removing leftovers of an earlier run failed: %s", e)
         log.info("ready: %d peer(s)", self._routed())
 
-    async def _apply(self, events: Sequence[LeaseEvent]) -> None:
-        """Hand a burst of events to the backend in chunks of CHUNK, yielding to the loop between.
+    async def _apply(self, changes: PeerChanges) -> None:
+        """Hand a fold's changes to the backend in chunks of CHUNK, yielding to the loop between.
 
+        Removals go first, so a full table has room for the additions.
         Leases refused earlier are offered again with each burst: a table
         that was full may have room now.
         """
-        removed: list[Lease] = []
-        added: list[Lease] = []
-        for start in range(0, len(events), CHUNK):
-            if start:
-                await asyncio.sleep(0)  # let the data path run between chunks
-            gone, new = await self._apply_chunk(events[start : start + CHUNK], retry=False)
-            removed += gone
-            added += new
-        if self.unapplied:  # once per burst, after its removals: room may have freed
-            _, new = await self._apply_chunk((), retry=True)
-            added += new
-        self._log_changes(removed, added)
-
-    async def _apply_chunk(
-        self, events: Sequence[LeaseEvent], retry: bool
-    ) -> tuple[list[Lease], list[Lease]]:
-        """Apply up to CHUNK events, or with ``retry`` the leases waiting; returns what was removed, added."""
         assert self.backend
-        removed: dict[IPv4Network, Lease] = {}
-        added: dict[IPv4Network, Lease] = {}
-        for event in events:
-            lease = event.lease
-            if lease.backend_type != self.backend.name:
-                self._foreign(event)
-                continue
-            if event.kind is EventKind.ADDED:
-                added[lease.subnet] = lease
-            else:
-                added.pop(lease.subnet, None)
-                if self.unapplied.pop(lease.subnet, None) is None:
-                    removed[lease.subnet] = lease
-                self._refusals_said.pop(lease.subnet, None)
-        for subnet in added:
-            self.unapplied.pop(subnet, None)
-        waiting = dict(self.unapplied) if retry else {}
-        if retry:
-            self.unapplied.clear()
-        if not (removed or added or waiting):
-            return [], []
-        failures = await self.backend.apply(list(removed.values()), [*waiting.values(), *added.values()])
-        failed = {lease.subnet for lease, _ in failures}
-        self._say_refusals(failures)
-        return list(removed.values()), [
-            lease for lease in (*waiting.values(), *added.values()) if lease.subnet not in failed
-        ]
-
-    def _foreign(self, event: LeaseEvent) -> None:
-        assert self.backend
-        lease = event.lease
-        if event.kind is EventKind.ADDED and lease.subnet not in self.foreign:
-            self.foreign.add(lease.subnet)
+        for lease in changes.foreign:
             log.warning(
                 "ignoring peer %s (%s): it runs backend %s, we run %s",
                 lease.subnet,
@@ -307,8 +183,38 @@ class Daemon:
                 lease.backend_type,
                 self.backend.name,
             )
-        elif event.kind is EventKind.REMOVED:
-            self.foreign.discard(lease.subnet)
+        removed: list[Lease] = []
+        for lease in changes.removed:  # a lease still waiting was never applied: nothing to undo
+            self.refusals.pop(lease.subnet, None)
+            if self.unapplied.pop(lease.subnet, None) is None:
+                removed.append(lease)
+        added = list(changes.added)
+        for lease in added:
+            self.unapplied.pop(lease.subnet, None)
+        done: list[Lease] = []
+        for start in range(0, len(removed), CHUNK):
+            if start:
+                await asyncio.sleep(0)  # let the data path run between chunks
+            await self.backend.apply(removed[start : start + CHUNK], ())
+        for start in range(0, len(added), CHUNK):
+            if start or removed:
+                await asyncio.sleep(0)
+            done += await self._add(added[start : start + CHUNK])
+        if self.unapplied:  # once per burst, after its removals: room may have freed
+            waiting = list(self.unapplied.values())
+            self.unapplied.clear()
+            done += await self._add(waiting)
+        self._log_changes(removed, done)
+
+    async def _add(self, leases: Sequence[Lease]) -> list[Lease]:
+        """Add ``leases``; those refused are kept for a retry. Returns those added."""
+        assert self.backend
+        if not leases:
+            return []
+        failures = await self.backend.apply((), leases)
+        self._say_refusals(failures)
+        failed = {lease.subnet for lease, _ in failures}
+        return [lease for lease in leases if lease.subnet not in failed]
 
     def _say_refusals(self, failures: list[tuple[Lease, Exception]]) -> None:
         """Keep failed leases for a retry; log each reason once per lease (a full table as one line)."""
@@ -316,9 +222,9 @@ class Daemon:
         for lease, error in failures:
             self.unapplied[lease.subnet] = lease
             reason = str(error)
-            if self._refusals_said.get(lease.subnet) == reason:
+            if self.refusals.get(lease.subnet) == reason:
                 continue
-            self._refusals_said[lease.subnet] = reason
+            self.refusals[lease.subnet] = reason
             if isinstance(error, RouteTableFull):
                 full.append(lease)
             elif isinstance(error, PeerRefused):
@@ -355,10 +261,8 @@ class Daemon:
             )
 
     def _routed(self) -> int:
-        """Peers routed now: the leases of our backend less those waiting for a retry; O(peers)."""
-        assert self.backend
-        ours = sum(1 for lease in self.watcher.leases.values() if lease.backend_type == self.backend.name)
-        return ours - len(self.unapplied)
+        """Peers routed now: the leases of our backend less those waiting for a retry."""
+        return len(self.watcher.leases) - len(self.unapplied)
 
     async def _stats_loop(self) -> None:
         assert self.backend
@@ -382,7 +286,7 @@ class Daemon:
                     self._env.flush()
                 await self.backend.check()
                 if self.unapplied:
-                    await self._apply(())
+                    await self._apply(PeerChanges())
             except Exception as e:  # one bad round must not end the loop
                 log.debug("periodic check failed", exc_info=True)
                 log.error("periodic check failed: %s", e)

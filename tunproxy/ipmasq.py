@@ -23,7 +23,7 @@ import logging
 import shutil
 from ipaddress import IPv4Network
 
-from .subnets import ConfigError
+from .model import ConfigError
 
 log = logging.getLogger("tunproxy")
 

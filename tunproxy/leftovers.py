@@ -31,12 +31,12 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from .backend_config import DEFAULT_TUN
 from .netlink import RT_TABLE_MAIN, RTPROT_TUNPROXY, describe_route
 
 log = logging.getLogger("tunproxy")
 
 LOOPBACK_LABEL = "lo:tunproxy"  # IFA_LABEL must start with the device's name
-DEFAULT_TUN = "tunproxy0"
 VXLAN_NAME = re.compile(r"(tunproxy|tpvx)\.\d+")
 _GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL)
 

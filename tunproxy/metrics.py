@@ -25,8 +25,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import __version__
+from .model import ConfigError
 from .observe import READY
-from .subnets import ConfigError
 
 if TYPE_CHECKING:
     from .observer import Observer
@@ -79,11 +79,11 @@ class Collector:
         phase, _ = state.readiness()
         yield GaugeMetricFamily("tunproxy_ready", "1 while /readyz says ready.", value=int(phase == READY))
         yield GaugeMetricFamily("tunproxy_peers", "Peers the backend was given.", value=len(state.peers))
-        if state.lease is not None and state.lease.expiration is not None:
+        if state.lease is not None and state.lease_expiry is not None:
             yield GaugeMetricFamily(
                 "tunproxy_lease_expiry_timestamp_seconds",
                 "When our subnet lease expires unless renewed (Unix time).",
-                value=state.lease.expiration,
+                value=state.lease_expiry,
             )
         store = state.store
         if store.get("kind") == "etcd":

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .subnets import ConfigError
+from .model import ConfigError
 
 T = TypeVar("T")
 log = logging.getLogger("tunproxy")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from .subnets import Lease
+from .model import Lease
 
 # Daemon phases, in the order a healthy start goes through them.
 STARTING = "starting"  # before our lease is held
@@ -54,6 +54,8 @@ class DaemonState:
     network: IPv4Network | None = None
     mtu: int | None = None
     lease: Lease | None = None
+    lease_expiry: float | None = None
+    """When our lease runs out unless renewed (Unix time; None: it does not, as a static one)."""
     synced: bool = False
     stopping: bool = False
     lease_problem: str | None = None
@@ -158,7 +160,7 @@ def status_document(
     """
     phase, reason = state.readiness()
     lease = state.lease
-    expires = lease.expiration if lease else None
+    expires = state.lease_expiry if lease else None
     sample = current or sampler.latest
     peers = []
     for subnet, peer in sorted(state.peers.items()):

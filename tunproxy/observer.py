@@ -19,13 +19,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .observe import READY, DaemonState, PeerSample, PeerState, Sample, Sampler, status_document
-from .subnets import Lease
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -118,20 +116,12 @@ class Observer:
         registry = d.registry
         s.store = store_description(registry)
         s.lease_problem = getattr(registry, "lease_problem", None)
-        own_subnet = d.watcher.own_subnet
-        held = getattr(registry, "own_lease", None)
-        if own_subnet is None:
-            s.lease = None
-        elif isinstance(held, Lease) and held.subnet == own_subnet:
-            s.lease = held  # the registry's copy carries the renewed expiry
-        elif s.lease is None or s.lease.subnet != own_subnet:
-            s.lease = Lease(own_subnet, s.public_ip or IPv4Address(0), s.backend or "")
-        unapplied = getattr(d, "unapplied", {})
-        reasons = getattr(d, "_refusals_said", {})
+        s.lease = d.own_lease
+        s.lease_expiry = registry.lease_expiry() if s.lease is not None else None
+        unapplied, reasons = d.unapplied, d.refusals
         s.peers = {
             subnet: PeerState(lease, reasons.get(subnet, "not applied") if subnet in unapplied else None)
             for subnet, lease in d.watcher.leases.items()
-            if lease.backend_type == s.backend
         }
         self._changed()
 

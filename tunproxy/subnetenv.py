@@ -1,4 +1,4 @@
-"""subnet.env written so that a failure at run time never stops forwarding.
+"""subnet.env: its text, its atomic write, its lock, and a write that never stops forwarding.
 
 At start a subnet.env that cannot be written stops the daemon with one line
 (nothing is running yet that depends on us). At run time (our lease
@@ -9,10 +9,18 @@ periodic check tries again until it succeeds, which is logged too.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
+import os
+import struct
+import tempfile
 from collections.abc import Callable
+from ipaddress import IPv4Network
 from pathlib import Path
+
+from .model import ConfigError
 
 log = logging.getLogger("tunproxy")
 
@@ -59,3 +67,97 @@ class SubnetEnv:
         if self._failed is not None:
             log.info("wrote the subnet file %s", self.path)
         self._pending = self._failed = None
+
+
+def subnet_env(network: IPv4Network, subnet: IPv4Network, mtu: int, ipmasq: bool) -> str:
+    """flannel's subnet.env: FLANNEL_SUBNET is the subnet's first host address with its length."""
+    first = subnet.network_address + 1
+    return (
+        f"FLANNEL_NETWORK={network}\n"
+        f"FLANNEL_SUBNET={first}/{subnet.prefixlen}\n"
+        f"FLANNEL_MTU={mtu}\n"
+        f"FLANNEL_IPMASQ={'true' if ipmasq else 'false'}\n"
+    )
+
+
+def write_subnet_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: readers never see half a file.
+
+    The temporary file has a unique name (mkstemp in the same directory), so
+    two daemons sharing a filesystem never write through the same one.
+    Raises OSError naming the path (NotADirectoryError when the directory is a file).
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's answer when the directory's name is taken by a file
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# struct flock from <fcntl.h> on Linux: l_type, l_whence, l_start, l_len, l_pid (and padding).
+_FLOCK = struct.Struct("@hhqqi4x")
+
+
+class SubnetFileLock:
+    """An exclusive lock on ``<subnet file>.lock``, held while the daemon runs.
+
+    A second daemon given the same subnet file (for instance the default
+    one, by two hosts of a lab in network namespaces on one machine) would
+    overwrite the first one's subnet.env; it is refused instead. The lock is
+    a POSIX record lock, so the kernel names the holder's PID (F_GETLK) and
+    drops the lock when the holder dies, however it dies.
+    """
+
+    def __init__(self, subnet_file: Path) -> None:
+        self.subnet_file = subnet_file
+        self.path = subnet_file.with_name(subnet_file.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock; ConfigError naming the file and the holder's PID if another daemon has it."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the directory {self.path.parent}: {e.strerror}") from None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise ConfigError(f"cannot open the lock file {self.path}: {e.strerror}") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = self._holder(fd)
+            os.close(fd)
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise ConfigError(f"cannot lock {self.path}: {e.strerror}") from None
+            who = f"pid {holder}" if holder else "another process"
+            raise ConfigError(
+                f"subnet file {self.subnet_file} is in use by another tunproxy ({who}); "
+                "give each daemon its own --subnet-file"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    @staticmethod
+    def _holder(fd: int) -> int | None:
+        with contextlib.suppress(OSError):
+            query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            l_type, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, query))
+            if l_type != fcntl.F_UNLCK and pid > 0:
+                return int(pid)
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock; the file stays for the next daemon
+            self._fd = None

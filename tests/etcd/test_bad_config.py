@@ -39,7 +39,7 @@ def test_a_bad_config_value_is_one_line_then_a_fix_is_taken(etcd, caplog, doc, s
         assert not task.done()
         await put_config(etcd, {"Network": "10.9.0.0/16", "Backend": {"Type": "vxlan", "MTU": 1400}})
         config = await asyncio.wait_for(task, 8)
-        got = (str(config.network), config.backend_type, config.backend["MTU"])
+        got = (str(config.network), config.backend_type, config.backend.mtu)
         assert got == ("10.9.0.0/16", "vxlan", 1400)
         await reg.close()
 

@@ -21,10 +21,10 @@ import pytest
 import uvloop
 
 from tunproxy.lab import free_port
-from tunproxy.leases import EventKind, LeaseWatcher
+from tunproxy.model import ConfigError, Lease, LeaseAdded, LeaseRemoved
 from tunproxy.peers.base import Changes, OwnLease, Snapshot, Update
 from tunproxy.peers.etcd import EtcdRegistry, EtcdSettings, format_leases, list_leases
-from tunproxy.subnets import ConfigError, Lease
+from tunproxy.watcher import LeaseWatcher
 
 from .proxy import TcpProxy
 
@@ -76,7 +76,7 @@ class Follower:
         self.reg = reg
         self.queue: asyncio.Queue[Update] = asyncio.Queue()
         self.seen: list[Update] = []
-        self.watcher = LeaseWatcher(own)
+        self.watcher = LeaseWatcher("udp", own_subnet=own)
         self.task = asyncio.create_task(self._drain())
 
     async def _drain(self) -> None:
@@ -487,7 +487,7 @@ def test_an_expired_peer_disappears(etcd):
         start = loop.time()
         update = await follower.until(
             lambda u: isinstance(u, Changes)
-            and any(e.kind is EventKind.REMOVED and e.lease.subnet == peer.subnet for e in u.events),
+            and any(isinstance(e, LeaseRemoved) and e.subnet == peer.subnet for e in u.events),
             timeout=10,
         )
         assert update and loop.time() - start < 8
@@ -517,8 +517,8 @@ def test_a_watch_resumes_after_a_disconnect_without_relisting(etcd):
         proxy.restore()
         await follower.table_until(lambda t: table(t) == {"10.100.6.0/24": "192.0.2.6"})
         assert sum(isinstance(u, Snapshot) for u in follower.seen) == 1
-        added = [e.lease.subnet for u in follower.seen if isinstance(u, Changes) for e in u.events
-                 if e.kind is EventKind.ADDED]
+        added = [e.subnet for u in follower.seen if isinstance(u, Changes) for e in u.events
+                 if isinstance(e, LeaseAdded)]
         assert IPv4Network("10.100.5.0/24") in added  # replayed from history, not relisted
         await follower.stop()
         await reg.close()

@@ -9,21 +9,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tunproxy.backend_config import VXLAN_DEFAULT_PORT, UdpFlags, UdpOptions, VxlanOptions
 from tunproxy.backends import BackendContext, backend_class, create_backend
 from tunproxy.backends.base import PeerRefused
 from tunproxy.backends.host_gw import refusal
 from tunproxy.backends.vxlan import (
-    DEFAULT_PORT,
     VxlanBackend,
-    VxlanOptions,
+    VxlanSettings,
     device_name,
     link_mismatch,
     peer_vtep_mac,
     routes_directly,
     vtep_mac,
 )
+from tunproxy.model import ConfigError, Lease, NetworkConfig
 from tunproxy.netlink import Underlay
-from tunproxy.subnets import ConfigError, Lease, NetworkConfig, udp_port
 
 UNDERLAY = Underlay("eth1", 2, IPv4Address("192.0.2.11"), 24, 1500)
 SUBNET = IPv4Network("10.100.18.0/24")
@@ -33,20 +33,24 @@ def lease(data, ip="192.0.2.12", backend="vxlan") -> Lease:
     return Lease(SUBNET, IPv4Address(ip), backend, data)
 
 
+def settle(raw, underlay_mtu) -> VxlanSettings:
+    return VxlanSettings.settle(VxlanOptions.parse(raw), underlay_mtu)
+
+
 # --- options ---------------------------------------------------------------------------------------
 
 
 def test_defaults_are_flannels():
-    o = VxlanOptions.parse({}, 1500)
+    o = settle({}, 1500)
     assert (o.vni, o.port, o.gbp, o.direct_routing, o.mtu) == (1, 8472, False, False, 1450)
 
 
 def test_mtu_default_follows_the_underlay():
-    assert VxlanOptions.parse({}, 9000).mtu == 8950
+    assert settle({}, 9000).mtu == 8950
 
 
 def test_options_are_read():
-    o = VxlanOptions.parse({"VNI": 42, "Port": 4789, "GBP": True, "DirectRouting": True, "MTU": 1400}, 1500)
+    o = settle({"VNI": 42, "Port": 4789, "GBP": True, "DirectRouting": True, "MTU": 1400}, 1500)
     assert (o.vni, o.port, o.gbp, o.direct_routing, o.mtu) == (42, 4789, True, True, 1350)
 
 
@@ -60,12 +64,12 @@ def test_options_are_read():
     ],
 )
 def test_mtu_is_flannels_encapsulated_mtu(mtu, underlay, device, clamped):
-    o = VxlanOptions.parse({"MTU": mtu}, underlay)
+    o = settle({"MTU": mtu}, underlay)
     assert (o.mtu, o.clamped_from) == (device, clamped)
 
 
 def test_port_zero_means_the_default():
-    assert VxlanOptions.parse({"Port": 0}, 1500).port == DEFAULT_PORT
+    assert settle({"Port": 0}, 1500).port == VXLAN_DEFAULT_PORT
 
 
 @pytest.mark.parametrize(
@@ -87,12 +91,12 @@ def test_port_zero_means_the_default():
 )
 def test_bad_options_are_config_errors_naming_the_key(options, message):
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(")):
-        VxlanOptions.parse(options, 1500)
+        VxlanOptions.parse(options)
 
 
 def test_tiny_underlay_mtu_is_refused():
     with pytest.raises(ConfigError, match="underlay MTU 100 is too small"):
-        VxlanOptions.parse({}, 100)
+        settle({}, 100)
 
 
 def test_bad_options_fail_when_the_config_is_read():
@@ -145,11 +149,13 @@ def test_vtep_macs_of_different_hosts_differ(a, b):
 
 def test_static_backend_data_hook():
     cls = backend_class("vxlan")
-    data = cls.static_backend_data(IPv4Address("192.0.2.12"))
+    plain = NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "vxlan"}})
+    data = cls.static_backend_data(IPv4Address("192.0.2.12"), plain)
     assert data == {"VNI": 1, "VtepMAC": "0e:74:c0:00:02:0c"}
     config = NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "vxlan", "VNI": 9}})
     assert cls.static_backend_data(IPv4Address("192.0.2.12"), config)["VNI"] == 9
-    assert getattr(backend_class("host-gw"), "static_backend_data", None) is None
+    host_gw = NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "host-gw"}})
+    assert backend_class("host-gw").static_backend_data(IPv4Address("192.0.2.12"), host_gw) is None
 
 
 # --- peers -----------------------------------------------------------------------------------------
@@ -245,4 +251,5 @@ ONE_PORT = "every host must use one port"
     ],
 )
 def test_udp_port_precedence(options, flag, expected):
-    assert udp_port(options, flag, "TUNPROXY_PORT") == expected
+    flags = UdpFlags(port=flag, sources={"port": "TUNPROXY_PORT"})
+    assert flags.port_for(UdpOptions.parse(options)) == expected

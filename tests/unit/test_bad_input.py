@@ -26,11 +26,11 @@ from tunproxy import cli
 from tunproxy.backends import BackendContext, create_backend
 from tunproxy.backends.vxlan import VxlanBackend
 from tunproxy.daemon import Daemon, DaemonOptions
-from tunproxy.leases import LeaseEvent
+from tunproxy.model import Lease, NetworkConfig
 from tunproxy.netlink import Underlay
 from tunproxy.peers.etcd_logic import LeaseDecoder, config_drift
 from tunproxy.peers.static import StaticRegistry
-from tunproxy.subnets import Lease, NetworkConfig
+from tunproxy.watcher import PeerChanges
 
 STATIC = ["run", "--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--subnet-file", ""]
 SUBNETS = "/coreos.com/network/subnets/"
@@ -379,7 +379,7 @@ def test_backend_flag_drops_the_other_types_options_with_a_warning(tmp_path):
     path = net_conf(tmp_path, {"Network": "10.100.0.0/16", "Backend": {"Type": "vxlan", "VNI": 7}})
     args, _ = cli.parse(["run", "--net-config", str(path), "--backend", "udp"], {})
     config = cli.static_network_config(args)
-    assert (config.backend_type, dict(config.backend)) == ("udp", {})
+    assert (config.backend_type, dict(config.backend.raw)) == ("udp", {})
     assert config.warnings == ("ignoring Backend VNI: written for vxlan, --backend is udp",)
 
 
@@ -434,7 +434,7 @@ def test_a_peer_with_bad_backend_data_is_one_log_line_and_not_routed(caplog, dat
     daemon.backend = backend = VxlanBackend(BackendContext(config, UNDERLAY, UNDERLAY.address))
     lease = Lease(IPv4Network("10.100.6.0/24"), IPv4Address("192.0.2.12"), "vxlan", data)
     caplog.set_level(logging.INFO, logger="tunproxy")
-    asyncio.run(daemon._apply([LeaseEvent.added(lease)]))
+    asyncio.run(daemon._apply(PeerChanges(added=(lease,))))
     assert [r.getMessage() for r in caplog.records] == [f"peer 10.100.6.0/24 (192.0.2.12) refused: {says}"]
     assert backend.peers == {}
 

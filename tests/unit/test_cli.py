@@ -38,7 +38,7 @@ def test_net_config_file(tmp_path, monkeypatch, capsys):
     conf.write_text('{"Network": "10.100.0.0/16", "SubnetLen": 24, "Backend": {"Type": "udp", "Port": 8285}}')
     args, _ = cli.parse(["run", "--net-config", str(conf), "--subnet", "10.100.5.0/24"], {})
     config = cli.static_network_config(args)
-    assert str(config.network) == "10.100.0.0/16" and config.backend == {"Port": 8285}
+    assert str(config.network) == "10.100.0.0/16" and config.backend.raw == {"Port": 8285}
     conf.write_text("{")
     code, err = run_main(["run", "--net-config", str(conf), "--subnet", "10.100.5.0/24"], capsys)
     assert code == 2 and "not valid JSON" in err
@@ -95,4 +95,4 @@ def test_allow_any_source_reaches_the_udp_backend(argv, env, allowed, monkeypatc
         monkeypatch.setenv(name, value)
     base = ["run", "--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--subnet-file", ""]
     assert cli.main(base + argv) == 0
-    assert seen["options"].backend_options["allow_any_source"] is allowed
+    assert seen["options"].udp.allow_any_source is allowed

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tunproxy.model import ConfigError, Lease, NetworkConfig
 from tunproxy.peers.etcd_logic import (
     Backoff,
     Endpoint,
@@ -25,10 +26,8 @@ from tunproxy.peers.etcd_logic import (
     parse_endpoints,
     plan_acquisition,
     previous_subnet,
-    removal,
     renew_delay,
 )
-from tunproxy.subnets import ConfigError, Lease, NetworkConfig
 
 NET = NetworkConfig.parse({"Network": "10.100.0.0/16"})
 SMALL = NetworkConfig.parse(
@@ -236,9 +235,6 @@ def test_lease_decoder_reports_each_bad_value_once():
     assert d.decode("/p/subnets/10.100.6.0-24", b"{junk")[1]
 
 
-def test_a_removal_carries_only_the_subnet():
-    assert removal(net("10.100.5.0/24")) == Lease(net("10.100.5.0/24"), IPv4Address("0.0.0.0"))
-
 
 # --- endpoints and output --------------------------------------------------------------
 
@@ -293,8 +289,8 @@ def test_format_leases_table():
 
 
 def test_config_drift_says_what_is_not_applied():
+    from tunproxy.model import NetworkConfig
     from tunproxy.peers.etcd_logic import config_drift
-    from tunproxy.subnets import NetworkConfig
 
     running = NetworkConfig.parse({"Network": "10.100.0.0/16"})
     assert config_drift(running, running.to_json().encode()) is None

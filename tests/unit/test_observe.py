@@ -6,6 +6,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from tunproxy.control import default_socket
+from tunproxy.model import Lease
 from tunproxy.observe import (
     LEASE_LOST,
     PROGRAMMING,
@@ -19,7 +20,6 @@ from tunproxy.observe import (
     format_status,
     status_document,
 )
-from tunproxy.subnets import Lease
 
 PEER = Lease(IPv4Network("10.100.18.0/24"), IPv4Address("192.0.2.12"), "udp")
 
@@ -125,7 +125,7 @@ def test_observe_options_from_flags_and_systemds_environment():
 
     from tunproxy.cli import parse
     from tunproxy.cli_observe import observe_options
-    from tunproxy.subnets import ConfigError
+    from tunproxy.model import ConfigError
 
     args, _ = parse(["run", "--healthz-port", "8286", "--subnet-file", "/tmp/x/subnet.env"], {})
     mine = {"NOTIFY_SOCKET": "@sd", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}

@@ -9,11 +9,10 @@ import pytest
 
 from tunproxy import cli
 from tunproxy.backends import BackendContext, create_backend
-from tunproxy.daemon import write_subnet_file
 from tunproxy.leftovers import Kept, stale_devices
+from tunproxy.model import ConfigError, NetworkConfig
 from tunproxy.netlink import Underlay
-from tunproxy.subnetenv import SubnetEnv
-from tunproxy.subnets import ConfigError, NetworkConfig
+from tunproxy.subnetenv import SubnetEnv, write_subnet_file
 
 UNDERLAY = Underlay("eth1", 2, IPv4Address("192.0.2.11"), 24, 1500)
 
@@ -68,7 +67,7 @@ def backend_with(argv, env, backend, caplog):
     config = NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": backend}})
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tunproxy"):
-        create_backend(BackendContext(config, UNDERLAY, UNDERLAY.address, cli.backend_options(args)))
+        create_backend(BackendContext(config, UNDERLAY, UNDERLAY.address, cli.udp_flags(args)))
     return [r.getMessage() for r in caplog.records]
 
 

@@ -14,9 +14,9 @@ import pytest
 from tunproxy import cli
 from tunproxy.backends.base import RouteTableFull
 from tunproxy.daemon import Daemon, DaemonOptions
-from tunproxy.leases import LeaseEvent
+from tunproxy.model import Lease, LeaseAdded, LeaseRemoved, NetworkConfig
 from tunproxy.peers.static import StaticRegistry
-from tunproxy.subnets import Lease, NetworkConfig
+from tunproxy.watcher import LeaseWatcher
 
 STATIC = ["run", "--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--subnet-file", ""]
 NOT_UTF8 = b"\xff\xfe[]"
@@ -124,13 +124,14 @@ def test_a_waiting_lease_is_retried_once_per_burst_after_its_removals() -> None:
     async def main() -> OneRouteBackend:
         daemon = Daemon(None, DaemonOptions(iface=None, public_ip=None, subnet_file=None))  # type: ignore[arg-type]
         backend = daemon.backend = OneRouteBackend()  # type: ignore[assignment]
+        daemon.watcher = LeaseWatcher("udp")
         await daemon._apply(daemon.watcher.reset([lease(1), lease(2)]))
         assert set(backend.routes) == {lease(1).subnet} and set(daemon.unapplied) == {lease(2).subnet}
-        burst = [LeaseEvent.added(lease(n)) for n in range(10, 1210)]
+        burst = [LeaseAdded(lease(n)) for n in range(10, 1210)]
         await daemon._apply(daemon.watcher.update(burst))
         backend.calls.clear()
         await daemon._apply(
-            daemon.watcher.update([LeaseEvent.removed(lease(n)) for n in (1, *range(10, 1210))])
+            daemon.watcher.update([LeaseRemoved(lease(n).subnet) for n in (1, *range(10, 1210))])
         )
         return backend
 
@@ -152,7 +153,8 @@ def test_net_conf_keys_match_as_go_decodes_them_ignoring_case() -> None:
         26,
         "vxlan",
     )
-    assert config.backend == {"VNI": 7, "DirectRouting": True} and config.warnings == ()
+    assert config.backend.raw == {"VNI": 7, "DirectRouting": True} and config.warnings == ()
+    assert (config.backend.vni, config.backend.direct_routing) == (7, True)  # type: ignore[attr-defined]
     exact = NetworkConfig.parse('{"Network": "10.100.0.0/16", "NETWORK": "10.7.0.0/16"}')
     assert exact.network == IPv4Network("10.100.0.0/16")  # the exact spelling wins
 
@@ -164,8 +166,8 @@ def test_a_missing_peers_file_from_the_environment_names_the_variable(tmp_path: 
 
 
 def test_an_interface_from_the_environment_is_named_with_its_variable() -> None:
+    from tunproxy.model import ConfigError
     from tunproxy.netlink import InterfaceChoice, find_underlay
-    from tunproxy.subnets import ConfigError
 
     with pytest.raises(ConfigError) as flag:
         find_underlay(InterfaceChoice(("tp-nope0",)))

@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 
-from ..subnets import ConfigError
+from ..backend_config import BACKEND_TYPES, UdpFlags
+from ..model import ConfigError
 from .base import Backend, BackendContext
 
 log = logging.getLogger("tunproxy")
 
-_MODULES = {"udp": "udp", "vxlan": "vxlan", "host-gw": "host_gw"}
-
 
 def backend_class(name: str) -> type[Backend]:
-    """Look a backend up by its flannel name; imports lazily so udp needs no vxlan code."""
-    try:
-        module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(_MODULES)}") from None
+    """Look a backend up by its flannel name (a key of ``BACKEND_TYPES``; ``host-gw`` lives in
+    ``host_gw.py``); imports lazily so udp needs no vxlan code. ValueError for an unknown name."""
+    if name not in BACKEND_TYPES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_TYPES)}")
+    module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
     cls: type[Backend] = module.BACKEND
     return cls
 
 
-UDP_ONLY = ("port", "batch", "tun_name", "max_routes", "drop_ring", "no_offload", "allow_any_source")
-"""The dests of ``tunproxy run``'s udp backend flags; another backend ignores them, with a warning."""
+UDP_ONLY = tuple(f.name for f in dataclasses.fields(UdpFlags) if f.name != "sources")
+"""The udp backend's flags (fields of UdpFlags); another backend ignores them, with a warning."""
 
 
 def check_underlay(ctx: BackendContext) -> None:
@@ -52,12 +52,11 @@ def create_backend(ctx: BackendContext) -> Backend:
         log.warning("network config: %s", warning)
     check_underlay(ctx)
     if ctx.network.backend_type != "udp":
-        given = ctx.options.get("sources", {})
-        for dest in UDP_ONLY:
-            if dest in given:
+        for name in UDP_ONLY:
+            if name in ctx.flags.sources:
                 log.warning(
                     "ignoring %s: only the udp backend uses it, the backend is %s",
-                    given[dest],
+                    ctx.flags.sources[name],
                     ctx.network.backend_type,
                 )
     return backend_class(ctx.network.backend_type)(ctx)

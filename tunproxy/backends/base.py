@@ -23,20 +23,23 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, ClassVar
 
+from ..backend_config import UdpFlags
 from ..leftovers import Kept, sweep
+from ..model import Lease, NetworkConfig
 from ..netlink import Underlay, run_netlink
-from ..subnets import Lease, NetworkConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class BackendContext:
+    """What a backend is built from: the config (its ``backend`` options typed), the underlay
+    interface, the address peers send to, and the udp backend's command-line flags."""
+
     network: NetworkConfig
     underlay: Underlay
     public_ip: IPv4Address
-    options: dict[str, Any] = field(default_factory=dict)
-    """Command-line knobs that are not part of the network config (tun name, batch, ...)."""
+    flags: UdpFlags = field(default_factory=UdpFlags)
 
 
 class Backend(abc.ABC):
@@ -53,6 +56,11 @@ class Backend(abc.ABC):
     @property
     def backend_data(self) -> Any:
         """What our lease advertises to peers in BackendData (None for udp and host-gw)."""
+        return None
+
+    @classmethod
+    def static_backend_data(cls, public_ip: IPv4Address, config: NetworkConfig) -> Any:
+        """A static peer's BackendData when its entry has none (vxlan derives its VtepMAC); else None."""
         return None
 
     @abc.abstractmethod

@@ -27,8 +27,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..leftovers import LOOPBACK_LABEL, Kept
+from ..model import Lease
 from ..netlink import ForeignRoute, Underlay, delete_route, link_index, replace_route, routes_via, run_netlink
-from ..subnets import Lease
 from .base import Backend, BackendContext, PeerRefused
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytun
 
+from ..backend_config import UdpOptions
 from ..fastpath import (
-    DEFAULT_DROP_RING,
     MAX_ROUTES,
     UDP_GRO,
     UDP_SEGMENT,
@@ -38,8 +38,8 @@ from ..fastpath import (
     UdpGsoDisabled,
 )
 from ..leftovers import DEFAULT_TUN, Kept
+from ..model import ConfigError, Lease, NetworkConfig
 from ..netlink import delete_link, ensure_address, link_index, replace_route, run_netlink
-from ..subnets import ConfigError, Lease, NetworkConfig, udp_port
 from .base import Backend, RouteTableFull
 
 log = logging.getLogger(__name__)
@@ -80,16 +80,17 @@ class UdpBackend(Backend):
 
     def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
         super().__init__(ctx)
-        opts = ctx.options
-        self.tun_name: str = opts.get("tun_name") or "tunproxy0"
-        port_flag = (opts.get("port"), opts.get("port_source") or "--port")
-        self.port, warning = udp_port(ctx.network.backend, *port_flag)
+        flags = ctx.flags
+        options = ctx.network.backend
+        assert isinstance(options, UdpOptions)
+        self.tun_name = flags.tun_name
+        self.port, warning = flags.port_for(options)
         if warning:
             log.warning("%s", warning)
-        self.batch: int = int(opts.get("batch") or 64)
-        self.offload: bool = bool(opts.get("offload", True))
-        self.allow_any_source: bool = bool(opts.get("allow_any_source", False))
-        self.max_routes: int = int(opts.get("max_routes") or default_max_routes(ctx.network))
+        self.batch = flags.batch
+        self.offload = flags.offload
+        self.allow_any_source = flags.allow_any_source
+        self.max_routes = flags.max_routes or default_max_routes(ctx.network)
         self._routes: dict[IPv4Network, IPv4Address] = {}  # what the C table holds, by subnet
         self._udp_gso = self.offload
         self._mtu = ctx.underlay.mtu - IP_UDP_OVERHEAD
@@ -208,7 +209,7 @@ class UdpBackend(Backend):
                 offload=self.offload,
                 udp_gso=self._udp_gso,
                 max_routes=self.max_routes,
-                drop_ring=int(self.ctx.options.get("drop_ring", DEFAULT_DROP_RING)),
+                drop_ring=self.ctx.flags.drop_ring,
                 allow_any_source=self.allow_any_source,
             )
             self.fastpath.set_routes(self._routes)

@@ -33,12 +33,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, TypeVar
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ..backend_config import MIN_MTU, VXLAN_DEFAULT_PORT, VXLAN_DEFAULT_VNI, VXLAN_OVERHEAD, VxlanOptions
 from ..leftovers import Kept
+from ..model import ConfigError, Lease, NetworkConfig
 from ..netlink import (
     ForeignRoute,
     Underlay,
@@ -49,24 +51,10 @@ from ..netlink import (
     routes_via,
     run_netlink,
 )
-from ..subnets import (
-    MAX_VNI,
-    MIN_MTU,
-    VXLAN_DEFAULT_PORT,
-    VXLAN_OVERHEAD,
-    ConfigError,
-    Lease,
-    bool_option,
-    check_backend_options,
-    int_option,
-)
 from .base import Backend, BackendContext, PeerRefused
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-DEFAULT_VNI = 1
-DEFAULT_PORT = VXLAN_DEFAULT_PORT
 IFNAMSIZ = 15
 MAC_PREFIX = (0x0E, 0x74)  # 0x0e: locally administered, unicast; 0x74: "t"
 
@@ -95,8 +83,8 @@ def device_name(vni: int) -> str:
 
 
 @dataclass(frozen=True)
-class VxlanOptions:
-    """The ``Backend`` section of the net config for vxlan, validated, defaults filled in.
+class VxlanSettings:
+    """The vxlan device as this host builds it: the typed ``Backend`` options settled against the underlay.
 
     ``mtu`` is the device's MTU (what FLANNEL_MTU says). flannel's ``MTU``
     option is the MTU of the encapsulated packets on the underlay, so the
@@ -105,31 +93,28 @@ class VxlanOptions:
     above the underlay's, lowered to it (encapsulated packets would not fit).
     """
 
-    vni: int = DEFAULT_VNI
-    port: int = DEFAULT_PORT
+    vni: int = VXLAN_DEFAULT_VNI
+    port: int = VXLAN_DEFAULT_PORT
     gbp: bool = False
     direct_routing: bool = False
     mtu: int = 1500 - VXLAN_OVERHEAD
     clamped_from: int | None = None
 
     @classmethod
-    def parse(cls, options: Mapping[str, Any], underlay_mtu: int) -> VxlanOptions:
-        """Validate flannel's vxlan options; a bad value is a ConfigError naming the key."""
+    def settle(cls, options: VxlanOptions, underlay_mtu: int) -> VxlanSettings:
+        """ConfigError if the underlay's MTU cannot carry VXLAN at all."""
         if underlay_mtu - VXLAN_OVERHEAD < MIN_MTU:
             raise ConfigError(
                 f"the underlay MTU {underlay_mtu} is too small for VXLAN (needs {MIN_MTU + VXLAN_OVERHEAD})"
             )
-        check_backend_options("vxlan", options)
-        transport = int_option(options, "MTU", underlay_mtu, MIN_MTU + VXLAN_OVERHEAD, 65535)
-        clamped = transport if transport > underlay_mtu else None
+        transport = options.mtu or underlay_mtu
         return cls(
-            vni=int_option(options, "VNI", DEFAULT_VNI, 0, MAX_VNI),
-            # 0 means "the default", as in flannel.
-            port=int_option(options, "Port", DEFAULT_PORT, 0, 65535) or DEFAULT_PORT,
-            gbp=bool_option(options, "GBP"),
-            direct_routing=bool_option(options, "DirectRouting"),
+            vni=options.vni,
+            port=options.port,
+            gbp=options.gbp,
+            direct_routing=options.direct_routing,
             mtu=min(transport, underlay_mtu) - VXLAN_OVERHEAD,
-            clamped_from=clamped,
+            clamped_from=transport if transport > underlay_mtu else None,
         )
 
 
@@ -172,7 +157,9 @@ class VxlanBackend(Backend):
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
-        self.options = VxlanOptions.parse(ctx.network.backend, ctx.underlay.mtu)
+        options = ctx.network.backend
+        assert isinstance(options, VxlanOptions)
+        self.options = VxlanSettings.settle(options, ctx.underlay.mtu)
         if self.options.clamped_from is not None:
             log.warning(
                 "Backend.MTU %d is above the MTU %d of %s; encapsulated packets use %d (device MTU %d)",
@@ -196,12 +183,11 @@ class VxlanBackend(Backend):
     def backend_data(self) -> Any:
         return {"VNI": self.options.vni, "VtepMAC": self.mac}
 
-    @staticmethod
-    def static_backend_data(public_ip: IPv4Address, config: Any = None) -> Any:
-        """A static peer's BackendData: its VtepMAC follows from its address (VNI from config, else 1)."""
-        vni = DEFAULT_VNI
-        if config is not None:
-            vni = int_option(config.backend, "VNI", DEFAULT_VNI, 0, MAX_VNI)
+    @classmethod
+    def static_backend_data(cls, public_ip: IPv4Address, config: NetworkConfig) -> Any:
+        """A static peer's BackendData: its VtepMAC follows from its address, the VNI from the config."""
+        options = config.backend
+        vni = options.vni if isinstance(options, VxlanOptions) else VXLAN_DEFAULT_VNI
         return {"VNI": vni, "VtepMAC": vtep_mac(public_ip)}
 
     # -- blocking netlink work, run in a worker thread ------------------------------------------

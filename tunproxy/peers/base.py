@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
-from ..leases import LeaseEvent
-from ..subnets import Lease, NetworkConfig
+from ..model import Lease, LeaseEvent, NetworkConfig
 
 
 @dataclass(frozen=True)
@@ -48,6 +47,10 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     def updates(self) -> AsyncIterator[Update]:
         """Peers' leases, as a snapshot first and then as they change; runs until cancelled."""
+
+    def lease_expiry(self) -> float | None:
+        """When our lease runs out unless renewed, in Unix time; None for a lease that does not."""
+        return None
 
     def reload(self) -> None:  # noqa: B027 - optional hook
         """SIGHUP: re-read whatever can be re-read."""

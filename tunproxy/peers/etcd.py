@@ -49,8 +49,17 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from ..leases import LeaseEvent
-from ..subnets import ConfigError, Lease, LeaseError, NetworkConfig, parse_subnet_key, subnet_key
+from ..model import (
+    ConfigError,
+    Lease,
+    LeaseAdded,
+    LeaseError,
+    LeaseEvent,
+    LeaseRemoved,
+    NetworkConfig,
+    parse_subnet_key,
+    subnet_key,
+)
 from ..supervise import TaskDied, own_cancellation
 from .base import Changes, OwnLease, Registry, Snapshot, Update
 from .etcd_logic import (
@@ -70,7 +79,6 @@ from .etcd_logic import (
     parse_endpoints,
     plan_acquisition,
     previous_subnet,
-    removal,
     renew_delay,
 )
 
@@ -386,6 +394,7 @@ class _Own:
     lease: Lease
     etcd_lease: int  # 0: a reservation, nothing to renew
     renew_at: float = math.inf  # loop time
+    expires_at: float | None = None  # Unix time; None: a reservation does not expire
 
 
 class EtcdRegistry(Registry):
@@ -430,6 +439,9 @@ class EtcdRegistry(Registry):
     def own_lease(self) -> Lease | None:
         """Our current lease (None before acquire)."""
         return self._own.lease if self._own else None
+
+    def lease_expiry(self) -> float | None:
+        return self._own.expires_at if self._own else None
 
     @property
     def own_etcd_lease(self) -> int | None:
@@ -667,8 +679,8 @@ class EtcdRegistry(Registry):
             return None
         if plan.kind is PlanKind.RENEW and plan.replaces != grant.id:
             self._unused(plan.replaces)  # the key moved to the new lease; the old one would linger
-        lease = dataclasses.replace(lease, expiration=time.time() + grant.ttl)
-        return _Own(lease, grant.id, granted_at + renew_delay(grant.ttl, self.renew_margin))
+        renew_at = granted_at + renew_delay(grant.ttl, self.renew_margin)
+        return _Own(lease, grant.id, renew_at, time.time() + grant.ttl)
 
     # --- keeping our lease -------------------------------------------------------------
 
@@ -721,7 +733,7 @@ class EtcdRegistry(Registry):
             log.warning("our lease on %s expired in etcd; acquiring a subnet again", own.lease.subnet)
             return False
         own.renew_at = asyncio.get_running_loop().time() + renew_delay(ttl, self.renew_margin)
-        own.lease = dataclasses.replace(own.lease, expiration=time.time() + ttl)
+        own.expires_at = time.time() + ttl
         log.debug("renewed our lease on %s for %ds", own.lease.subnet, ttl)
         return True
 
@@ -961,7 +973,7 @@ class EtcdRegistry(Registry):
                 lease, message = self._decoder.decode(key, ev.kv.value, self._config.network)
                 self._warn(message)
             # A bad value replaces whatever was there: drop the old route rather than keep it.
-            out.append(LeaseEvent.added(lease) if lease else LeaseEvent.removed(removal(subnet)))
+            out.append(LeaseAdded(lease) if lease else LeaseRemoved(subnet))
             own = self._own
             if own is not None and subnet == own.lease.subnet:
                 if lease is None or lease.public_ip != own.lease.public_ip:

@@ -28,11 +28,11 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..subnets import ConfigError, Lease, LeaseError, NetworkConfig, parse_subnet_key
+from ..model import ConfigError, Lease, LeaseError, NetworkConfig, parse_subnet_key
 
 
 class Backoff:
@@ -280,11 +280,6 @@ class LeaseDecoder:
     def forget(self, key: str) -> None:
         """The key was deleted: a bad value written to it again is worth a new line."""
         self._reported = {kv for kv in self._reported if kv[0] != key}
-
-
-def removal(subnet: IPv4Network) -> Lease:
-    """What a delete event tells us: only the subnet (the watcher removes by subnet)."""
-    return Lease(subnet, IPv4Address(0))
 
 
 def entry_from(key: str, value: bytes, etcd_lease: int, mod_revision: int) -> Entry | None:

@@ -16,7 +16,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from ..subnets import ConfigError, Lease, NetworkConfig, check_peers, parse_address, parse_network
+from ..model import ConfigError, Lease, NetworkConfig, check_peers, parse_address, parse_network
 from .base import Registry, Snapshot, Update
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from tunproxy.subnets import (
+from tunproxy.model import (
     ConfigError,
     Lease,
     LeaseError,
@@ -80,7 +80,7 @@ def test_bad_json_is_one_line():
 
 def test_backend_options_round_trip():
     config = NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "vxlan", "VNI": 7}})
-    assert config.backend == {"VNI": 7}
+    assert config.backend.raw == {"VNI": 7}
     assert NetworkConfig.parse(config.to_json()) == config
 
 
@@ -95,9 +95,9 @@ def test_fits_and_check_subnet():
 
 def test_lease_parse_and_compare():
     value = json.dumps({"PublicIP": "192.0.2.12", "BackendType": "vxlan", "BackendData": {"VNI": 1}})
-    lease = Lease.parse("/coreos.com/network/subnets/10.100.18.0-24", value, expiration=5.0)
+    lease = Lease.parse("/coreos.com/network/subnets/10.100.18.0-24", value)
     assert lease.public_ip == IPv4Address("192.0.2.12")
-    assert lease == Lease.parse("10.100.18.0-24", lease.to_json(), expiration=99.0)
+    assert lease == Lease.parse("10.100.18.0-24", lease.to_json())
     with pytest.raises(LeaseError, match="not JSON"):
         Lease.parse("10.100.18.0-24", b"\xff garbage")
     with pytest.raises(LeaseError, match="PublicIP"):

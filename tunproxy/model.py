@@ -1,4 +1,10 @@
-"""Value types for the overlay: the network config, subnets and leases.
+"""The model: the frozen values every layer speaks in.
+
+``NetworkConfig`` (flannel's net-conf.json), ``Lease`` (one host's claim on a
+subnet) and the lease events a registry reports (``LeaseAdded`` carries the
+lease, ``LeaseRemoved`` just the subnet), plus the parsers of CIDRs,
+addresses and flannel's subnet keys (``10.100.5.0-24``), each run once where
+text enters.
 
 Everything here is pure: parse, validate, compare. Nothing touches a socket,
 a device or etcd, so all of it is tested without root. Each type validates
@@ -18,13 +24,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-DEFAULT_BACKEND = "udp"
-KNOWN_BACKENDS = ("udp", "vxlan", "host-gw")
-UDP_DEFAULT_PORT = 8285  # flannel's udp default
-VXLAN_DEFAULT_PORT = 8472  # the kernel's (and flannel's) default, not IANA's 4789
-VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
-MAX_VNI = (1 << 24) - 1
-MIN_MTU = 68  # RFC 791: every IPv4 link carries 68 bytes
+from .backend_config import BACKEND_TYPES, DEFAULT_BACKEND, BackendOptions, ConfigError, parse_backend
 
 # net-conf fields flannel knows and tunproxy does not use: one warning each, never silence.
 _IPV4_ONLY = "tunproxy carries IPv4 only"
@@ -39,11 +39,6 @@ IGNORED_FIELDS = {
     "EnableNFTables": "tunproxy's --ip-masq rules are always nftables",
 }
 _FIELDS = ("Network", "SubnetLen", "SubnetMin", "SubnetMax", "Backend", "EnableIPv4", *IGNORED_FIELDS)
-BACKEND_FIELDS = {
-    "udp": ("Type", "Port"),
-    "vxlan": ("Type", "VNI", "Port", "GBP", "DirectRouting", "MTU", "Learning", "MacPrefix"),
-    "host-gw": ("Type",),
-}
 
 
 def go_keys(doc: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
@@ -61,10 +56,6 @@ def go_keys(doc: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
             continue  # the exact spelling is also there: it wins
         out[name] = value
     return out
-
-
-class ConfigError(ValueError):
-    """A network config, CIDR or peer list that cannot be used; the message is user-facing."""
 
 
 class LeaseError(ValueError):
@@ -122,7 +113,8 @@ class NetworkConfig:
     subnet_min: IPv4Address
     subnet_max: IPv4Address
     backend_type: str = DEFAULT_BACKEND
-    backend: Mapping[str, Any] = field(default_factory=dict, compare=True, hash=False)
+    backend: BackendOptions = field(default_factory=BackendOptions)
+    """The ``Backend`` section, typed for ``backend_type`` (see tunproxy.backend_config)."""
     warnings: tuple[str, ...] = field(default=(), compare=False)
     """One line for each field or Backend option that is flannel's but has no effect here."""
 
@@ -153,12 +145,10 @@ class NetworkConfig:
             raise ConfigError('"Backend" must be a JSON object like {"Type": "udp"}')
         backend = go_keys(backend, ("Type",))
         backend_type = backend.get("Type") or DEFAULT_BACKEND
-        if isinstance(backend_type, str):
-            backend = go_keys(backend, BACKEND_FIELDS.get(backend_type, ("Type",)))
-        if backend_type not in KNOWN_BACKENDS:
-            raise ConfigError(f"Backend.Type {backend_type!r} is not one of {', '.join(KNOWN_BACKENDS)}")
-        options = {k: v for k, v in backend.items() if k != "Type"}
-        warnings = _top_level_warnings(doc) + check_backend_options(backend_type, options)
+        kind = BACKEND_TYPES.get(backend_type) if isinstance(backend_type, str) else None
+        backend = go_keys(backend, kind.KNOWN if kind else ())
+        options = parse_backend(backend_type, {k: v for k, v in backend.items() if k != "Type"})
+        warnings = _top_level_warnings(doc) + list(options.warnings)
 
         subnet_len = _int_field(doc, "SubnetLen", 0)
         if subnet_len:
@@ -185,7 +175,7 @@ class NetworkConfig:
         return cls(network, subnet_len, subnet_min, subnet_max, backend_type, options, tuple(warnings))
 
     def to_json(self) -> str:
-        backend = {"Type": self.backend_type, **self.backend}
+        backend = {"Type": self.backend_type, **self.backend.raw}
         return json.dumps(
             {
                 "Network": str(self.network),
@@ -235,76 +225,6 @@ def _top_level_warnings(doc: Mapping[str, Any]) -> list[str]:
     return warnings
 
 
-def int_option(options: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
-    """A Backend integer option; JSON true/false or 1.5 is refused rather than coerced."""
-    value = options.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"Backend.{key} must be an integer from {low} to {high}, not {value!r}")
-    return value
-
-
-def bool_option(options: Mapping[str, Any], key: str) -> bool:
-    value = options.get(key)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise ConfigError(f"Backend.{key} must be true or false, not {value!r}")
-    return value
-
-
-def check_backend_options(backend_type: str, options: Mapping[str, Any]) -> list[str]:
-    """Validate the ``Backend`` options flannel documents for this type; warnings for the rest.
-
-    Types, ranges and defaults as flannel's (Documentation/backends.md): udp
-    ``Port`` (8285); vxlan ``VNI`` (1), ``Port`` (8472, 0 meaning the
-    default), ``GBP``, ``DirectRouting``, ``MTU`` (of the encapsulated packets:
-    the device gets MTU - 50, so at least 118), ``Learning`` (refused quietly:
-    tunproxy writes every entry), ``MacPrefix`` (Windows only); host-gw none.
-    The MTU's upper bound depends on the underlay and is the backend's check.
-    """
-    warnings = []
-    if backend_type == "udp":
-        int_option(options, "Port", UDP_DEFAULT_PORT, 0, 65535)
-        known: tuple[str, ...] = ("Port",)
-    elif backend_type == "vxlan":
-        int_option(options, "VNI", 1, 0, MAX_VNI)
-        int_option(options, "Port", VXLAN_DEFAULT_PORT, 0, 65535)
-        int_option(options, "MTU", 1500, MIN_MTU + VXLAN_OVERHEAD, 65535)
-        for key in ("GBP", "DirectRouting", "Learning"):
-            bool_option(options, key)
-        if options.get("Learning"):
-            warnings.append(
-                "ignoring Backend.Learning: tunproxy writes every neighbour and FDB entry, learning stays off"
-            )
-        if "MacPrefix" in options:
-            warnings.append("ignoring Backend.MacPrefix: flannel uses it on Windows only")
-        known = ("VNI", "Port", "GBP", "DirectRouting", "MTU", "Learning", "MacPrefix")
-    else:
-        known = ()
-    for key in options:
-        if key not in known:
-            warnings.append(f"ignoring Backend.{key}: not an option of the {backend_type} backend")
-    return warnings
-
-
-def udp_port(
-    options: Mapping[str, Any], flag: int | None, flag_name: str = "--port"
-) -> tuple[int, str | None]:
-    """The udp backend's port: the command line's, else ``Backend.Port``, else 8285 (0 is the default).
-
-    Returns the port and a warning when the command line overrides a
-    different ``Backend.Port`` (every host must use the same port).
-    """
-    configured = int_option(options, "Port", UDP_DEFAULT_PORT, 0, 65535) or UDP_DEFAULT_PORT
-    if flag is None:
-        return configured, None
-    if "Port" in options and configured != flag:
-        return flag, f"{flag_name} {flag} overrides Backend.Port {configured}; every host must use one port"
-    return flag, None
-
-
 def _int_field(doc: Mapping[str, Any], name: str, default: int) -> int:
     value = doc.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -325,18 +245,18 @@ def _bound(doc: Mapping[str, Any], name: str, network: IPv4Network, default: IPv
 class Lease:
     """One host's claim on a subnet: where to send its traffic and how.
 
-    ``expiration`` is wall-clock seconds (etcd's lease deadline) and is not part
-    of equality: a renewed lease is the same lease.
+    The value of flannel's ``<prefix>/subnets/<subnet key>``. How long it
+    lasts is the store's business (etcd's lease), not part of the value: a
+    renewed lease is the same lease.
     """
 
     subnet: IPv4Network
     public_ip: IPv4Address
     backend_type: str = DEFAULT_BACKEND
     backend_data: Any = field(default=None, hash=False)
-    expiration: float | None = field(default=None, compare=False)
 
     @classmethod
-    def parse(cls, key: str, value: bytes | str, expiration: float | None = None) -> Lease:
+    def parse(cls, key: str, value: bytes | str) -> Lease:
         """Parse flannel's lease value ``{"PublicIP": ..., "BackendType": ..., "BackendData": ...}``."""
         subnet = parse_subnet_key(key)
         try:
@@ -352,13 +272,34 @@ class Lease:
         backend_type = doc.get("BackendType") or DEFAULT_BACKEND
         if not isinstance(backend_type, str):
             raise LeaseError(f"lease {subnet_key(subnet)}: BackendType must be a string")
-        return cls(subnet, public_ip, backend_type, doc.get("BackendData"), expiration)
+        return cls(subnet, public_ip, backend_type, doc.get("BackendData"))
 
     def to_json(self) -> str:
         doc: dict[str, Any] = {"PublicIP": str(self.public_ip), "BackendType": self.backend_type}
         if self.backend_data is not None:
             doc["BackendData"] = self.backend_data
         return json.dumps(doc, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class LeaseAdded:
+    """A lease appeared or changed (a watch PUT, or one row of a listing)."""
+
+    lease: Lease
+
+    @property
+    def subnet(self) -> IPv4Network:
+        return self.lease.subnet
+
+
+@dataclass(frozen=True)
+class LeaseRemoved:
+    """A lease went away (expired, revoked or deleted): only its subnet is known."""
+
+    subnet: IPv4Network
+
+
+LeaseEvent = LeaseAdded | LeaseRemoved
 
 
 def check_peers(own: IPv4Network, network: IPv4Network, peers: Mapping[IPv4Network, IPv4Address]) -> None:

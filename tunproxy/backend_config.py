@@ -1,0 +1,198 @@
+"""Each backend's options, typed: the net config's ``Backend`` section and the udp flags.
+
+How it works. ``BACKEND_TYPES`` is the one list of backend names, each with
+the frozen dataclass its ``Backend`` section parses into. ``NetworkConfig.parse``
+(tunproxy.model) calls ``parse_backend``, so a config whose options are wrong
+is refused where it is read, before anything needs root, and a backend is
+handed values that are already valid. The udp backend's command-line knobs
+travel as ``UdpFlags``, whose defaults and ranges are written here once (the
+CLI's converters use them too).
+
+Types, ranges and defaults are flannel's (Documentation/backends.md).
+Everything here is pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+UDP_DEFAULT_PORT = 8285  # flannel's udp default
+VXLAN_DEFAULT_PORT = 8472  # the kernel's (and flannel's) default, not IANA's 4789
+VXLAN_DEFAULT_VNI = 1
+VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+MAX_VNI = (1 << 24) - 1
+MIN_MTU = 68  # RFC 791: every IPv4 link carries 68 bytes
+DEFAULT_BACKEND = "udp"
+
+
+class ConfigError(ValueError):
+    """A network config, CIDR, flag or peer list that cannot be used; the message is user-facing."""
+
+
+def int_option(options: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
+    """A Backend integer option; JSON true/false or 1.5 is refused rather than coerced (ConfigError)."""
+    value = options.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"Backend.{key} must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def bool_option(options: Mapping[str, Any], key: str) -> bool:
+    """A Backend boolean option, false when absent; ConfigError for anything but true/false."""
+    value = options.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"Backend.{key} must be true or false, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The ``Backend`` section of a net config, parsed for one type.
+
+    ``raw`` is the section as written (without ``Type``), kept so the config
+    can be written back; ``warnings`` has one line per option flannel knows
+    and this backend ignores, or that flannel does not know.
+    """
+
+    KNOWN: ClassVar[tuple[str, ...]] = ()
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> BackendOptions:
+        """Validate ``raw``; ConfigError naming the option if a value is wrong."""
+        return cls(raw=dict(raw), warnings=tuple(cls._unknown(raw)))
+
+    @classmethod
+    def _unknown(cls, raw: Mapping[str, Any]) -> list[str]:
+        name = next(k for k, v in BACKEND_TYPES.items() if v is cls)
+        unknown = [key for key in raw if key not in cls.KNOWN]
+        return [f"ignoring Backend.{key}: not an option of the {name} backend" for key in unknown]
+
+
+@dataclass(frozen=True)
+class UdpOptions(BackendOptions):
+    """udp's ``Port`` (8285; 0 means the default, as in flannel)."""
+
+    KNOWN: ClassVar[tuple[str, ...]] = ("Port",)
+    port: int = UDP_DEFAULT_PORT
+    port_given: bool = False
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> UdpOptions:
+        port = int_option(raw, "Port", UDP_DEFAULT_PORT, 0, 65535) or UDP_DEFAULT_PORT
+        return cls(dict(raw), tuple(cls._unknown(raw)), port, "Port" in raw)
+
+
+@dataclass(frozen=True)
+class VxlanOptions(BackendOptions):
+    """vxlan's ``VNI`` (1), ``Port`` (8472; 0 means the default), ``GBP``, ``DirectRouting``, ``MTU``.
+
+    ``mtu`` is flannel's ``MTU``: the MTU of the encapsulated packets on the
+    underlay (the device gets ``mtu - 50``), None for the underlay's own, so
+    the backend settles it against the underlay. ``Learning`` is accepted
+    and ignored with a warning (tunproxy writes every entry); ``MacPrefix``
+    is flannel's on Windows only.
+    """
+
+    KNOWN: ClassVar[tuple[str, ...]] = ("VNI", "Port", "GBP", "DirectRouting", "MTU", "Learning", "MacPrefix")
+    vni: int = VXLAN_DEFAULT_VNI
+    port: int = VXLAN_DEFAULT_PORT
+    gbp: bool = False
+    direct_routing: bool = False
+    mtu: int | None = None
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> VxlanOptions:
+        warnings = []
+        if bool_option(raw, "Learning"):
+            warnings.append(
+                "ignoring Backend.Learning: tunproxy writes every neighbour and FDB entry, learning stays off"
+            )
+        if "MacPrefix" in raw:
+            warnings.append("ignoring Backend.MacPrefix: flannel uses it on Windows only")
+        warnings += cls._unknown(raw)
+        mtu = int_option(raw, "MTU", 0, MIN_MTU + VXLAN_OVERHEAD, 65535) if "MTU" in raw else None
+        return cls(
+            dict(raw),
+            tuple(warnings),
+            vni=int_option(raw, "VNI", VXLAN_DEFAULT_VNI, 0, MAX_VNI),
+            port=int_option(raw, "Port", VXLAN_DEFAULT_PORT, 0, 65535) or VXLAN_DEFAULT_PORT,
+            gbp=bool_option(raw, "GBP"),
+            direct_routing=bool_option(raw, "DirectRouting"),
+            mtu=mtu,
+        )
+
+
+@dataclass(frozen=True)
+class HostGwOptions(BackendOptions):
+    """host-gw has no options."""
+
+
+BACKEND_TYPES: dict[str, type[BackendOptions]] = {
+    "udp": UdpOptions,
+    "vxlan": VxlanOptions,
+    "host-gw": HostGwOptions,
+}
+"""Every backend by flannel's name: the one list (the CLI's choices, the config check, the lookup)."""
+
+
+def parse_backend(backend_type: object, raw: Mapping[str, Any]) -> BackendOptions:
+    """The typed options of ``Backend`` for ``backend_type``; ConfigError for an unknown type or bad value."""
+    if not isinstance(backend_type, str) or backend_type not in BACKEND_TYPES:
+        raise ConfigError(f"Backend.Type {backend_type!r} is not one of {', '.join(BACKEND_TYPES)}")
+    return BACKEND_TYPES[backend_type].parse(raw)
+
+
+# --- the udp backend's flags -------------------------------------------------------------------
+
+BATCH_DEFAULT = 64
+BATCH_MAX = 1024  # packets per system call; the fast path's slots are allocated for this many
+DROP_RING_DEFAULT = 256
+DROP_RING_MAX = 65536
+DEFAULT_TUN = "tunproxy0"
+
+
+@dataclass(frozen=True)
+class UdpFlags:
+    """``tunproxy run``'s udp backend flags, already converted and range-checked by the CLI.
+
+    ``port`` None means ``Backend.Port``; ``max_routes`` 0 means the default
+    (see tunproxy.backends.udp.default_max_routes). ``sources`` maps each
+    field that was given to the flag or variable it came from, so a warning
+    or an error names what the user wrote.
+    """
+
+    port: int | None = None
+    batch: int = BATCH_DEFAULT
+    tun_name: str = DEFAULT_TUN
+    max_routes: int = 0
+    drop_ring: int = DROP_RING_DEFAULT
+    offload: bool = True
+    allow_any_source: bool = False
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def source(self, name: str) -> str:
+        """The flag or variable ``name`` came from, else its flag spelling."""
+        return self.sources.get(name, "--" + name.replace("_", "-"))
+
+    def port_for(self, options: UdpOptions) -> tuple[int, str | None]:
+        """The port: the flag's, else ``Backend.Port``, else 8285; a warning when they differ.
+
+        Every host of a network must use one port, so the flag overriding a
+        different ``Backend.Port`` is worth one line.
+        """
+        if self.port is None:
+            return options.port, None
+        if options.port_given and options.port != self.port:
+            return self.port, (
+                f"{self.source('port')} {self.port} overrides Backend.Port {options.port}; "
+                "every host must use one port"
+            )
+        return self.port, None
