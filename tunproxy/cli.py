@@ -21,7 +21,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -139,20 +139,18 @@ def _choice(*choices: str) -> Converter:
     return convert
 
 
-def _cidr(raw: str, what: str) -> str:
-    parse_network(raw, what)
-    return raw.strip()
+def _cidr(raw: str, what: str) -> IPv4Network:
+    return parse_network(raw, what)
 
 
 def _address(raw: str, what: str) -> IPv4Address:
     return parse_address(raw, what)
 
 
-def _peer(raw: str, what: str) -> str:
+def _peer(raw: str, what: str) -> tuple[IPv4Network, IPv4Address]:
     from .peers.static import parse_peer_flag
 
-    parse_peer_flag(raw, what)
-    return raw.strip()
+    return parse_peer_flag(raw.strip(), what)
 
 
 def _iface(raw: str, what: str) -> str:
@@ -534,12 +532,12 @@ def static_network_config(args: argparse.Namespace) -> NetworkConfig:
             config = NetworkConfig.parse(text)
         except ConfigError as e:
             raise ConfigError(f"{what} {args.net_config}: {e}") from None
-        if args.network and parse_network(args.network, "--network") != config.network:
+        if args.network and args.network != config.network:
             raise ConfigError(f"{source(args, 'network')} {args.network} disagrees with {args.net_config}")
     elif args.network:
-        doc: dict[str, Any] = {"Network": args.network}
+        doc: dict[str, Any] = {"Network": str(args.network)}
         if args.subnet:
-            doc["SubnetLen"] = parse_network(args.subnet, "--subnet").prefixlen
+            doc["SubnetLen"] = args.subnet.prefixlen
         try:
             config = NetworkConfig.parse(doc)
         except ConfigError as e:
@@ -619,16 +617,14 @@ def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             renew_margin=args.subnet_lease_renew_margin * 60,
         )
     from .backends import backend_class
-    from .peers.static import StaticRegistry, parse_peer_flag
+    from .peers.static import StaticRegistry
 
     config = static_network_config(args)
     if not args.subnet:
         raise UsageError("static mode needs --subnet (this host's subnet), or use --etcd-endpoints")
-    own = parse_network(args.subnet, source(args, "subnet"))
-    config.check_subnet(own, source(args, "subnet"))
+    own = args.subnet
     peers: dict = {}
-    for text in args.peer:
-        subnet, ip = parse_peer_flag(text, source(args, "peer"))
+    for subnet, ip in args.peer:
         if subnet in peers:
             raise ConfigError(f"peer subnet {subnet} is listed twice")
         peers[subnet] = ip
@@ -645,6 +641,7 @@ def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         peers,
         Path(args.peers_file) if args.peers_file else None,
         backend_data_for=static_data,
+        subnet_source=source(args, "subnet"),
     )
 
 

@@ -53,6 +53,14 @@ def parse_peers_file(text: str, source: str = "peers file") -> list[Lease]:
 
 
 class StaticRegistry(Registry):
+    """Our subnet and the peers as given; ``updates`` yields them again after each SIGHUP reload.
+
+    ``backend_data_for(public_ip)`` fills in a peer's BackendData when its
+    entry has none (the backend's ``static_backend_data``). ConfigError at
+    construction (naming ``subnet_source`` for our own subnet) for a subnet
+    outside the network, overlapping peers, or a peers file that does not parse.
+    """
+
     def __init__(
         self,
         config: NetworkConfig,
@@ -60,8 +68,9 @@ class StaticRegistry(Registry):
         peers: Mapping[IPv4Network, IPv4Address],
         peers_file: Path | None = None,
         backend_data_for: Any = None,
+        subnet_source: str = "--subnet",
     ) -> None:
-        config.check_subnet(own_subnet, "--subnet")
+        config.check_subnet(own_subnet, subnet_source)
         self.config = config
         self.own_subnet = own_subnet
         self.flag_peers = dict(peers)
