@@ -27,6 +27,7 @@ from pathlib import Path
 from .backend_config import UdpFlags
 from .backends import Backend, BackendContext, create_backend
 from .backends.base import PeerRefused, RouteTableFull
+from .logonce import Said
 from .model import Lease, NetworkConfig
 from .netlink import InterfaceChoice, Underlay, find_underlay
 from .observe import changed_fields
@@ -84,7 +85,7 @@ class Daemon:
         # Leases the backend could not apply, retried on the next change and at each check,
         # and the reason last logged for each (logged again only when it changes).
         self.unapplied: dict[IPv4Network, Lease] = {}
-        self.refusals: dict[IPv4Network, str] = {}
+        self.refusals = Said()
         self._lock = SubnetFileLock(options.subnet_file) if options.subnet_file else None
         self._env = SubnetEnv(options.subnet_file, write_subnet_file) if options.subnet_file else None
         self.observer = Observer(self, options.observe)
@@ -185,7 +186,7 @@ class Daemon:
             )
         removed: list[Lease] = []
         for lease in changes.removed:  # a lease still waiting was never applied: nothing to undo
-            self.refusals.pop(lease.subnet, None)
+            self.refusals.forget(lease.subnet)
             if self.unapplied.pop(lease.subnet, None) is None:
                 removed.append(lease)
         added = list(changes.added)
@@ -221,10 +222,8 @@ class Daemon:
         full: list[Lease] = []
         for lease, error in failures:
             self.unapplied[lease.subnet] = lease
-            reason = str(error)
-            if self.refusals.get(lease.subnet) == reason:
+            if not self.refusals.due(lease.subnet, str(error)):
                 continue
-            self.refusals[lease.subnet] = reason
             if isinstance(error, RouteTableFull):
                 full.append(lease)
             elif isinstance(error, PeerRefused):

@@ -120,7 +120,7 @@ class Observer:
         s.lease_expiry = registry.lease_expiry() if s.lease is not None else None
         unapplied, reasons = d.unapplied, d.refusals
         s.peers = {
-            subnet: PeerState(lease, reasons.get(subnet, "not applied") if subnet in unapplied else None)
+            subnet: PeerState(lease, str(reasons.get(subnet, "not applied")) if subnet in unapplied else None)
             for subnet, lease in d.watcher.leases.items()
         }
         self._changed()

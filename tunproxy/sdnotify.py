@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import socket
 
+from .logonce import Said
+
 log = logging.getLogger("tunproxy")
 
 
@@ -31,7 +33,7 @@ class Notifier:
         self.sock: socket.socket | None = socket.socket(
             socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
         )
-        self._failed = False
+        self._failure = Said()
 
     def send(self, message: str) -> bool:
         """Send one notification (lines of KEY=VALUE); False if it could not be sent."""
@@ -40,11 +42,10 @@ class Notifier:
         try:
             self.sock.sendto(message.encode(), self.address)
         except OSError as e:
-            if not self._failed:
+            if self._failure.due("send"):
                 log.warning("cannot notify systemd at %s: %s", self.address.lstrip("\0"), e.strerror or e)
-                self._failed = True
             return False
-        self._failed = False
+        self._failure.forget("send")
         return True
 
     def close(self) -> None:

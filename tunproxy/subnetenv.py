@@ -20,6 +20,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Network
 from pathlib import Path
 
+from .logonce import Said
 from .model import ConfigError
 
 log = logging.getLogger("tunproxy")
@@ -39,7 +40,7 @@ class SubnetEnv:
         self.path = path
         self._write = write
         self._pending: str | None = None
-        self._failed: str | None = None  # the reason last logged, so a retry does not repeat it
+        self._failure = Said()  # the reason last logged, so a retry does not repeat it
 
     def set(self, text: str, fatal: bool) -> None:
         """Write ``text`` now; ``fatal``: raise OSError on failure, else log it and keep it pending."""
@@ -55,18 +56,17 @@ class SubnetEnv:
         except OSError as e:
             if fatal:
                 raise
-            why = reason(e)
-            if why != self._failed:
+            if self._failure.due("write", reason(e)):
                 log.error(
                     "cannot write the subnet file %s: %s; still forwarding, retrying at each check",
                     self.path,
-                    why,
+                    reason(e),
                 )
-            self._failed = why
             return
-        if self._failed is not None:
+        if "write" in self._failure:
             log.info("wrote the subnet file %s", self.path)
-        self._pending = self._failed = None
+            self._failure.forget("write")
+        self._pending = None
 
 
 def subnet_env(network: IPv4Network, subnet: IPv4Network, mtu: int, ipmasq: bool) -> str:

@@ -38,6 +38,7 @@ from ..fastpath import (
     UdpGsoDisabled,
 )
 from ..leftovers import DEFAULT_TUN, Kept
+from ..logonce import Said
 from ..model import ConfigError, Lease, NetworkConfig
 from ..netlink import delete_link, ensure_address, link_index, replace_route, run_netlink
 from .base import Backend, RouteTableFull
@@ -99,7 +100,7 @@ class UdpBackend(Backend):
         self.fastpath: FastPath | None = None
         self.subnet: IPv4Network | None = None
         self._readers = False
-        self._errors_logged: dict[tuple[str, int | None], float] = {}
+        self._errors_said = Said(repeat=ERROR_LOG_INTERVAL)
 
     @property
     def mtu(self) -> int:
@@ -256,9 +257,7 @@ class UdpBackend(Backend):
 
     def _log_error(self, direction: str, error: OSError) -> None:
         """One line per direction and errno a minute: a persistent error must not flood the log."""
-        key, now = (direction, error.errno), time.monotonic()
-        if now - self._errors_logged.get(key, -ERROR_LOG_INTERVAL) >= ERROR_LOG_INTERVAL:
-            self._errors_logged[key] = now
+        if self._errors_said.due((direction, error.errno), now=time.monotonic()):
             log.error("%s: %s", self._path(direction), error)
 
     async def add_peer(self, lease: Lease) -> None:
