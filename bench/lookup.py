@@ -6,7 +6,7 @@ prefix length present. Its cost should not grow with the number of hosts; the
 issue's target is 2,000 routes within 10% of 10.
 
 bench/lookup.c is compiled with the extension's flags (-O2) together with
-tunproxy/_fastpath.c and times fp_lookup in a loop, with each table sized as
+tunproxy/fastpath_c/*.c and times fp_lookup in a loop, with each table sized as
 FastPath sizes it for that many routes (capacity doubling from 256; route
 slots at least twice the routes, peer slots four times). Routes are /24
 leases, 10.a.b.0/24 each to its own host, as flannel hands them out. Two
@@ -38,7 +38,8 @@ from tunproxy.fastpath import INITIAL_ROUTES, _slots
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BINARY = ROOT / "build" / "bench-lookup"
-SOURCES = (ROOT / "bench" / "lookup.c", ROOT / "tunproxy" / "_fastpath.c")
+FASTPATH = ROOT / "tunproxy" / "fastpath_c"
+SOURCES = (ROOT / "bench" / "lookup.c", *sorted(FASTPATH.glob("*.c")))
 PATTERNS = ("flows", "spread")
 
 
@@ -53,7 +54,7 @@ def build() -> Path:
     if not cc:
         raise SystemExit("bench-lookup: no C compiler (cc, gcc or clang)")
     BINARY.parent.mkdir(parents=True, exist_ok=True)
-    argv = [cc, "-O2", "-Wall", "-Wextra", f"-I{ROOT / 'tunproxy'}", *map(str, SOURCES), "-o", str(BINARY)]
+    argv = [cc, "-O2", "-Wall", "-Wextra", f"-I{FASTPATH}", *map(str, SOURCES), "-o", str(BINARY)]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"bench-lookup: build failed: {done.stderr.strip()[-1000:]}")

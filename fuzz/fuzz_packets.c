@@ -21,8 +21,8 @@
  * is not real: recvmmsg, sendmmsg and sendto are linked to the shims below
  * (ld --wrap), because no socket can be made to deliver a chosen UDP_GRO
  * segment size, MSG_TRUNC or sender address, and sending to the peers the
- * input names would put packets on a real network.  _fastpath.c is compiled
- * unchanged.
+ * input names would put packets on a real network.  The fast path
+ * (tunproxy/fastpath_c/) is compiled unchanged.
  *
  * Packets are built from the input with optional fix-ups (total length,
  * version, IP and TCP/UDP checksums), or almost every mutation would die as
@@ -38,7 +38,7 @@
  * once (delivered or one drop counter).
  */
 #define _GNU_SOURCE
-#include "_fastpath.h"
+#include "fastpath.h"
 #include "check.h"
 
 #include <arpa/inet.h>
