@@ -395,12 +395,17 @@ static void op_tx(struct fp_ctx *c, struct in *in, int fp_fd, int k_fd, uint64_t
     uint64_t sent = S.sent;
     uint32_t reads = 0;
     for (int calls = 0; calls < 64; calls++) {
+        uint32_t gso = c->offload & FP_OFFLOAD_UDP_GSO;
         int rc = fp_tun_to_udp(c, fp_fd, UDP_FD, now);
+        if (c->gso_errno) { /* said once, by the call that turned UDP GSO off */
+            CHECK(gso && !(c->offload & FP_OFFLOAD_UDP_GSO));
+            CHECK(c->gso_errno == EIO || c->gso_errno == EINVAL);
+            c->gso_errno = 0;
+        }
         if (rc < 0) {
             CHECK(rc == -EAGAIN);
             break;
         }
-        rc &= ~FP_RC_GSO_OFF;
         CHECK(rc >= 1 && (uint32_t)rc <= c->batch);
         reads += (uint32_t)rc;
         CHECK(c->gso.n == 0 && c->gso.used == 0);

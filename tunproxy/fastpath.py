@@ -68,7 +68,6 @@ assert _DROP.size == ffi.sizeof("struct fp_drop")
 assert [getattr(lib, "FP_DROP_" + r.upper()) for r in DROP_REASONS] == list(range(len(DROP_REASONS)))
 DEFAULT_DROP_RING = 256
 _NOTHING_TO_DO = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
-_GSO_OFF = lib.FP_RC_GSO_OFF
 
 
 class FastPathError(OSError):
@@ -501,11 +500,13 @@ class FastPath:
         milliseconds.  Raises ``UdpGsoDisabled`` once if the kernel refuses
         UDP_SEGMENT.
         """
-        n: int = self._tun_to_udp(self._ctx, tun_fd, udp_fd, now_ms)
-        if 0 <= n < _GSO_OFF:
+        c = self._ctx
+        n: int = self._tun_to_udp(c, tun_fd, udp_fd, now_ms)
+        if c.gso_errno:  # set only by the call in which the kernel refused
+            err, c.gso_errno = c.gso_errno, 0
+            raise UdpGsoDisabled(err, n)
+        if n >= 0:
             return n
-        if n > 0:
-            raise UdpGsoDisabled(self._ctx.gso_errno, n & ~_GSO_OFF)
         if -n in _NOTHING_TO_DO:
             return 0
         raise FastPathError(-n, f"tun_to_udp: {os.strerror(-n)}")

@@ -21,7 +21,7 @@
  *
  * If the kernel refuses UDP_SEGMENT (EIO: no checksum offload on the route;
  * EINVAL) we send those datagrams one by one, turn GSO off for good and say so
- * through FP_RC_GSO_OFF, as wireguard-go does with ErrUDPGSODisabled.
+ * in gso_errno, as wireguard-go does with ErrUDPGSODisabled.
  */
 #include "internal.h"
 
@@ -204,7 +204,7 @@ int tun_to_udp_offload(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now)
 {
     struct fp_ring *r = &c->ring;
     uint32_t vnet = c->offload & FP_OFFLOAD_VNET ? FP_VNET_HDR_LEN : 0;
-    uint32_t cap = r->slot_size - r->headroom, taken = 0, gso = c->offload & FP_OFFLOAD_UDP_GSO;
+    uint32_t cap = r->slot_size - r->headroom, taken = 0;
     uint8_t *p = slot(r, 0); /* every packet is copied out before the next read */
     struct virtio_net_hdr v = {0};
     int err = 0;
@@ -225,5 +225,5 @@ int tun_to_udp_offload(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now)
     gso_flush(c, udp_fd);
     if (!taken)
         return err;
-    return (int)taken | (gso && !(c->offload & FP_OFFLOAD_UDP_GSO) ? FP_RC_GSO_OFF : 0);
+    return (int)taken;
 }
