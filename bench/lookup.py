@@ -33,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from tunproxy.fastpath import INITIAL_ROUTES, _slots
+from tunproxy.fastpath import INITIAL_ROUTES
+from tunproxy.fastpath_memory import slots
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -46,7 +47,7 @@ PATTERNS = ("flows", "spread")
 def geometry(routes: int) -> tuple[int, int, int]:
     """(routes, route slots, peer slots) as FastPath would size the table for ``routes``."""
     capacity = max(routes, INITIAL_ROUTES)
-    return routes, _slots(capacity, 2), _slots(capacity, 4)
+    return routes, slots(capacity, 2), slots(capacity, 4)
 
 
 def build() -> Path:

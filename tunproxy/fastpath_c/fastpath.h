@@ -83,6 +83,11 @@ struct fp_drop {
     uint8_t data[FP_DROP_SNAP];  /* the packet's first bytes, from its IPv4 header */
 };
 
+/* The counters, each only ever growing (the batch maxima: the largest yet).
+ * These fields are the one list of them: Python takes the names from this
+ * struct (cffi's typeof(...).fields), tunproxy/counters.py says what each
+ * means, and a unit test holds the two to the same names in the same order.
+ * The drop_* ones are in FP_DROP_* order. */
 struct fp_counters {
     uint64_t tx_packets;         /* tun -> udp, sent */
     uint64_t tx_bytes;
