@@ -154,9 +154,9 @@ int fp_tun_to_udp(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now)
 }
 
 /* ---- udp -> tun ---- */
+
 /* A packet written to the TUN as it is, and counted. */
-void rx_write(struct fp_ctx *c, int tun_fd, const uint8_t *p, uint32_t tot,
-              struct fp_peer *peer)
+void rx_write(struct fp_ctx *c, int tun_fd, const uint8_t *p, uint32_t tot, struct fp_peer *peer)
 {
     if (tun_write(c, tun_fd, p, tot) != (ssize_t)tot) {
         drop(c, &c->cnt.drop_tun_write, FP_DROP_TUN_WRITE, FP_DIR_RX, peer->addr, p, tot, 1);
