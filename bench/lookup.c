@@ -12,7 +12,7 @@
  * Prints one JSON object: per table, the nanoseconds per lookup of each round.
  */
 #define _GNU_SOURCE
-#include "_fastpath.h"
+#include "fastpath.h"
 
 #include <stdio.h>
 #include <stdlib.h>

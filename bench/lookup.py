@@ -6,7 +6,7 @@ prefix length present. Its cost should not grow with the number of hosts; the
 issue's target is 2,000 routes within 10% of 10.
 
 bench/lookup.c is compiled with the extension's flags (-O2) together with
-tunproxy/_fastpath.c and times fp_lookup in a loop, with each table sized as
+tunproxy/fastpath_c/*.c and times fp_lookup in a loop, with each table sized as
 FastPath sizes it for that many routes (capacity doubling from 256; route
 slots at least twice the routes, peer slots four times). Routes are /24
 leases, 10.a.b.0/24 each to its own host, as flannel hands them out. Two
@@ -33,19 +33,21 @@ import sys
 import time
 from pathlib import Path
 
-from tunproxy.fastpath import INITIAL_ROUTES, _slots
+from tunproxy.fastpath import INITIAL_ROUTES
+from tunproxy.fastpath_memory import slots
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BINARY = ROOT / "build" / "bench-lookup"
-SOURCES = (ROOT / "bench" / "lookup.c", ROOT / "tunproxy" / "_fastpath.c")
+FASTPATH = ROOT / "tunproxy" / "fastpath_c"
+SOURCES = (ROOT / "bench" / "lookup.c", *sorted(FASTPATH.glob("*.c")))
 PATTERNS = ("flows", "spread")
 
 
 def geometry(routes: int) -> tuple[int, int, int]:
     """(routes, route slots, peer slots) as FastPath would size the table for ``routes``."""
     capacity = max(routes, INITIAL_ROUTES)
-    return routes, _slots(capacity, 2), _slots(capacity, 4)
+    return routes, slots(capacity, 2), slots(capacity, 4)
 
 
 def build() -> Path:
@@ -53,7 +55,7 @@ def build() -> Path:
     if not cc:
         raise SystemExit("bench-lookup: no C compiler (cc, gcc or clang)")
     BINARY.parent.mkdir(parents=True, exist_ok=True)
-    argv = [cc, "-O2", "-Wall", "-Wextra", f"-I{ROOT / 'tunproxy'}", *map(str, SOURCES), "-o", str(BINARY)]
+    argv = [cc, "-O2", "-Wall", "-Wextra", f"-I{FASTPATH}", *map(str, SOURCES), "-o", str(BINARY)]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"bench-lookup: build failed: {done.stderr.strip()[-1000:]}")

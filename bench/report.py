@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tunproxy.fastpath import DROP_REASONS
+from tunproxy.counters import DROP_REASONS
 
 from .plan import BASELINES, BY_NAME
 

@@ -2,7 +2,7 @@
 
     python3 -m fuzz [--seconds 60] [--targets packets,routes] [--out bench/results]
 
-Each target (fuzz_<target>.c with tunproxy/_fastpath.c, unchanged) is built
+Each target (fuzz_<target>.c with tunproxy/fastpath_c/*.c, unchanged) is built
 with clang -fsanitize=fuzzer,address,undefined into build/fuzz/, then run on
 one job for ``--seconds`` from the committed seeds (fuzz/corpus/<target>/,
 only read) plus a working corpus in build/fuzz/corpus-<target>/ (where new
@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = ROOT / "fuzz"
+FASTPATH = ROOT / "tunproxy" / "fastpath_c"
 BUILD = ROOT / "build" / "fuzz"
 TARGETS = ("packets", "routes")
 CFLAGS = ("-g", "-O1", "-fno-sanitize-recover=undefined", "-Wall", "-Wextra")
@@ -77,16 +78,18 @@ def build(target: str, where: Path = BUILD) -> Path:
     and checks would only add noise and cost); both get the sanitizers.
     """
     out = where / target
-    harness, fastpath = FUZZ / f"fuzz_{target}.c", ROOT / "tunproxy" / "_fastpath.c"
-    deps = [harness, fastpath, ROOT / "tunproxy" / "_fastpath.h", FUZZ / "check.h"]
+    harness, sources = FUZZ / f"fuzz_{target}.c", sorted(FASTPATH.glob("*.c"))
+    deps = [harness, *sources, *FASTPATH.glob("*.h"), FUZZ / "check.h"]
     if out.exists() and all(out.stat().st_mtime >= d.stat().st_mtime for d in deps):
         return out
     where.mkdir(parents=True, exist_ok=True)
-    cc, include = compiler(), f"-I{ROOT / 'tunproxy'}"
+    cc, include = compiler(), f"-I{FASTPATH}"
     own = f"-I{FUZZ}"
-    objects = [where / f"{target}-harness.o", where / f"{target}-fastpath.o"]
+    objects = [where / f"{target}-harness.o"]
     _cc([cc, *CFLAGS, SANITIZE, include, own, "-c", str(harness), "-o", str(objects[0])], target)
-    _cc([cc, *CFLAGS, SANITIZE_COVERAGE, include, "-c", str(fastpath), "-o", str(objects[1])], target)
+    for source in sources:
+        objects.append(where / f"{target}-{source.stem}.o")
+        _cc([cc, *CFLAGS, SANITIZE_COVERAGE, include, "-c", str(source), "-o", str(objects[-1])], target)
     _cc([cc, LINK, *map(str, objects), *LDFLAGS[target], "-o", str(out)], target)
     return out
 

@@ -21,8 +21,8 @@
  * is not real: recvmmsg, sendmmsg and sendto are linked to the shims below
  * (ld --wrap), because no socket can be made to deliver a chosen UDP_GRO
  * segment size, MSG_TRUNC or sender address, and sending to the peers the
- * input names would put packets on a real network.  _fastpath.c is compiled
- * unchanged.
+ * input names would put packets on a real network.  The fast path
+ * (tunproxy/fastpath_c/) is compiled unchanged.
  *
  * Packets are built from the input with optional fix-ups (total length,
  * version, IP and TCP/UDP checksums), or almost every mutation would die as
@@ -38,7 +38,7 @@
  * once (delivered or one drop counter).
  */
 #define _GNU_SOURCE
-#include "_fastpath.h"
+#include "fastpath.h"
 #include "check.h"
 
 #include <arpa/inet.h>
@@ -395,12 +395,17 @@ static void op_tx(struct fp_ctx *c, struct in *in, int fp_fd, int k_fd, uint64_t
     uint64_t sent = S.sent;
     uint32_t reads = 0;
     for (int calls = 0; calls < 64; calls++) {
+        uint32_t gso = c->offload & FP_OFFLOAD_UDP_GSO;
         int rc = fp_tun_to_udp(c, fp_fd, UDP_FD, now);
+        if (c->gso_errno) { /* said once, by the call that turned UDP GSO off */
+            CHECK(gso && !(c->offload & FP_OFFLOAD_UDP_GSO));
+            CHECK(c->gso_errno == EIO || c->gso_errno == EINVAL);
+            c->gso_errno = 0;
+        }
         if (rc < 0) {
             CHECK(rc == -EAGAIN);
             break;
         }
-        rc &= ~FP_RC_GSO_OFF;
         CHECK(rc >= 1 && (uint32_t)rc <= c->batch);
         reads += (uint32_t)rc;
         CHECK(c->gso.n == 0 && c->gso.used == 0);

@@ -24,7 +24,7 @@
  * are freed at once, so ASan sees any stray access.
  */
 #define _GNU_SOURCE
-#include "_fastpath.h"
+#include "fastpath.h"
 #include "check.h"
 
 #include <errno.h>

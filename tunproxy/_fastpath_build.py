@@ -1,9 +1,11 @@
 """cffi builder for tunproxy._fastpath_cffi (used by setup.py's cffi_modules).
 
-The declarations come from _fastpath.h itself, minus its preprocessor lines,
-so the header is the single source of truth.  The system structs the ring
-embeds are declared with ``...;``: cffi learns their size from the compiler,
-which is all Python needs to allocate arrays of them.
+The C is in fastpath_c/, a file per concern, all compiled into the module.
+The declarations come from its one public header, fastpath_c/fastpath.h,
+minus the preprocessor lines, so the header is the single source of truth.
+The system structs the ring embeds are declared with ``...;``: cffi learns
+their size from the compiler, which is all Python needs to allocate arrays of
+them.
 """
 
 from pathlib import Path
@@ -11,6 +13,10 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
+C_DIR = HERE / "fastpath_c"
+HEADER = C_DIR / "fastpath.h"
+# Sorted, so the build does not depend on the directory's order.
+SOURCES = sorted(C_DIR.glob("*.c"))
 SYSTEM_STRUCTS = """
 struct sockaddr_in { ...; };
 struct iovec { ...; };
@@ -33,12 +39,12 @@ def _source_path(path: Path) -> str:
 
 
 ffibuilder = FFI()
-ffibuilder.cdef(SYSTEM_STRUCTS + _cdef_text(HERE / "_fastpath.h"))
+ffibuilder.cdef(SYSTEM_STRUCTS + _cdef_text(HEADER))
 ffibuilder.set_source(
     "tunproxy._fastpath_cffi",
-    '#include "_fastpath.h"',
-    sources=[_source_path(HERE / "_fastpath.c")],
-    include_dirs=[str(HERE)],
+    '#include "fastpath.h"',
+    sources=[_source_path(path) for path in SOURCES],
+    include_dirs=[str(C_DIR)],
     extra_compile_args=["-O2", "-Wall", "-Wextra"],
 )
 

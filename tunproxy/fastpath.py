@@ -1,9 +1,10 @@
-"""Python face of the C fast path of the udp backend (``_fastpath.c``).
+"""Python face of the C fast path of the udp backend (``tunproxy/fastpath_c/``).
 
-``FastPath`` allocates, once, all the memory the C side works in: the context
-(configuration, token bucket, counters), the packet ring with its
-mmsghdr/iovec/sockaddr arrays, two route tables and two peer tables (the spare
-ones let a route change be built aside and swapped in by one C call).  After
+``FastPath`` allocates, once, all the memory the C side works in (with
+``fastpath_memory``): the context (configuration, token bucket, counters),
+the packet ring with its mmsghdr/iovec/sockaddr arrays, two route tables and
+two peer tables (the spare ones let a route change be built aside and
+swapped in by one C call).  After
 that each ``tun_to_udp``/``udp_to_tun`` call is one C call that handles a whole
 batch and returns a count; a negative errno comes back as ``FastPathError``,
 except EAGAIN/EINTR which just mean "nothing to do" (0).
@@ -17,7 +18,12 @@ wire format does not change.  The extra memory (a send queue of copied
 datagrams, the cmsg buffers, the iovecs of a coalesced TUN write) is
 allocated here too, once.
 
-Arguments are checked here, not in C; the C code trusts its caller.
+Arguments are checked here first, so a bad one is a ``TypeError`` or
+``ValueError`` naming it. The C side checks them again (``fp_init`` the
+configuration, the route calls every route: -EINVAL, -ENOSPC, -ENOENT come
+back as ``FastPathError`` or ``KeyError``), and trusts nothing in a packet or
+a virtio_net_hdr; what it must trust is that each array it is handed is as
+long as the configuration says, which this module makes so.
 """
 
 from __future__ import annotations
@@ -25,14 +31,17 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from tunproxy._fastpath_cffi import ffi, lib
 
-DROP_REASONS = ("no_route", "ttl", "malformed", "unknown_peer", "too_big", "tun_write", "send", "spoofed")
+from . import fastpath_memory as memory
+from .counters import Counters
+from .fastpath_memory import COUNTER_FIELDS, Drop
+
+DROP_REASONS = memory.DROP_REASONS  # the drop counters' reasons, in FP_DROP_* order
+DROP_SNAP = memory.DROP_SNAP  # bytes of a dropped packet kept in the drop ring
 MAX_PACKET = lib.FP_MAX_PACKET
 MAX_BATCH = 1024
 MAX_HEADROOM = 4096
@@ -43,32 +52,8 @@ VNET_HDR_LEN = lib.FP_VNET_HDR_LEN
 UDP_SEGMENT = 103  # linux/udp.h socket options at level SOL_UDP (not in Python's socket module)
 UDP_GRO = 104
 GSO_BUFFER = 1 << 20  # default bytes of copied datagrams queued before a sendmmsg
-
-# TSO packets read and the packets cut from them; other partial checksums
-# completed; UDP_SEGMENT sends of several datagrams and the datagrams in them;
-# UDP_GRO buffers holding several datagrams and the datagrams in them; TUN
-# writes of several coalesced TCP segments and the segments in them.
-OFFLOAD_COUNTERS = (
-    "tso_packets",
-    "tso_segments",
-    "csum_completed",
-    "gso_sends",
-    "gso_segments",
-    "gro_receives",
-    "gro_segments",
-    "tun_gso_writes",
-    "tun_gso_segments",
-)
-
-_PEER = struct.Struct("=II4Q")  # struct fp_peer
-assert _PEER.size == ffi.sizeof("struct fp_peer")
-DROP_SNAP = lib.FP_DROP_SNAP
-_DROP = struct.Struct(f"=QIIBBHI{DROP_SNAP}s")  # struct fp_drop
-assert _DROP.size == ffi.sizeof("struct fp_drop")
-assert [getattr(lib, "FP_DROP_" + r.upper()) for r in DROP_REASONS] == list(range(len(DROP_REASONS)))
 DEFAULT_DROP_RING = 256
 _NOTHING_TO_DO = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
-_GSO_OFF = lib.FP_RC_GSO_OFF
 
 
 class FastPathError(OSError):
@@ -84,96 +69,6 @@ class UdpGsoDisabled(FastPathError):
     def __init__(self, err: int, count: int) -> None:
         super().__init__(err, f"UDP GSO disabled, sending datagrams one by one: {os.strerror(err)}")
         self.count = count
-
-
-@dataclass(frozen=True)
-class Drop:
-    """One dropped packet from the drop ring.
-
-    ``time_ms`` is the ``now_ms`` passed to the call that dropped it (the
-    caller's monotonic clock); ``direction`` is ``"tx"`` (read from the TUN,
-    ``peer`` the next hop or None without a route) or ``"rx"`` (received,
-    ``peer`` the sender); ``length`` is the packet's own length and ``data``
-    its first ``DROP_SNAP`` bytes at most, from the IPv4 header on; ``count``
-    is how many packets the record stands for (a refused train of datagrams
-    is kept once).
-    """
-
-    time_ms: int
-    reason: str
-    direction: str
-    peer: IPv4Address | None
-    length: int
-    count: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class PeerCounters:
-    tx_packets: int
-    tx_bytes: int
-    rx_packets: int
-    rx_bytes: int
-
-
-@dataclass(frozen=True)
-class Counters:
-    """A snapshot of the fast path's counters (they only ever grow)."""
-
-    tx_packets: int
-    tx_bytes: int
-    rx_packets: int
-    rx_bytes: int
-    drops: dict[str, int]
-    icmp_sent: int
-    icmp_ratelimited: int
-    tx_batches: int
-    tx_multi_batches: int
-    tx_max_batch: int
-    rx_batches: int
-    rx_multi_batches: int
-    rx_max_batch: int
-    peers: dict[IPv4Address, PeerCounters]
-    # Offload mode (all 0 without it); see OFFLOAD_COUNTERS.
-    tso_packets: int = 0
-    tso_segments: int = 0
-    csum_completed: int = 0
-    gso_sends: int = 0
-    gso_segments: int = 0
-    gro_receives: int = 0
-    gro_segments: int = 0
-    tun_gso_writes: int = 0
-    tun_gso_segments: int = 0
-
-    def summary(self) -> str:
-        """One grep-able line of ``name=value`` for a log; names as in the README."""
-        fields = {
-            "tx_packets": self.tx_packets,
-            "tx_bytes": self.tx_bytes,
-            "rx_packets": self.rx_packets,
-            "rx_bytes": self.rx_bytes,
-            **self.drops,
-            "icmp_sent": self.icmp_sent,
-            "icmp_ratelimited": self.icmp_ratelimited,
-            "tx_batches": self.tx_batches,
-            "tx_multi_batches": self.tx_multi_batches,
-            "tx_max_batch": self.tx_max_batch,
-            "rx_batches": self.rx_batches,
-            "rx_multi_batches": self.rx_multi_batches,
-            "rx_max_batch": self.rx_max_batch,
-            **{name: getattr(self, name) for name in OFFLOAD_COUNTERS},
-            "peers": len(self.peers),
-        }
-        return " ".join(f"{name}={value}" for name, value in fields.items())
-
-
-def _slots(routes: int, factor: int) -> int:
-    """Slots of a hash table for ``routes`` entries: a power of two, at least ``factor`` times as many.
-
-    Routes use 2 (never more than half full); peers 4, since during a batch
-    the peers of routes being removed and of routes being added coexist.
-    """
-    return 1 << (factor * routes - 1).bit_length()
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> int:
@@ -217,8 +112,10 @@ class FastPath:
 
     ``mtu`` is the largest inner packet sent with DF set (bigger ones get an
     ICMP "fragmentation needed"); ``local_addr`` is the tunnel's own address,
-    the source of the ICMP errors; every peer listens on UDP ``port``, and a
-    datagram from any other address is dropped as ``unknown_peer``.
+    the source of the ICMP errors; every peer listens on UDP ``port``. A
+    datagram is known by its source address alone, whatever its source port
+    (a NATed peer or socat may send from another); one from an address that
+    is no peer's is dropped as ``unknown_peer``.
     A peer's packet whose inner source does not route back to that peer
     (longest prefix match, as WireGuard's allowed-ips) is dropped as
     ``spoofed``, unless ``allow_any_source`` is set (for setups that route
@@ -276,10 +173,7 @@ class FastPath:
         self._batch = batch
         self._max_routes = max_routes
         # The table starts small and doubles as it fills, up to max_routes: memory follows use.
-        capacity = min(max_routes, INITIAL_ROUTES)
-        self._capacity = capacity
-        self._route_cap = _slots(capacity, 2)
-        self._peer_cap = _slots(capacity, 4)
+        self._capacity = min(max_routes, INITIAL_ROUTES)
 
         c = self._ctx = ffi.new("struct fp_ctx *")
         c.mtu = mtu
@@ -288,66 +182,17 @@ class FastPath:
         c.batch = batch
         c.icmp_rate = icmp_rate
         c.icmp_burst = icmp_burst
-        c.max_routes = capacity
-        c.route_cap = self._route_cap
-        c.peer_cap = self._peer_cap
         c.allow_any_source = bool(allow_any_source)
         if offload:
             c.offload = lib.FP_OFFLOAD_VNET | (lib.FP_OFFLOAD_UDP_GSO if udp_gso else 0)
         self._offload = bool(offload)
-        # The slots need no clearing; leaving them untouched keeps them unbacked.
-        raw = ffi.new_allocator(should_clear_after_alloc=False)
-        # cdata assigned into a struct is not kept alive by it: hold it here.
-        self._memory = {
-            "data": raw("uint8_t[]", batch * slot_size),
-            "len": ffi.new("uint32_t[]", batch),
-            "addr": ffi.new("struct sockaddr_in[]", batch),
-            "iov": ffi.new("struct iovec[]", batch),
-            "msg": ffi.new("struct mmsghdr[]", batch),
-            "routes": ffi.new("struct fp_route[]", self._route_cap),
-            "routes_alt": ffi.new("struct fp_route[]", self._route_cap),
-            "peers": ffi.new("struct fp_peer[]", self._peer_cap),
-            "peers_alt": ffi.new("struct fp_peer[]", self._peer_cap),
-            "drops": ffi.new("struct fp_drop[]", max(drop_ring, 1)),
-        }
-        m = self._memory
-        ring = c.ring
-        ring.data, ring.len, ring.addr, ring.iov, ring.msg = (
-            m["data"],
-            m["len"],
-            m["addr"],
-            m["iov"],
-            m["msg"],
-        )
-        ring.nslots = batch
-        ring.slot_size = slot_size
-        ring.headroom = headroom
-        c.routes, c.routes_alt = m["routes"], m["routes_alt"]
-        c.peers, c.peers_alt = m["peers"], m["peers_alt"]
-        c.drops, c.ndrops = m["drops"], drop_ring
+        # The arrays the context points into; held here, as it does not keep them alive.
+        self._memory = memory.wire_tables(c, self._capacity)
+        self._memory |= memory.wire_ring(c, batch, slot_size, headroom, drop_ring)
+        self._route_cap, self._peer_cap = c.route_cap, c.peer_cap
         self._drop_ring = drop_ring
         if offload:
-            # A 64 KiB TSO packet fills one or two messages, anything else at most one;
-            # a queue that fills up anyway is just sent early.
-            nmsg = 2 * batch + 16
-            words = lib.FP_CMSG_WORDS
-            m |= {
-                "out": raw("uint8_t[]", gso_buffer),
-                "gso_msg": ffi.new("struct mmsghdr[]", nmsg),
-                "gso_iov": ffi.new("struct iovec[]", nmsg),
-                "gso_addr": ffi.new("struct sockaddr_in[]", nmsg),
-                "segs": ffi.new("uint32_t[]", nmsg),
-                "seg_size": ffi.new("uint32_t[]", nmsg),
-                "cmsg": ffi.new("uint64_t[]", nmsg * words),
-                "rx_cmsg": ffi.new("uint64_t[]", batch * words),
-                "tun_iov": ffi.new("struct iovec[]", lib.FP_GRO_MAX_SEGS + 1),
-            }
-            g = c.gso
-            g.out, g.msg, g.iov, g.addr = m["out"], m["gso_msg"], m["gso_iov"], m["gso_addr"]
-            g.segs, g.seg_size, g.cmsg, g.rx_cmsg = m["segs"], m["seg_size"], m["cmsg"], m["rx_cmsg"]
-            g.tun_iov = m["tun_iov"]
-            g.out_size = gso_buffer
-            g.nmsg = nmsg
+            self._memory |= memory.wire_gso(c, batch, gso_buffer)
         rc = lib.fp_init(c)
         if rc < 0:
             _raise(rc, "fp_init")
@@ -400,13 +245,7 @@ class FastPath:
         if needed <= self._capacity or self._capacity >= self._max_routes:
             return
         capacity = min(self._max_routes, max(needed, 2 * self._capacity))
-        route_cap, peer_cap = _slots(capacity, 2), _slots(capacity, 4)
-        fresh = {
-            "routes": ffi.new("struct fp_route[]", route_cap),
-            "routes_alt": ffi.new("struct fp_route[]", route_cap),
-            "peers": ffi.new("struct fp_peer[]", peer_cap),
-            "peers_alt": ffi.new("struct fp_peer[]", peer_cap),
-        }
+        route_cap, peer_cap, fresh = memory.new_tables(capacity)
         tables = (fresh["routes"], fresh["routes_alt"], fresh["peers"], fresh["peers_alt"])
         rc = lib.fp_resize(self._ctx, *tables, capacity, route_cap, peer_cap)
         if rc < 0:
@@ -501,11 +340,13 @@ class FastPath:
         milliseconds.  Raises ``UdpGsoDisabled`` once if the kernel refuses
         UDP_SEGMENT.
         """
-        n: int = self._tun_to_udp(self._ctx, tun_fd, udp_fd, now_ms)
-        if 0 <= n < _GSO_OFF:
+        c = self._ctx
+        n: int = self._tun_to_udp(c, tun_fd, udp_fd, now_ms)
+        if c.gso_errno:  # set only by the call in which the kernel refused
+            err, c.gso_errno = c.gso_errno, 0
+            raise UdpGsoDisabled(err, n)
+        if n >= 0:
             return n
-        if n > 0:
-            raise UdpGsoDisabled(self._ctx.gso_errno, n & ~_GSO_OFF)
         if -n in _NOTHING_TO_DO:
             return 0
         raise FastPathError(-n, f"tun_to_udp: {os.strerror(-n)}")
@@ -528,54 +369,12 @@ class FastPath:
     def counters(self) -> Counters:
         """A snapshot; peers appear as long as some route points at them."""
         k = self._ctx.cnt
-        raw = ffi.buffer(self._ctx.peers, self._peer_cap * _PEER.size)
-        peers = {
-            IPv4Address(addr): PeerCounters(txp, txb, rxp, rxb)
-            for addr, _, txp, txb, rxp, rxb in _PEER.iter_unpack(raw)
-            if addr
-        }
-        return Counters(
-            tx_packets=k.tx_packets,
-            tx_bytes=k.tx_bytes,
-            rx_packets=k.rx_packets,
-            rx_bytes=k.rx_bytes,
-            drops={name: getattr(k, "drop_" + name) for name in DROP_REASONS},
-            icmp_sent=k.icmp_sent,
-            icmp_ratelimited=k.icmp_ratelimited,
-            tx_batches=k.tx_batches,
-            tx_multi_batches=k.tx_multi_batches,
-            tx_max_batch=k.tx_max_batch,
-            rx_batches=k.rx_batches,
-            rx_multi_batches=k.rx_multi_batches,
-            rx_max_batch=k.rx_max_batch,
-            peers=peers,
-            **{name: getattr(k, name) for name in OFFLOAD_COUNTERS},
-        )
+        peers = memory.read_peers(self._ctx, self._peer_cap)
+        return Counters({name: getattr(k, name) for name in COUNTER_FIELDS}, peers)
 
     def drops(self) -> list[Drop]:
         """The most recent dropped packets (at most ``drop_ring``), oldest first."""
-        c = self._ctx
-        cap, total = self._drop_ring, c.drops_total
-        if not cap or not total:
-            return []
-        raw = bytes(ffi.buffer(c.drops, cap * _DROP.size))
-        out = []
-        for k in range(max(0, total - cap), total):
-            time_ms, peer, length, reason, direction, count, _, data = _DROP.unpack_from(
-                raw, (k % cap) * _DROP.size
-            )
-            out.append(
-                Drop(
-                    time_ms=time_ms,
-                    reason=DROP_REASONS[reason] if reason < len(DROP_REASONS) else str(reason),
-                    direction="rx" if direction == lib.FP_DIR_RX else "tx",
-                    peer=IPv4Address(peer) if peer else None,
-                    length=length,
-                    count=count,
-                    data=data[: min(length, DROP_SNAP)],
-                )
-            )
-        return out
+        return memory.read_drops(self._ctx, self._drop_ring)
 
     @property
     def drops_total(self) -> int:

@@ -25,6 +25,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import __version__
+from .counters import COUNTERS as DESCRIBED
+from .counters import DROP_PREFIX
 from .model import ConfigError
 from .observe import READY
 
@@ -35,30 +37,14 @@ log = logging.getLogger("tunproxy")
 
 STUCK_AFTER = 10.0  # seconds without a tick of the observer's loop: /healthz fails
 
-# Fast-path counters exported as they are: name -> help. The batch maxima are gauges.
+# Fast-path counters exported as they are: name -> help (tunproxy.counters). The batch maxima
+# are gauges; the drops and ICMP errors have families of their own, below.
 COUNTERS = {
-    "tx_packets": "Packets sent to peers (TUN -> UDP).",
-    "tx_bytes": "Bytes of inner packets sent to peers.",
-    "rx_packets": "Packets received from peers and written to the TUN.",
-    "rx_bytes": "Bytes of inner packets received from peers.",
-    "tx_batches": "sendmmsg calls that sent at least one datagram.",
-    "tx_multi_batches": "sendmmsg calls that sent more than one datagram.",
-    "rx_batches": "recvmmsg calls that returned at least one datagram.",
-    "rx_multi_batches": "recvmmsg calls that returned more than one datagram.",
-    "tso_packets": "TSO super-packets read from the TUN (offload mode).",
-    "tso_segments": "Packets cut from TSO super-packets.",
-    "csum_completed": "Partial checksums completed for the TUN's other packets.",
-    "gso_sends": "Messages sent with UDP_SEGMENT carrying several datagrams.",
-    "gso_segments": "Datagrams in those messages.",
-    "gro_receives": "Received UDP_GRO buffers holding several datagrams.",
-    "gro_segments": "Datagrams in those buffers.",
-    "tun_gso_writes": "TUN writes of several coalesced TCP segments.",
-    "tun_gso_segments": "TCP segments in those writes.",
+    name: c.help
+    for name, c in DESCRIBED.items()
+    if not c.gauge and not name.startswith((DROP_PREFIX, "icmp_"))
 }
-GAUGES = {
-    "tx_max_batch": "Most datagrams one sendmmsg call has sent.",
-    "rx_max_batch": "Most datagrams one recvmmsg call has returned.",
-}
+GAUGES = {name: c.help for name, c in DESCRIBED.items() if c.gauge}
 
 
 class Collector:
@@ -110,13 +96,9 @@ class Collector:
         for reason, value in c.drops.items():
             drops.add_metric([reason], value)
         yield drops
+        yield CounterMetricFamily("tunproxy_icmp_errors_sent", DESCRIBED["icmp_sent"].help, value=c.icmp_sent)
         yield CounterMetricFamily(
-            "tunproxy_icmp_errors_sent", "ICMP errors sent for dropped packets.", value=c.icmp_sent
-        )
-        yield CounterMetricFamily(
-            "tunproxy_icmp_errors_suppressed",
-            "ICMP errors not sent because of the rate limit.",
-            value=c.icmp_ratelimited,
+            "tunproxy_icmp_errors_suppressed", DESCRIBED["icmp_ratelimited"].help, value=c.icmp_ratelimited
         )
         subnets = _subnets_by_ip(o)
         labels = ["subnet", "public_ip"]

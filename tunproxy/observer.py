@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .counters import Counters
 from .observe import READY, DaemonState, PeerSample, PeerState, Sample, Sampler, status_document
 
 if TYPE_CHECKING:
@@ -65,13 +66,9 @@ def store_description(registry: Any) -> dict[str, Any]:
     return {"kind": type(registry).__name__}
 
 
-def sample_of(counters: Any, at: float) -> Sample:
+def sample_of(counters: Counters, at: float) -> Sample:
     """A fast path ``Counters`` snapshot as a ``Sample`` taken at monotonic ``at``."""
-    totals = {
-        name: value
-        for name, value in vars(counters).items()
-        if isinstance(value, int) and not isinstance(value, bool)
-    }
+    totals = counters.totals
     peers = {
         addr: PeerSample(p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes)
         for addr, p in counters.peers.items()

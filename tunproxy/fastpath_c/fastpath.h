@@ -23,7 +23,6 @@ enum {
     FP_GSO_MAX_BYTES = 65507,/* UDP payload per send: 65535 - 20 (IPv4) - 8 (UDP) */
     FP_CMSG_WORDS = 4,       /* uint64_t per message for one int-sized cmsg (CMSG_SPACE) */
     FP_GRO_MAX_SEGS = 128,   /* TCP segments coalesced into one TUN write, at most */
-    FP_RC_GSO_OFF = 0x40000000, /* or'ed into a count: UDP GSO was refused and is now off */
     FP_DROP_SNAP = 96        /* bytes of a dropped packet kept in the drop ring */
 };
 
@@ -84,6 +83,11 @@ struct fp_drop {
     uint8_t data[FP_DROP_SNAP];  /* the packet's first bytes, from its IPv4 header */
 };
 
+/* The counters, each only ever growing (the batch maxima: the largest yet).
+ * These fields are the one list of them: Python takes the names from this
+ * struct (cffi's typeof(...).fields), tunproxy/counters.py says what each
+ * means, and a unit test holds the two to the same names in the same order.
+ * The drop_* ones are in FP_DROP_* order. */
 struct fp_counters {
     uint64_t tx_packets;         /* tun -> udp, sent */
     uint64_t tx_bytes;
@@ -177,7 +181,9 @@ struct fp_ctx {
     uint32_t route_cap;          /* power of two, >= 2 * max_routes */
     uint32_t peer_cap;           /* power of two, >= 4 * max_routes */
     uint32_t offload;            /* FP_OFFLOAD_* bits */
-    int32_t gso_errno;           /* why FP_OFFLOAD_UDP_GSO was cleared, if it was */
+    int32_t gso_errno;           /* set by the call in which the kernel refused UDP_SEGMENT
+                                    (EIO, EINVAL), clearing FP_OFFLOAD_UDP_GSO; 0 again is
+                                    the caller's to write */
     uint32_t allow_any_source;   /* 0: a peer's packet must come from that peer's subnets */
     struct fp_ring ring;
     struct fp_gso gso;           /* offload mode only */
@@ -229,8 +235,8 @@ uint32_t fp_lookup(const struct fp_ctx *c, uint32_t dst);
 
 /* Move up to batch packets from the TUN fd to the peers; returns the number
  * of packets read from the TUN, or -errno if none was.  In offload mode a
- * TSO packet counts as one; FP_RC_GSO_OFF is or'ed in when the kernel refused
- * UDP_SEGMENT in this call (the datagrams were then sent one by one). */
+ * TSO packet counts as one.  If the kernel refused UDP_SEGMENT in this call,
+ * the datagrams were sent one by one and gso_errno says why. */
 int fp_tun_to_udp(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now_ms);
 /* Move up to batch datagrams from the socket to the TUN fd; returns the number
  * of receive buffers filled (a UDP_GRO buffer may hold many datagrams), or
