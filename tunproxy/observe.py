@@ -15,7 +15,6 @@ as the table ``tunproxy status`` prints.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -324,8 +323,3 @@ def changed_fields(previous: str | None, current: str) -> str:
     before = dict(f.split("=", 1) for f in previous.split() if "=" in f)
     out = [f for f in current.split() if "=" not in f or before.get(f.split("=", 1)[0]) != f.split("=", 1)[1]]
     return " ".join(out)
-
-
-def now_pair() -> tuple[float, float]:
-    """(monotonic, wall) seconds: the clocks ``status_document`` takes, for the adapters."""
-    return time.monotonic(), time.time()

@@ -12,7 +12,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from tunproxy.backends.vxlan import vtep_mac
+from tunproxy.backends.vxlan_rules import vtep_mac
 from tunproxy.lab import EtcdServer, Host, Lab, Process
 
 NETWORK = "10.100.0.0/16"

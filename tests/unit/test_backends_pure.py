@@ -13,8 +13,8 @@ from tunproxy.backend_config import VXLAN_DEFAULT_PORT, UdpFlags, UdpOptions, Vx
 from tunproxy.backends import BackendContext, backend_class, create_backend
 from tunproxy.backends.base import PeerRefused
 from tunproxy.backends.host_gw import refusal
-from tunproxy.backends.vxlan import (
-    VxlanBackend,
+from tunproxy.backends.vxlan import VxlanBackend
+from tunproxy.backends.vxlan_rules import (
     VxlanSettings,
     device_name,
     link_mismatch,
