@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tunproxy.lab import Host, Lab, Process, cleanup_stale, sh
+from lab.netns import Host, Lab, Process, cleanup_stale, sh
 
 from . import report
 from .plan import BY_NAME, TESTS, Step, Variant, schedule

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunproxy.lab import EtcdServer, Lab, Process, bulk_leases
+from lab.netns import EtcdServer, Lab, Process, bulk_leases
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"

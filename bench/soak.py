@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunproxy.lab import EtcdServer, Host, Lab, Process
+from lab.netns import EtcdServer, Host, Lab, Process
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"

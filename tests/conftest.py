@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tunproxy.lab import EtcdServer, Lab
+from lab.netns import EtcdServer, Lab
 
 IS_ROOT = os.geteuid() == 0
 HAS_ETCD = shutil.which("etcd") is not None and shutil.which("etcdctl") is not None

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tunproxy.lab import EtcdServer, Host, Lab, Process
+from lab.netns import EtcdServer, Host, Lab, Process
 
 from .labkit import HOSTS, etcd_in_lab, start_etcd
 

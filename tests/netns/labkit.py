@@ -12,8 +12,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from lab.netns import EtcdServer, Host, Lab, Process
 from tunproxy.backends.vxlan import vtep_mac
-from tunproxy.lab import EtcdServer, Host, Lab, Process
 
 NETWORK = "10.100.0.0/16"
 HOSTS = {

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tunproxy.lab import Lab
+from lab.netns import Lab
 
 BASE = ["--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--iface", "eth1", "--subnet-file", ""]
 

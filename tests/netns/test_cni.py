@@ -1,7 +1,7 @@
 """tunproxy-cni driven as a container runtime drives it, with the real CNI reference plugins.
 
 Hosts are lab namespaces running tunproxy; pods are namespaces the test
-creates; ``tunproxy.podlab.Runtime`` calls the plugins inside the host's
+creates; ``lab.podlab.Runtime`` calls the plugins inside the host's
 namespace with the CNI_* variables and the config on stdin, as containerd does
 for kube-flannel's config list (tunproxy-cni as ``flannel``, then ``portmap``).
 host-local's and the plugin's state live in the lab's directory.
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import tunproxy
-from tunproxy.lab import Host, Lab, transfer
-from tunproxy.podlab import (
+from lab.netns import Host, Lab, transfer
+from lab.podlab import (
     CNIFailure,
     Pod,
     Runtime,
@@ -326,7 +326,7 @@ def test_without_ip_masq_the_bridge_masquerades_what_leaves_the_hosts_subnet(lab
 def test_demo_pods_runs_clean():
     """``make demo-pods``: every pod reaches every other, the TCP data arrives, DEL leaves nothing."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tunproxy.demo", "--pods"],
+        [sys.executable, "-m", "lab.demo", "--pods"],
         capture_output=True,
         text=True,
         timeout=300,

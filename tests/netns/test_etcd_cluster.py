@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tunproxy.lab import Host, Lab, NamespacedEtcdCluster, Process
+from lab.netns import Host, Lab, NamespacedEtcdCluster, Process
 
 from .labkit import NETWORK, eventually, overlay
 

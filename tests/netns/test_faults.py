@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tunproxy.lab import EtcdServer, Host, Lab, NamespacedEtcdCluster, Process, bulk_leases
+from lab.netns import EtcdServer, Host, Lab, NamespacedEtcdCluster, Process, bulk_leases
 
 from .labkit import ETCD_ADDRESS, HOSTS, NETWORK, eventually, overlay, start_etcd
 

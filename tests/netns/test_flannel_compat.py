@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tunproxy.lab import Host, Lab, Process
+from lab.netns import Host, Lab, Process
 
 from .labkit import HOSTS, fdb, link, neighbours, routes, start_static, static_mesh, vtep_mac_of, write_config
 

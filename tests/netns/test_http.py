@@ -7,7 +7,7 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tunproxy.lab import free_port
+from lab.netns import free_port
 
 from .labkit import HOSTS, NETWORK, build_udp, etcd_in_lab, eventually, overlay_of, start_etcd, start_udp
 

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tunproxy.lab import Host, Lab, Process
+from lab.netns import Host, Lab, Process
 
 from .labkit import HOSTS, etcd_in_lab, eventually, link, start_etcd, start_static, write_config
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from lab.podlab import flannel_conflist, reference_plugin_dir
 from tunproxy import cli, cniconf
 from tunproxy.cni import TUNPROXY_SUBNET_FILE
 from tunproxy.cniconf import CNIError, delegate_config, load_netconf, parse_environment, parse_subnet_env
 from tunproxy.daemon import subnet_env
-from tunproxy.podlab import flannel_conflist, reference_plugin_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV_TEXT = subnet_env(IPv4Network("10.100.0.0/16"), IPv4Network("10.100.5.0/24"), 1472, False)

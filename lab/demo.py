@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from .lab import EtcdServer, Lab, cleanup_stale
+from .netns import EtcdServer, Lab, cleanup_stale
 
 NETWORK = "10.100.0.0/16"
 HOSTS = {
@@ -41,7 +41,7 @@ def overlay_address(subnet: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tunproxy.demo")
+    parser = argparse.ArgumentParser(prog="python -m lab.demo")
     parser.add_argument("--etcd", action="store_true", help="take leases from a real etcd in the lab")
     parser.add_argument("--backend", default="udp", choices=("udp", "vxlan", "host-gw"))
     parser.add_argument("--seconds", type=int, default=3, help="iperf3 duration")

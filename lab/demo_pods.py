@@ -16,7 +16,7 @@ import itertools
 import os
 import sys
 
-from .lab import Lab, cleanup_stale, transfer
+from .netns import Lab, cleanup_stale, transfer
 from .podlab import (
     CNIFailure,
     Pod,
