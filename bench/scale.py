@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab.netns import EtcdServer, Lab, Process, bulk_leases
+from lab.etcd import EtcdServer, bulk_leases
+from lab.netns import Lab, Process
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"

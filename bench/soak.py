@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab.netns import EtcdServer, Host, Lab, Process
+from lab.etcd import EtcdServer
+from lab.netns import Host, Lab, Process
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"

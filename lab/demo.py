@@ -17,7 +17,8 @@ import subprocess
 import sys
 import time
 
-from .netns import EtcdServer, Lab, cleanup_stale
+from .etcd import EtcdServer
+from .netns import Lab, cleanup_stale
 
 NETWORK = "10.100.0.0/16"
 HOSTS = {

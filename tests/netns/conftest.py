@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from lab.netns import EtcdServer, Host, Lab, Process
+from lab.etcd import EtcdServer
+from lab.netns import Host, Lab, Process
 
 from .labkit import HOSTS, etcd_in_lab, start_etcd
 

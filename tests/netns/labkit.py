@@ -12,7 +12,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from lab.netns import EtcdServer, Host, Lab, Process
+from lab.etcd import EtcdServer
+from lab.netns import Host, Lab, Process
 from tunproxy.backends.vxlan import vtep_mac
 
 NETWORK = "10.100.0.0/16"

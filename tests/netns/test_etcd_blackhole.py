@@ -17,7 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from lab.netns import EtcdServer, Host, Lab, Process
+from lab.etcd import EtcdServer
+from lab.netns import Host, Lab, Process
 from tunproxy.peers.etcd_logic import Backoff
 
 from .labkit import ETCD_ADDRESS, HOSTS, etcd_in_lab, overlay, start_etcd

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lab.netns import Host, Lab, NamespacedEtcdCluster, Process
+from lab.etcd import NamespacedEtcdCluster
+from lab.netns import Host, Lab, Process
 
 from .labkit import NETWORK, eventually, overlay
 

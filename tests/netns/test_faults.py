@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.netns import EtcdServer, Host, Lab, NamespacedEtcdCluster, Process, bulk_leases
+from lab.etcd import EtcdServer, NamespacedEtcdCluster, bulk_leases
+from lab.netns import Host, Lab, Process
 
 from .labkit import ETCD_ADDRESS, HOSTS, NETWORK, eventually, overlay, start_etcd
 
