@@ -15,8 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from ipaddress import IPv4Network
 from pathlib import Path
 
+from .hosts import NETWORK, UNDERLAY
 from .netns import Lab, Netns, free_port, sh, stop_process
 
 
@@ -220,18 +222,18 @@ class NamespacedEtcdCluster:
 
 _BULK = """
 import asyncio, json, sys
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 import aetcd
 
-async def main(host, port, count, length, first, ip_base):
+async def main(host, port, count, length, first, network, first_ip):
     async with aetcd.Client(host, int(port), timeout=10) as client:
         grant = await client.lease(3600)
         t = client.transactions
-        subnets = list(IPv4Network("10.100.0.0/16").subnets(new_prefix=int(length)))[int(first):]
+        subnets = list(IPv4Network(network).subnets(new_prefix=int(length)))[int(first):]
         ops = []
         for i, net in enumerate(subnets[: int(count)]):
             key = f"/coreos.com/network/subnets/{net.network_address}-{net.prefixlen}".encode()
-            public_ip = f"192.0.2.{int(ip_base) + i % 50}"
+            public_ip = str(IPv4Address(first_ip) + i % 50)
             value = json.dumps({"PublicIP": public_ip, "BackendType": "udp"}).encode()
             ops.append(t.put(key, value, lease=grant.id))
         for start in range(0, len(ops), 100):
@@ -243,14 +245,14 @@ asyncio.run(main(*sys.argv[1:]))
 
 
 def bulk_leases(server: EtcdServer, count: int, subnet_len: int, first: int = 1, ip_base: int = 200) -> int:
-    """Write ``count`` udp leases of /``subnet_len`` subnets of 10.100.0.0/16 (from the ``first``-th)
+    """Write ``count`` udp leases of /``subnet_len`` subnets of NETWORK (from the ``first``-th)
     into ``server`` as thousands of hosts would, all on one etcd lease; returns that lease's ID.
 
     The PublicIPs cycle through 192.0.2.``ip_base`` to ``ip_base + 49`` (addresses nobody holds).
     Runs where the server is reachable (its namespace); transactions of 100 puts.
     """
     argv = [sys.executable, "-c", _BULK, server.address, str(server.port), str(count), str(subnet_len)]
-    argv += [str(first), str(ip_base)]
+    argv += [str(first), NETWORK, str(IPv4Network(UNDERLAY)[ip_base])]
     if server.ns:
         out = server.ns.run(*argv, timeout=300)
     else:
