@@ -38,7 +38,7 @@ test-unit: build
 	$(PY) -m pytest -q -rs tests/unit
 
 lint:
-	ruff check tunproxy tests bench fuzz
+	ruff check tunproxy tests bench fuzz lab
 	mypy tunproxy
 
 bench: build
