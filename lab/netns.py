@@ -5,7 +5,8 @@ Every name starts with a per-lab prefix, every process is tracked by PID, and
 started and deletes every namespace, so a failed run leaves nothing behind.
 The switch namespace holds one bridge per segment; an extra address on a
 bridge (e.g. for etcd) lives there too, so nothing touches the host's own
-network.
+network. Which hosts sit at which addresses is lab/hosts.py's; etcd in the
+lab is lab/etcd.py's.
 """
 
 from __future__ import annotations
