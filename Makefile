@@ -23,13 +23,13 @@ build: setup
 	$(PY) setup.py -q build_ext --inplace
 
 demo: build
-	$(PY) -m tunproxy.demo
+	$(PY) -m lab.demo
 
 demo-etcd: build
-	$(PY) -m tunproxy.demo --etcd
+	$(PY) -m lab.demo --etcd
 
 demo-pods: build
-	$(PY) -m tunproxy.demo --pods
+	$(PY) -m lab.demo --pods
 
 test: build
 	$(PY) -m pytest -q -rs tests
@@ -38,7 +38,7 @@ test-unit: build
 	$(PY) -m pytest -q -rs tests/unit
 
 lint:
-	ruff check tunproxy tests bench fuzz
+	ruff check tunproxy tests bench fuzz lab
 	mypy tunproxy
 
 bench: build

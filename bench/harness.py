@@ -23,15 +23,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tunproxy.lab import Host, Lab, Process, cleanup_stale, sh
+from lab import hosts as plan
+from lab.hosts import NETWORK
+from lab.netns import Host, Lab, Process, cleanup_stale, sh
 
 from . import report
 from .plan import BY_NAME, TESTS, Step, Variant, schedule
 
 PREFIX = "tpbench"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NETWORK = "10.100.0.0/16"
-HOSTS = {"h1": ("192.0.2.11", "10.100.5.0/24"), "h2": ("192.0.2.12", "10.100.18.0/24")}
+HOSTS = plan.pairs({name: plan.HOSTS[name] for name in ("h1", "h2")})  # {name: (public_ip, subnet)}
 IPERF_PORT = "5201"
 UDP_PAYLOAD = 64
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -27,13 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunproxy.lab import EtcdServer, Lab, Process, bulk_leases
+from lab.etcd import EtcdServer, bulk_leases
+from lab.hosts import ETCD_ADDRESS, NETWORK, SEGMENT, UNDERLAY, underlay_address
+from lab.netns import Lab, Process
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
-NETWORK = "10.100.0.0/16"
-ETCD_ADDRESS = "192.0.2.100"
 SUBNET_LEN = 28
+PACED_PUBLIC_IP = "192.0.2.250"  # the paced leases' host: on br0, held by nobody
 
 # One create-only put at a time (a subnet a daemon holds is skipped), the time it was issued
 # printed: the latency measured from it includes the put's own round trip, an upper bound.
@@ -42,16 +43,16 @@ import asyncio, json, sys, time
 from ipaddress import IPv4Network
 import aetcd
 
-async def main(host, port, count, length, first, rate):
+async def main(host, port, count, length, first, rate, network, public_ip):
     async with aetcd.Client(host, int(port), timeout=10) as client:
         grant = await client.lease(3600)
         t = client.transactions
         written = 0
-        for net in list(IPv4Network("10.100.0.0/16").subnets(new_prefix=int(length)))[int(first):]:
+        for net in list(IPv4Network(network).subnets(new_prefix=int(length)))[int(first):]:
             if written == int(count):
                 break
             key = f"/coreos.com/network/subnets/{net.network_address}-{net.prefixlen}".encode()
-            value = json.dumps({"PublicIP": "192.0.2.250", "BackendType": "udp"}).encode()
+            value = json.dumps({"PublicIP": public_ip, "BackendType": "udp"}).encode()
             issued = time.time()
             ok, _ = await client.transaction(
                 compare=[t.version(key) == 0], success=[t.put(key, value, lease=grant.id)], failure=[]
@@ -156,8 +157,8 @@ def forced_relist(lab: Lab, etcd: EtcdServer, proc: Process, source: str, leases
 
 def scale(leases: int = 2000, daemons: int = 3, paced: int = 200, rate: float = 20) -> dict[str, Any]:
     with Lab() as lab:
-        lab.segment("br0", "192.0.2.0/24")
-        lab.switch_address("br0", ETCD_ADDRESS)
+        lab.segment(SEGMENT, UNDERLAY)
+        lab.switch_address(SEGMENT, ETCD_ADDRESS)
         etcd = EtcdServer(address=ETCD_ADDRESS, ns=lab.switch, workdir=lab.workdir).start()
         procs: dict[str, Process] = {}
         try:
@@ -165,7 +166,7 @@ def scale(leases: int = 2000, daemons: int = 3, paced: int = 200, rate: float = 
             etcd.etcdctl("put", "/coreos.com/network/config", json.dumps(config))
             bulk_leases(etcd, leases, SUBNET_LEN)
             hosts = {
-                f"h{i}": lab.add_host(f"h{i}", "br0", f"192.0.2.{10 + i}") for i in range(1, daemons + 1)
+                f"h{i}": lab.add_host(f"h{i}", SEGMENT, underlay_address(i)) for i in range(1, daemons + 1)
             }
             for name, host in hosts.items():
                 procs[name] = host.tunproxy("--etcd-endpoints", etcd.endpoint, "--stats-interval", "0")
@@ -184,7 +185,7 @@ def scale(leases: int = 2000, daemons: int = 3, paced: int = 200, rate: float = 
             writer = lab.start(
                 lab.switch,
                 [sys.executable, "-c", _PACED, ETCD_ADDRESS, str(etcd.port), str(paced), str(SUBNET_LEN),
-                 str(leases + 1), str(rate)],
+                 str(leases + 1), str(rate), NETWORK, PACED_PUBLIC_IP],
                 "paced",
             )  # fmt: skip
             writer.popen.wait(paced / rate * 3 + 60)

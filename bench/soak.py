@@ -32,15 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunproxy.lab import EtcdServer, Host, Lab, Process
+from lab.etcd import EtcdServer
+from lab.hosts import ETCD_ADDRESS, NETWORK, SEGMENT, UNDERLAY, underlay_address
+from lab.netns import Host, Lab, Process
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
-NETWORK = "10.100.0.0/16"
-ETCD_ADDRESS = "192.0.2.100"
 SUBNETS = "/coreos.com/network/subnets/"
-STABLE = {"s1": "192.0.2.11", "s2": "192.0.2.12"}
-CHURN = {f"c{i}": f"192.0.2.{20 + i}" for i in range(1, 5)}
+STABLE = {"s1": underlay_address(1), "s2": underlay_address(2)}
+CHURN = {f"c{i}": underlay_address(10 + i) for i in range(1, 5)}
 # Leases live 1 min and are renewed every 20 s: renewals happen all through the run.
 DAEMON_FLAGS = ("--subnet-lease-ttl", "1", "--subnet-lease-renew-margin", "0.66", "--stats-interval", "0")
 ACTIONS = ("join", "leave", "restart", "delete-lease")
@@ -242,15 +242,15 @@ class Soak:
 def soak(seconds: float, period: float = 4.0, seed: int = 1) -> dict[str, Any]:
     """Run the soak; the result dict (see the module docstring). Cleans up every namespace and process."""
     with Lab() as lab:
-        lab.segment("br0", "192.0.2.0/24")
-        lab.switch_address("br0", ETCD_ADDRESS)
+        lab.segment(SEGMENT, UNDERLAY)
+        lab.switch_address(SEGMENT, ETCD_ADDRESS)
         etcd = EtcdServer(address=ETCD_ADDRESS, ns=lab.switch, workdir=lab.workdir).start()
         try:
             config = {"Network": NETWORK, "SubnetLen": 24, "Backend": {"Type": "udp"}}
             etcd.etcdctl("put", "/coreos.com/network/config", json.dumps(config))
             run = Soak(lab, etcd, seconds, period, random.Random(seed))
             for name, ip in {**STABLE, **CHURN}.items():
-                run.hosts[name] = lab.add_host(name, "br0", ip)
+                run.hosts[name] = lab.add_host(name, SEGMENT, ip)
             try:
                 return run.run()
             finally:

@@ -6,7 +6,7 @@ Seeds matter because libFuzzer mutates what it has: starting from sound
 packets (a TSO read, a TCP train for GRO coalescing, a spoofed source, an
 expiring TTL) it reaches the deep code at once instead of searching for a
 valid IPv4 checksum.  The formats are described at the top of each harness
-(fuzz_packets.c, fuzz_routes.c); the packets are built by tunproxy.headers,
+(fuzz_packets.c, fuzz_routes.c); the packets are built by tests/support/packets.py,
 the same twin the unit tests trust.  Regression inputs (a crash the fuzzer
 found, once fixed) are committed beside the seeds as ``regress-*`` and are
 not touched here.
@@ -19,8 +19,8 @@ import struct
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from tunproxy import headers as h
-from tunproxy.headers import VnetHdr
+from tests.support import packets as h
+from tests.support.packets import VnetHdr
 
 HERE = Path(__file__).resolve().parent
 OFFLOAD, GSO, ANY_SOURCE, SMALL_TUN_BUFFER, SMALL_SLOTS = 1, 2, 4, 8, 16

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from tunproxy.lab import EtcdServer, Lab
+from lab.etcd import EtcdServer
+from lab.netns import Lab
 
 IS_ROOT = os.geteuid() == 0
 HAS_ETCD = shutil.which("etcd") is not None and shutil.which("etcdctl") is not None

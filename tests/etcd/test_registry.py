@@ -20,7 +20,7 @@ import aetcd
 import pytest
 import uvloop
 
-from tunproxy.lab import free_port
+from lab.netns import free_port
 from tunproxy.model import ConfigError, Lease, LeaseAdded, LeaseRemoved
 from tunproxy.peers.base import Changes, OwnLease, Snapshot, Update
 from tunproxy.peers.etcd import EtcdRegistry, EtcdSettings, format_leases, list_leases

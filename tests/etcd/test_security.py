@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from tunproxy.lab import EtcdServer, free_port, stop_process
+from lab.etcd import EtcdServer
+from lab.netns import free_port, stop_process
 from tunproxy.peers.base import OwnLease, Snapshot
 from tunproxy.peers.etcd import EtcdRegistry, EtcdSettings, list_leases
 

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from tunproxy.lab import EtcdServer, Host, Lab, Process
+from lab.etcd import EtcdServer
+from lab.hosts import SEGMENT, UNDERLAY
+from lab.netns import Host, Lab, Process
 
 from .labkit import HOSTS, etcd_in_lab, start_etcd
 
@@ -18,10 +20,10 @@ def etcd_mesh_factory(lab: Lab) -> Iterator[Callable[..., Any]]:
     servers: list[EtcdServer] = []
 
     def build(backend: str, **options: Any) -> tuple[EtcdServer, dict[str, Host], dict[str, Process], dict]:
-        lab.segment("br0", "192.0.2.0/24")
+        lab.segment(SEGMENT, UNDERLAY)
         server = etcd_in_lab(lab, backend, **options)
         servers.append(server)
-        nodes = {name: lab.add_host(name, "br0", ip) for name, (ip, _) in HOSTS.items()}
+        nodes = {name: lab.add_host(name, SEGMENT, ip) for name, (ip, _) in HOSTS.items()}
         procs, subnets = {}, {}
         for name, host in nodes.items():
             procs[name], subnets[name] = start_etcd(host, server)

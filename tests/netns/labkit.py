@@ -1,4 +1,8 @@
-"""Shared helpers for the namespace tests: meshes of tunproxy hosts, static or from etcd."""
+"""Shared helpers for the namespace tests: meshes of tunproxy hosts, static or from etcd.
+
+The hosts and addresses are lab/hosts.py's; ``HOSTS`` here is its table as
+``{name: (public_ip, subnet)}``, the shape the helpers and tests take.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,17 @@ import re
 import signal
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from lab import hosts as plan
+from lab.etcd import EtcdServer
+from lab.hosts import ETCD_ADDRESS, NETWORK, SEGMENT, STRANGER_ADDRESS, UNDERLAY
+from lab.netns import Host, Lab, Process
 from tunproxy.backends.vxlan_rules import vtep_mac
-from tunproxy.lab import EtcdServer, Host, Lab, Process
 
-NETWORK = "10.100.0.0/16"
-HOSTS = {
-    "h1": ("192.0.2.11", "10.100.5.0/24"),
-    "h2": ("192.0.2.12", "10.100.18.0/24"),
-    "h3": ("192.0.2.13", "10.100.7.0/24"),
-}
-ETCD_ADDRESS = "192.0.2.100"
+HOSTS = plan.pairs(plan.HOSTS)
 
 
 def overlay(subnet: str) -> str:
@@ -67,8 +68,8 @@ def start_static(host: Host, config: Path, hosts: dict[str, tuple[str, str]], *e
 def static_mesh(
     lab: Lab, backend: str, hosts=HOSTS, **options: Any
 ) -> tuple[dict[str, Host], dict[str, Process]]:
-    lab.segment("br0", "192.0.2.0/24")
-    nodes = {name: lab.add_host(name, "br0", ip) for name, (ip, _) in hosts.items()}
+    lab.segment(SEGMENT, UNDERLAY)
+    nodes = {name: lab.add_host(name, SEGMENT, ip) for name, (ip, _) in hosts.items()}
     config = write_config(lab, backend, **options)
     procs = {name: start_static(nodes[name], config, hosts) for name in hosts}
     return nodes, procs
@@ -112,7 +113,7 @@ def link(host: Host, dev: str) -> dict[str, Any] | None:
 
 def etcd_in_lab(lab: Lab, backend: str, **options: Any) -> EtcdServer:
     """A real etcd on the switch, reachable from br0 at ETCD_ADDRESS, with the network config."""
-    lab.switch_address("br0", ETCD_ADDRESS)
+    lab.switch_address(SEGMENT, ETCD_ADDRESS)
     server = EtcdServer(address=ETCD_ADDRESS, ns=lab.switch, workdir=lab.workdir).start()
     config = {"Network": NETWORK, "SubnetLen": 24, "Backend": {"Type": backend, **options}}
     server.etcdctl("put", "/coreos.com/network/config", json.dumps(config))
@@ -134,10 +135,10 @@ def overlay_of(name: str) -> str:
 
 
 def build_udp(lab: Lab, names=("h1", "h2", "h3"), stranger: bool = False) -> dict[str, Host]:
-    lab.segment("br0", "192.0.2.0/24")
-    hosts = {name: lab.add_host(name, "br0", HOSTS[name][0]) for name in names}
+    lab.segment(SEGMENT, UNDERLAY)
+    hosts = {name: lab.add_host(name, SEGMENT, HOSTS[name][0]) for name in names}
     if stranger:
-        hosts["h9"] = lab.add_host("h9", "br0", "192.0.2.99")
+        hosts["h9"] = lab.add_host("h9", SEGMENT, STRANGER_ADDRESS)
     return hosts
 
 
@@ -167,24 +168,16 @@ def counter(proc: Process, name: str, wait_for_new: bool = True, timeout: float 
     raise AssertionError(f"no counter {name} in any stats line: {lines[-1]}")
 
 
-ROUTED_HOSTS = {
-    "h1": ("192.0.2.11", "10.100.5.0/24"),
-    "h2": ("192.0.2.12", "10.100.18.0/24"),
-    "h3": ("198.51.100.13", "10.100.7.0/24"),
-}
+ROUTED_HOSTS = plan.pairs(plan.ROUTED_HOSTS)
 
 
 def routed_lab(lab: Lab) -> dict[str, Host]:
     """h1 and h2 on 192.0.2.0/24, h3 on 198.51.100.0/24, a router namespace between the segments."""
-    lab.segment("br0", "192.0.2.0/24")
-    lab.segment("br1", "198.51.100.0/24")
-    lab.add_router("r", {"br0": "192.0.2.1", "br1": "198.51.100.1"})
-    return {
-        name: lab.add_host(
-            name,
-            "br0" if ip.startswith("192.") else "br1",
-            ip,
-            gateway="192.0.2.1" if ip.startswith("192.") else "198.51.100.1",
-        )
-        for name, (ip, _) in ROUTED_HOSTS.items()
-    }
+    lab.segment(SEGMENT, UNDERLAY)
+    lab.segment(plan.ROUTED_SEGMENT, plan.ROUTED_UNDERLAY)
+    lab.add_router("r", plan.ROUTER)
+    nodes = {}
+    for name, (ip, _) in ROUTED_HOSTS.items():
+        segment = SEGMENT if IPv4Address(ip) in IPv4Network(UNDERLAY) else plan.ROUTED_SEGMENT
+        nodes[name] = lab.add_host(name, segment, ip, gateway=plan.ROUTER[segment])
+    return nodes

@@ -18,8 +18,8 @@ import sys
 
 import pytest
 
-from tunproxy import headers
-from tunproxy.lab import Lab
+from lab.netns import Lab
+from tests.support import packets
 
 from .labkit import HOSTS, build_udp, counter, eventually, start_udp
 from .labkit import overlay_of as overlay
@@ -45,7 +45,7 @@ def inner_udp(src: str, dst: str, text: str) -> bytes:
     """An IPv4/UDP packet to the listener (UDP checksum 0: none, allowed over IPv4)."""
     body = text.encode()
     udp = struct.pack("!HHHH", 40000, PORT, 8 + len(body), 0) + body
-    return headers.build_ipv4(src=src, dst=dst, proto=17, payload=udp, ttl=64)
+    return packets.build_ipv4(src=src, dst=dst, proto=17, payload=udp, ttl=64)
 
 
 def send_through_tunnel(lab: Lab, sender, public_ip: str, target: str, packets: list[bytes]) -> None:

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tunproxy.lab import Lab
+from lab.hosts import HOSTS, SEGMENT, UNDERLAY
+from lab.netns import Lab
 
 BASE = ["--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--iface", "eth1", "--subnet-file", ""]
 
@@ -90,8 +91,8 @@ def test_a_bad_environment_variable_is_one_line(env, fragment):
 @pytest.mark.root
 def test_missing_interface_no_tun_and_port_in_use():
     with Lab() as lab:
-        lab.segment("br0", "192.0.2.0/24")
-        host = lab.add_host("h1", "br0", "192.0.2.11")
+        lab.segment(SEGMENT, UNDERLAY)
+        host = lab.add_host("h1", SEGMENT, HOSTS["h1"].public_ip)
         assert_one_line(
             run([*BASE[:4], "--iface", "eth9", "--subnet-file", ""], ns=host.ns),
             "interface 'eth9' does not exist",

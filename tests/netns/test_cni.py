@@ -1,7 +1,7 @@
 """tunproxy-cni driven as a container runtime drives it, with the real CNI reference plugins.
 
 Hosts are lab namespaces running tunproxy; pods are namespaces the test
-creates; ``tunproxy.podlab.Runtime`` calls the plugins inside the host's
+creates; ``lab.podlab.Runtime`` calls the plugins inside the host's
 namespace with the CNI_* variables and the config on stdin, as containerd does
 for kube-flannel's config list (tunproxy-cni as ``flannel``, then ``portmap``).
 host-local's and the plugin's state live in the lab's directory.
@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 import tunproxy
-from tunproxy.lab import Host, Lab, transfer
-from tunproxy.podlab import (
+from lab.hosts import SEGMENT, UNDERLAY
+from lab.netns import Host, Lab, transfer
+from lab.podlab import (
     CNIFailure,
     Pod,
     Runtime,
@@ -69,8 +70,8 @@ def state(lab: Lab, host: Host, pods: list[Pod]) -> list[str]:
 
 def one_host(lab: Lab) -> Host:
     """h1 alone, tunproxy udp with no peers, its subnet.env written."""
-    lab.segment("br0", "192.0.2.0/24")
-    host = lab.add_host("h1", "br0", HOSTS["h1"][0])
+    lab.segment(SEGMENT, UNDERLAY)
+    host = lab.add_host("h1", SEGMENT, HOSTS["h1"][0])
     start_udp(host, peers=())
     wait_subnet_file(lab.workdir / "h1-subnet.env")
     return host
@@ -158,8 +159,8 @@ def test_add_gives_an_address_in_the_hosts_subnet_with_its_mtu_and_routes(lab):
 
 @pytest.mark.parametrize("backend", ["udp", "vxlan", "host-gw"])
 def test_pods_reach_each_other_across_hosts(lab, backend):
-    lab.segment("br0", "192.0.2.0/24")
-    nodes = {name: lab.add_host(name, "br0", ip) for name, (ip, _) in TWO.items()}
+    lab.segment(SEGMENT, UNDERLAY)
+    nodes = {name: lab.add_host(name, SEGMENT, ip) for name, (ip, _) in TWO.items()}
     config = write_config(lab, backend)
     for name, node in nodes.items():
         # --ip-masq: the bridge masquerades nothing, so a pod sees the other pod's own address.
@@ -246,9 +247,9 @@ def test_del_is_idempotent_and_needs_no_subnet_env(lab):
 
 
 def test_chain_with_portmap_gets_our_result_as_prev_result(lab):
-    lab.segment("br0", "192.0.2.0/24")
-    h1 = lab.add_host("h1", "br0", HOSTS["h1"][0])
-    h2 = lab.add_host("h2", "br0", HOSTS["h2"][0])
+    lab.segment(SEGMENT, UNDERLAY)
+    h1 = lab.add_host("h1", SEGMENT, HOSTS["h1"][0])
+    h2 = lab.add_host("h2", SEGMENT, HOSTS["h2"][0])
     start_udp(h1, peers=())
     wait_subnet_file(lab.workdir / "h1-subnet.env")
     rt = runtime(lab, h1)
@@ -272,8 +273,8 @@ def test_chain_with_portmap_gets_our_result_as_prev_result(lab):
 
 
 def test_errors_reach_the_runtime_as_cni_errors(lab):
-    lab.segment("br0", "192.0.2.0/24")
-    host = lab.add_host("h1", "br0", HOSTS["h1"][0])
+    lab.segment(SEGMENT, UNDERLAY)
+    host = lab.add_host("h1", SEGMENT, HOSTS["h1"][0])
     rt = runtime(lab, host)
     pod = new_pod(lab, host, "early")
     with pytest.raises(CNIFailure) as failure:
@@ -308,8 +309,8 @@ def test_errors_reach_the_runtime_as_cni_errors(lab):
 
 def test_without_ip_masq_the_bridge_masquerades_what_leaves_the_hosts_subnet(lab):
     """flannel's rule: a daemon that does not masquerade (FLANNEL_IPMASQ=false) gets ipMasq on the bridge."""
-    lab.segment("br0", "192.0.2.0/24")
-    nodes = {name: lab.add_host(name, "br0", ip) for name, (ip, _) in TWO.items()}
+    lab.segment(SEGMENT, UNDERLAY)
+    nodes = {name: lab.add_host(name, SEGMENT, ip) for name, (ip, _) in TWO.items()}
     for name, node in nodes.items():
         start_udp(node, peers=tuple(p for p in TWO if p != name))
         wait_subnet_file(lab.workdir / f"{name}-subnet.env")
@@ -326,7 +327,7 @@ def test_without_ip_masq_the_bridge_masquerades_what_leaves_the_hosts_subnet(lab
 def test_demo_pods_runs_clean():
     """``make demo-pods``: every pod reaches every other, the TCP data arrives, DEL leaves nothing."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tunproxy.demo", "--pods"],
+        [sys.executable, "-m", "lab.demo", "--pods"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -17,7 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tunproxy.lab import EtcdServer, Host, Lab, Process
+from lab.etcd import EtcdServer
+from lab.hosts import SEGMENT, UNDERLAY
+from lab.netns import Host, Lab, Process
 from tunproxy.peers.etcd_logic import Backoff
 
 from .labkit import ETCD_ADDRESS, HOSTS, etcd_in_lab, overlay, start_etcd
@@ -89,9 +91,9 @@ class BlackHole:
 
 @pytest.fixture
 def blackhole_lab(lab: Lab) -> Iterator[tuple[Lab, EtcdServer, dict[str, Host]]]:
-    lab.segment("br0", "192.0.2.0/24")
+    lab.segment(SEGMENT, UNDERLAY)
     server = etcd_in_lab(lab, "udp")
-    nodes = {name: lab.add_host(name, "br0", ip) for name, (ip, _) in HOSTS.items()}
+    nodes = {name: lab.add_host(name, SEGMENT, ip) for name, (ip, _) in HOSTS.items()}
     try:
         yield lab, server, nodes
     finally:

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tunproxy.lab import Host, Lab, NamespacedEtcdCluster, Process
+from lab.etcd import NamespacedEtcdCluster
+from lab.hosts import ETCD_ADDRESS, ETCD_MEMBERS, HOSTS, SEGMENT, UNDERLAY, underlay_address
+from lab.netns import Host, Lab, Process
 
 from .labkit import NETWORK, eventually, overlay
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd]
 
-MEMBERS = ["192.0.2.101", "192.0.2.102", "192.0.2.103"]
-SWITCH = "192.0.2.100"  # where etcdctl runs from
 SUBNETS = "/coreos.com/network/subnets/"
 # A 30 s lease renewed 20 s before it runs out: a renewal every 10 s, so every fault
 # below outlasts at least one renewal (flannel's 24 h / 1 h would never renew here).
@@ -147,13 +147,13 @@ class Fleet:
         self.hosts: dict[str, Host] = {}
         self.procs: dict[str, Process] = {}
         self.subnets: dict[str, str] = {}
-        self._next = 21
+        self._next = 11  # numbered hosts from 192.0.2.21, clear of h1 to h3
 
     def start(self, name: str, address: str | None = None) -> Process:
         if address is None:
-            address = f"192.0.2.{self._next}"
+            address = underlay_address(self._next)
             self._next += 1
-        host = self.lab.add_host(name, "br0", address)
+        host = self.lab.add_host(name, SEGMENT, address)
         self.hosts[name] = host
         flags = ("--etcd-endpoints", self.cluster.endpoints, *LEASE_FLAGS, "--stats-interval", "0")
         proc = host.tunproxy(*flags)
@@ -228,9 +228,9 @@ def _no_orphans(cluster: NamespacedEtcdCluster, fleet: Fleet) -> None:
 
 @pytest.fixture
 def cluster_lab(lab: Lab) -> Iterator[tuple[Lab, NamespacedEtcdCluster, Fleet]]:
-    lab.segment("br0", "192.0.2.0/24")
-    lab.switch_address("br0", SWITCH)
-    cluster = NamespacedEtcdCluster(lab, "br0", MEMBERS).start()
+    lab.segment(SEGMENT, UNDERLAY)
+    lab.switch_address(SEGMENT, ETCD_ADDRESS)  # where etcdctl runs from
+    cluster = NamespacedEtcdCluster(lab, SEGMENT, list(ETCD_MEMBERS)).start()
     fleet = Fleet(lab, cluster)
     try:
         doc = {"Network": NETWORK, "SubnetLen": 24, "Backend": {"Type": "udp"}}
@@ -244,7 +244,7 @@ def cluster_lab(lab: Lab) -> Iterator[tuple[Lab, NamespacedEtcdCluster, Fleet]]:
 
 def test_a_cluster_losing_members_loses_no_packet_and_no_host(cluster_lab) -> None:
     lab, cluster, fleet = cluster_lab
-    for name, address in (("h1", "192.0.2.11"), ("h2", "192.0.2.12")):
+    for name, address in ((name, HOSTS[name].public_ip) for name in ("h1", "h2")):
         fleet.start(name, address)
     for name in ("h1", "h2"):
         fleet.joined(name)

@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from lab.hosts import SEGMENT, underlay_address
+
 from .labkit import HOSTS, all_pairs_ping, overlay, start_etcd
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd]
@@ -33,7 +35,7 @@ def test_etcd_outage_loses_nothing_and_a_late_joiner_is_routed_after(lab, etcd_m
     pinger = h1.start("ping", "-n", "-c", "70", "-i", "0.2", "-W", "1", overlay(subnets["h2"]), name="ping")
     time.sleep(1)
     server.stop()
-    late = lab.add_host("h4", "br0", "192.0.2.14")
+    late = lab.add_host("h4", SEGMENT, underlay_address(4))
     late_proc = late.tunproxy("--etcd-endpoints", server.endpoint)
     time.sleep(10)
     assert late_proc.alive(), late_proc.output()

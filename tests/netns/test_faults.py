@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tunproxy.lab import EtcdServer, Host, Lab, NamespacedEtcdCluster, Process, bulk_leases
+from lab.etcd import EtcdServer, NamespacedEtcdCluster, bulk_leases
+from lab.hosts import ETCD_MEMBERS, SEGMENT, UNDERLAY
+from lab.netns import Host, Lab, Process
 
 from .labkit import ETCD_ADDRESS, HOSTS, NETWORK, eventually, overlay, start_etcd
 
@@ -39,9 +41,9 @@ def _stop_all(lab: Lab) -> None:
 
 @pytest.fixture
 def etcd_lab(lab: Lab) -> Iterator[tuple[Lab, dict[str, Host]]]:
-    lab.segment("br0", "192.0.2.0/24")
-    lab.switch_address("br0", ETCD_ADDRESS)
-    nodes = {name: lab.add_host(name, "br0", ip) for name, (ip, _) in HOSTS.items()}
+    lab.segment(SEGMENT, UNDERLAY)
+    lab.switch_address(SEGMENT, ETCD_ADDRESS)
+    nodes = {name: lab.add_host(name, SEGMENT, ip) for name, (ip, _) in HOSTS.items()}
     yield lab, nodes
     _stop_all(lab)
 
@@ -86,7 +88,7 @@ def test_a_host_joining_after_an_etcd_stall_is_routed_to(etcd_lab) -> None:
 def test_a_host_joining_after_a_lost_quorum_is_routed_to(etcd_lab) -> None:
     """Two of three members stopped for 20 s: the third has no quorum, calls time out."""
     lab, nodes = etcd_lab
-    cluster = NamespacedEtcdCluster(lab, "br0", ["192.0.2.101", "192.0.2.102", "192.0.2.103"]).start()
+    cluster = NamespacedEtcdCluster(lab, SEGMENT, list(ETCD_MEMBERS)).start()
     try:
         doc = {"Network": NETWORK, "SubnetLen": 24, "Backend": {"Type": "udp"}}
         cluster.etcdctl("put", "/coreos.com/network/config", json.dumps(doc))
@@ -197,8 +199,8 @@ def test_two_daemons_started_together_with_the_default_subnet_file(lab: Lab) -> 
     of 10 tries with 'No such file or directory', naming no file."""
     ours = (DEFAULT_SUBNET_FILE, DEFAULT_SUBNET_FILE.with_name("subnet.env.lock"))
     left_behind = [path for path in ours if not path.exists()]
-    lab.segment("br0", "192.0.2.0/24")
-    hosts = {name: lab.add_host(name, "br0", HOSTS[name][0]) for name in ("h1", "h2")}
+    lab.segment(SEGMENT, UNDERLAY)
+    hosts = {name: lab.add_host(name, SEGMENT, HOSTS[name][0]) for name in ("h1", "h2")}
 
     def argv(name: str, other: str) -> list[str]:
         return [

@@ -14,9 +14,21 @@ import sys
 
 import pytest
 
-from tunproxy.lab import Host, Lab, Process
+from lab.hosts import ROUTED_SEGMENT, ROUTED_UNDERLAY, ROUTER, SEGMENT, UNDERLAY
+from lab.netns import Host, Lab, Process
 
-from .labkit import HOSTS, fdb, link, neighbours, routes, start_static, static_mesh, vtep_mac_of, write_config
+from .labkit import (
+    HOSTS,
+    ROUTED_HOSTS,
+    fdb,
+    link,
+    neighbours,
+    routes,
+    start_static,
+    static_mesh,
+    vtep_mac_of,
+    write_config,
+)
 
 pytestmark = pytest.mark.root
 
@@ -28,14 +40,14 @@ def two_nics():
     """h1: eth1 10.250.0.11 (default route), eth2 192.0.2.11; h3 198.51.100.13 behind router r."""
     with Lab() as lab:
         lab.segment("brm", "10.250.0.0/24")
-        lab.segment("br0", "192.0.2.0/24")
-        lab.segment("br1", "198.51.100.0/24")
-        lab.add_router("r", {"br0": "192.0.2.1", "br1": "198.51.100.1"})
+        lab.segment(SEGMENT, UNDERLAY)
+        lab.segment(ROUTED_SEGMENT, ROUTED_UNDERLAY)
+        lab.add_router("r", ROUTER)
         h1 = lab.add_host("h1", "brm", "10.250.0.11", gateway="10.250.0.1")
-        lab.attach(h1.ns, "br0", "192.0.2.11", "eth2")
+        lab.attach(h1.ns, SEGMENT, HOSTS["h1"][0], "eth2")
         h1.ns.ip("route", "add", "198.51.100.0/24", "via", "192.0.2.1")
         h1.ns.ip("route", "add", "unreachable", "198.51.100.200/32")  # for --iface-can-reach to miss
-        h3 = lab.add_host("h3", "br1", "198.51.100.13", gateway="198.51.100.1")
+        h3 = lab.add_host("h3", ROUTED_SEGMENT, ROUTED_HOSTS["h3"][0], gateway=ROUTER[ROUTED_SEGMENT])
         yield lab, h1, h3
 
 
@@ -122,8 +134,8 @@ def test_iface_can_reach_carries_traffic_through_a_router(two_nics):
 
 @pytest.mark.parametrize("mtu, device", [(1400, 1350), (1500, 1450), (None, 1450)])
 def test_vxlan_mtu_is_the_encapsulated_mtu(lab, mtu, device):
-    lab.segment("br0", "192.0.2.0/24")
-    h1 = lab.add_host("h1", "br0", "192.0.2.11")
+    lab.segment(SEGMENT, UNDERLAY)
+    h1 = lab.add_host("h1", SEGMENT, HOSTS["h1"][0])
     config = write_config(lab, "vxlan", **({"MTU": mtu} if mtu else {}))
     proc = h1.tunproxy("--net-config", str(config), "--subnet", "10.100.5.0/24")
     proc.wait_for("ready: 0 peer(s)", timeout=15)  # after subnet.env is written
@@ -171,9 +183,9 @@ def test_host_gw_restart_removes_a_stale_route(lab):
 
 
 def test_udp_start_replaces_a_leftover_tun(lab):
-    lab.segment("br0", "192.0.2.0/24")
-    h1 = lab.add_host("h1", "br0", "192.0.2.11")
-    h2 = lab.add_host("h2", "br0", "192.0.2.12")
+    lab.segment(SEGMENT, UNDERLAY)
+    h1 = lab.add_host("h1", SEGMENT, HOSTS["h1"][0])
+    h2 = lab.add_host("h2", SEGMENT, HOSTS["h2"][0])
     # A persistent TUN of our name, with an overlay address of a subnet that is not ours.
     h1.ns.ip("tuntap", "add", "dev", "tunproxy0", "mode", "tun")
     h1.ns.ip("addr", "add", "10.100.99.0/32", "dev", "tunproxy0")

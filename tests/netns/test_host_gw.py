@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from tunproxy.lab import Lab
+from lab.netns import Lab
 
 from .labkit import (
     HOSTS,

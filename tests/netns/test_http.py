@@ -7,7 +7,8 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tunproxy.lab import free_port
+from lab.hosts import SEGMENT, UNDERLAY
+from lab.netns import free_port
 
 from .labkit import HOSTS, NETWORK, build_udp, etcd_in_lab, eventually, overlay_of, start_etcd, start_udp
 
@@ -79,13 +80,13 @@ def _send_stranger(target: str) -> str:
 
 
 def test_readyz_is_503_while_our_lease_is_lost_and_200_once_reacquired(lab):
-    lab.segment("br0", "192.0.2.0/24")
+    lab.segment(SEGMENT, UNDERLAY)
     server = etcd_in_lab(lab, "udp")
     # One subnet in the whole range: a squatter on it leaves nothing to re-acquire.
     only = HOSTS["h1"][1]
     config = {"Network": NETWORK, "SubnetLen": 24, "SubnetMin": only[:-3], "SubnetMax": only[:-3]}
     server.etcdctl("put", "/coreos.com/network/config", json.dumps(config))
-    h1 = lab.add_host("h1", "br0", HOSTS["h1"][0])
+    h1 = lab.add_host("h1", SEGMENT, HOSTS["h1"][0])
     port = free_port()
     try:
         proc, subnet = start_etcd(h1, server, "--healthz-port", str(port))

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from lab.hosts import SEGMENT, UNDERLAY
+
 from .labkit import (
     ETCD_ADDRESS,
     HOSTS,
@@ -24,10 +26,10 @@ def overlay_routes(host) -> list[str]:
 
 
 def test_static_vxlan_and_host_gw_ignore_each_other(lab):
-    lab.segment("br0", "192.0.2.0/24")
+    lab.segment(SEGMENT, UNDERLAY)
     (ip1, subnet1), (ip2, subnet2) = HOSTS["h1"], HOSTS["h2"]
-    h1 = lab.add_host("h1", "br0", ip1)
-    h2 = lab.add_host("h2", "br0", ip2)
+    h1 = lab.add_host("h1", SEGMENT, ip1)
+    h2 = lab.add_host("h2", SEGMENT, ip2)
     procs = {}
     for host, backend, subnet, peer in (
         (h1, "vxlan", subnet1, {"PublicIP": ip2, "Subnet": subnet2, "BackendType": "host-gw"}),
@@ -50,11 +52,11 @@ def test_static_vxlan_and_host_gw_ignore_each_other(lab):
 @pytest.mark.etcd
 def test_etcd_config_changed_between_hosts_they_ignore_each_other(lab):
     """h1 joined while the config said host-gw; the config then became vxlan and h2 joined."""
-    lab.segment("br0", "192.0.2.0/24")
+    lab.segment(SEGMENT, UNDERLAY)
     server = etcd_in_lab(lab, "host-gw")
     try:
-        h1 = lab.add_host("h1", "br0", HOSTS["h1"][0])
-        h2 = lab.add_host("h2", "br0", HOSTS["h2"][0])
+        h1 = lab.add_host("h1", SEGMENT, HOSTS["h1"][0])
+        h2 = lab.add_host("h2", SEGMENT, HOSTS["h2"][0])
         p1, s1 = start_etcd(h1, server)
         config = {"Network": "10.100.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}
         server.etcdctl("put", "/coreos.com/network/config", json.dumps(config))

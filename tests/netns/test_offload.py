@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunproxy.lab import transfer
+from lab.netns import transfer
 
 from .labkit import HOSTS, build_udp, counter, start_udp
 from .labkit import overlay_of as overlay
@@ -22,7 +22,7 @@ RECEIVE = ("gro_receives", "gro_segments", "tun_gso_writes", "tun_gso_segments",
 
 @pytest.fixture(scope="module")
 def mixed():
-    from tunproxy.lab import Lab
+    from lab.netns import Lab
 
     with Lab() as lab:
         hosts = build_udp(lab)

@@ -16,7 +16,8 @@ import sys
 
 import pytest
 
-from tunproxy.lab import Host, Lab, Process
+from lab.hosts import SEGMENT, UNDERLAY
+from lab.netns import Host, Lab, Process
 
 from .labkit import HOSTS, etcd_in_lab, eventually, link, start_etcd, start_static, write_config
 
@@ -40,8 +41,8 @@ def lo_addresses(host: Host) -> str:
 
 
 def mesh(lab: Lab, backend: str) -> tuple[dict[str, Host], dict[str, Process]]:
-    lab.segment("br0", "192.0.2.0/24")
-    nodes = {name: lab.add_host(name, "br0", ip) for name, (ip, _) in TWO.items()}
+    lab.segment(SEGMENT, UNDERLAY)
+    nodes = {name: lab.add_host(name, SEGMENT, ip) for name, (ip, _) in TWO.items()}
     config = write_config(lab, backend)
     procs = {name: start_static(nodes[name], config, TWO) for name in TWO}
     for proc in procs.values():
@@ -99,8 +100,8 @@ def run_once(host: Host, *argv: str) -> tuple[int, list[str]]:
 
 
 def test_a_network_route_tunproxy_did_not_make_is_refused_and_kept(lab):
-    lab.segment("br0", "192.0.2.0/24")
-    h1 = lab.add_host("h1", "br0", "192.0.2.11")
+    lab.segment(SEGMENT, UNDERLAY)
+    h1 = lab.add_host("h1", SEGMENT, HOSTS["h1"][0])
     h1.ns.ip("route", "add", "10.100.0.0/16", "via", "192.0.2.1", "proto", "boot")
     code, lines = run_once(h1, "--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24")
     assert code == 2 and "Traceback" not in "\n".join(lines)
@@ -117,8 +118,8 @@ def test_a_network_route_tunproxy_did_not_make_is_refused_and_kept(lab):
     ],
 )
 def test_a_network_covering_the_default_route_or_the_underlay_is_refused(lab, network, subnet, fragment):
-    lab.segment("br0", "192.0.2.0/24")
-    h1 = lab.add_host("h1", "br0", "192.0.2.11", gateway="192.0.2.1")
+    lab.segment(SEGMENT, UNDERLAY)
+    h1 = lab.add_host("h1", SEGMENT, HOSTS["h1"][0], gateway="192.0.2.1")
     before = h1.ns.run("ip", "route").stdout
     code, lines = run_once(h1, "--network", network, "--subnet", subnet)
     assert code == 2 and "Traceback" not in "\n".join(lines)
@@ -128,9 +129,9 @@ def test_a_network_covering_the_default_route_or_the_underlay_is_refused(lab, ne
 
 
 def test_host_gw_refuses_a_peer_whose_route_it_did_not_make_and_keeps_others_routes(lab):
-    lab.segment("br0", "192.0.2.0/24")
+    lab.segment(SEGMENT, UNDERLAY)
     hosts = {k: HOSTS[k] for k in ("h1", "h2", "h3")}
-    nodes = {name: lab.add_host(name, "br0", ip) for name, (ip, _) in hosts.items()}
+    nodes = {name: lab.add_host(name, SEGMENT, ip) for name, (ip, _) in hosts.items()}
     h1 = nodes["h1"]
     # An operator's routes: one to h3's subnet, one elsewhere in the overlay range.
     h1.ns.ip("route", "add", "10.100.7.0/24", "via", "192.0.2.1", "proto", "static")
@@ -160,11 +161,11 @@ def test_host_gw_refuses_a_peer_whose_route_it_did_not_make_and_keeps_others_rou
 
 @pytest.mark.etcd
 def test_a_failed_subnet_file_write_at_run_time_is_one_line_and_forwarding_goes_on(lab):
-    lab.segment("br0", "192.0.2.0/24")
+    lab.segment(SEGMENT, UNDERLAY)
     server = etcd_in_lab(lab, "udp")
     try:
-        h1 = lab.add_host("h1", "br0", HOSTS["h1"][0])
-        h2 = lab.add_host("h2", "br0", HOSTS["h2"][0])
+        h1 = lab.add_host("h1", SEGMENT, HOSTS["h1"][0])
+        h2 = lab.add_host("h2", SEGMENT, HOSTS["h2"][0])
         directory = lab.workdir / "sf" / "dir"
         env = directory / "s.env"
         p1, sub1 = start_etcd(h1, server, "--subnet-file", str(env), "--check-interval", "0.5")
@@ -197,8 +198,8 @@ def test_a_failed_subnet_file_write_at_run_time_is_one_line_and_forwarding_goes_
 
 
 def test_udp_flags_with_another_backend_are_one_warning_each(lab):
-    lab.segment("br0", "192.0.2.0/24")
-    h1 = lab.add_host("h1", "br0", HOSTS["h1"][0])
+    lab.segment(SEGMENT, UNDERLAY)
+    h1 = lab.add_host("h1", SEGMENT, HOSTS["h1"][0])
     config = write_config(lab, "vxlan")
     flags = ["--max-routes", "1", "--port", "9999", "--tun-name", "foo", "--batch", "8", "--no-offload"]
     proc = h1.start(

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from tunproxy import headers
-from tunproxy.lab import Lab, transfer
+from lab.netns import Lab, transfer
+from tests.support import packets
 
 from .labkit import HOSTS, build_udp, counter, eventually, start_udp
 from .labkit import overlay_of as overlay
@@ -82,7 +82,7 @@ def test_datagram_from_a_stranger_is_dropped_and_counted(mesh):
     before_drop = counter(procs["h1"], "unknown_peer")
     before_rx = counter(procs["h1"], "rx_packets", wait_for_new=False)
     # A well-formed packet for h1's subnet, but from 192.0.2.99, which is nobody's peer.
-    packet = headers.build_ipv4(src="10.100.7.9", dst="10.100.5.0", proto=17, payload=b"x" * 32, ttl=64)
+    packet = packets.build_ipv4(src="10.100.7.9", dst="10.100.5.0", proto=17, payload=b"x" * 32, ttl=64)
     _send_udp_from(hosts["h9"], "192.0.2.99", "192.0.2.11", [packet] * 5)
     assert counter(procs["h1"], "unknown_peer") >= before_drop + 5
     assert counter(procs["h1"], "rx_packets", wait_for_new=False) == before_rx

@@ -7,7 +7,8 @@ import signal
 
 import pytest
 
-from tunproxy.lab import Lab
+from lab.hosts import SEGMENT, UNDERLAY
+from lab.netns import Lab
 
 from .labkit import (
     HOSTS,
@@ -95,8 +96,8 @@ def test_removed_peer_is_no_longer_routed(lab):
 
 
 def test_peer_without_vtep_mac_is_refused(lab):
-    lab.segment("br0", "192.0.2.0/24")
-    h1 = lab.add_host("h1", "br0", "192.0.2.11")
+    lab.segment(SEGMENT, UNDERLAY)
+    h1 = lab.add_host("h1", SEGMENT, HOSTS["h1"][0])
     config = write_config(lab, "vxlan")
     peers = lab.workdir / "garbage.json"
     peers.write_text(
@@ -124,8 +125,8 @@ def test_peer_without_vtep_mac_is_refused(lab):
     ],
 )
 def test_bad_option_is_one_line_and_exit_2(lab, options, message):
-    lab.segment("br0", "192.0.2.0/24")
-    h1 = lab.add_host("h1", "br0", "192.0.2.11")
+    lab.segment(SEGMENT, UNDERLAY)
+    h1 = lab.add_host("h1", SEGMENT, HOSTS["h1"][0])
     config = write_config(lab, "vxlan", **options)
     proc = h1.tunproxy("--net-config", str(config), "--subnet", "10.100.5.0/24")
     assert proc.popen.wait(15) == 2

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from lab.podlab import flannel_conflist, reference_plugin_dir
 from tunproxy import cli, cniconf
 from tunproxy.cni import TUNPROXY_SUBNET_FILE
 from tunproxy.cniconf import CNIError, delegate_config, load_netconf, parse_environment, parse_subnet_env
-from tunproxy.podlab import flannel_conflist, reference_plugin_dir
 from tunproxy.subnetenv import subnet_env
 
 ROOT = Path(__file__).resolve().parents[2]

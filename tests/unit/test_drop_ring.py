@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tunproxy import headers as h
+from tests.support import packets as h
 from tunproxy.drops import decode, drop_records, format_drops, write_pcapng
 from tunproxy.fastpath import DROP_SNAP
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunproxy import headers as h
+from tests.support import packets as h
 from tunproxy.fastpath import DROP_REASONS, Counters, FastPath, FastPathError, ffi, lib
 
 LOCAL = IPv4Address("10.244.0.0")

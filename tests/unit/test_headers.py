@@ -1,4 +1,4 @@
-"""The pure-Python header math (tunproxy.headers), against RFC examples and
+"""The pure-Python header math (tests/support/packets.py), against RFC examples and
 brute-force recomputation."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunproxy import headers as h
+from tests.support import packets as h
 
 LOCAL = IPv4Address("10.244.0.0")
 

@@ -21,9 +21,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunproxy import headers as h
+from tests.support import packets as h
+from tests.support.packets import VnetHdr
 from tunproxy.fastpath import UDP_GRO, UDP_SEGMENT, FastPath, FastPathError, UdpGsoDisabled
-from tunproxy.headers import VnetHdr
 
 from .test_fastpath import HYPO, LOCAL, MTU, NET, P2, P3, Env, receive, wait_readable
 

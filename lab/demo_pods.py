@@ -16,7 +16,8 @@ import itertools
 import os
 import sys
 
-from .lab import Lab, cleanup_stale, transfer
+from .hosts import HOSTS, NETWORK, SEGMENT, UNDERLAY
+from .netns import Lab, cleanup_stale, transfer
 from .podlab import (
     CNIFailure,
     Pod,
@@ -29,12 +30,6 @@ from .podlab import (
     wait_subnet_file,
 )
 
-NETWORK = "10.100.0.0/16"
-HOSTS = {
-    "h1": ("192.0.2.11", "10.100.5.0/24"),
-    "h2": ("192.0.2.12", "10.100.18.0/24"),
-    "h3": ("192.0.2.13", "10.100.7.0/24"),
-}
 PODS_PER_HOST = 2
 
 
@@ -68,14 +63,14 @@ def run(backend: str = "udp") -> int:
 def _run(backend: str) -> int:
     failures = 0
     with Lab(prefix="tppods") as lab:
-        lab.segment("br0", "192.0.2.0/24")
-        hosts = {name: lab.add_host(name, "br0", ip) for name, (ip, _) in HOSTS.items()}
-        say(f"lab: {len(hosts)} hosts on bridge 192.0.2.0/24, overlay {NETWORK}, backend {backend}")
+        lab.segment(SEGMENT, UNDERLAY)
+        hosts = {name: lab.add_host(name, SEGMENT, spec.public_ip) for name, spec in HOSTS.items()}
+        say(f"lab: {len(hosts)} hosts on bridge {UNDERLAY}, overlay {NETWORK}, backend {backend}")
         procs = {}
         for name, host in hosts.items():
-            peers = [f"--peer={ip}={sub}" for other, (ip, sub) in HOSTS.items() if other != name]
+            peers = [f"--peer={spec.peer}" for other, spec in HOSTS.items() if other != name]
             procs[name] = host.tunproxy(
-                "--network", NETWORK, "--subnet", HOSTS[name][1], "--backend", backend, *peers
+                "--network", NETWORK, "--subnet", HOSTS[name].subnet, "--backend", backend, *peers
             )
         for proc in procs.values():
             proc.wait_for("our subnet is", timeout=20)

@@ -1,6 +1,6 @@
 """``make demo``: three hosts in network namespaces, one overlay, every pair talking.
 
-Builds the lab (a bridge on 192.0.2.0/24, hosts .11 .12 .13), starts
+Builds the lab (lab/hosts.py: a bridge on 192.0.2.0/24, hosts .11 .12 .13), starts
 ``tunproxy run`` in each (static peers, or etcd with ``--etcd`` when it is
 installed), pings every pair across the overlay, moves data with iperf3, prints
 each daemon's ``tunproxy status``, and deletes everything, also on failure or Ctrl-C.
@@ -17,14 +17,9 @@ import subprocess
 import sys
 import time
 
-from .lab import EtcdServer, Lab, cleanup_stale
-
-NETWORK = "10.100.0.0/16"
-HOSTS = {
-    "h1": ("192.0.2.11", "10.100.5.0/24"),
-    "h2": ("192.0.2.12", "10.100.18.0/24"),
-    "h3": ("192.0.2.13", "10.100.7.0/24"),
-}
+from .etcd import EtcdServer
+from .hosts import ETCD_ADDRESS, HOSTS, NETWORK, SEGMENT, UNDERLAY
+from .netns import Lab, cleanup_stale
 
 
 def say(text: str) -> None:
@@ -41,7 +36,7 @@ def overlay_address(subnet: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tunproxy.demo")
+    parser = argparse.ArgumentParser(prog="python -m lab.demo")
     parser.add_argument("--etcd", action="store_true", help="take leases from a real etcd in the lab")
     parser.add_argument("--backend", default="udp", choices=("udp", "vxlan", "host-gw"))
     parser.add_argument("--seconds", type=int, default=3, help="iperf3 duration")
@@ -64,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     cleanup_stale("tpdemo")
     failures = 0
     with Lab(prefix="tpdemo") as lab:
-        lab.segment("br0", "192.0.2.0/24")
-        hosts = {name: lab.add_host(name, "br0", ip) for name, (ip, _) in HOSTS.items()}
-        say(f"lab: {len(hosts)} hosts on bridge 192.0.2.0/24, overlay {NETWORK}, backend {args.backend}")
+        lab.segment(SEGMENT, UNDERLAY)
+        hosts = {name: lab.add_host(name, SEGMENT, spec.public_ip) for name, spec in HOSTS.items()}
+        say(f"lab: {len(hosts)} hosts on bridge {UNDERLAY}, overlay {NETWORK}, backend {args.backend}")
         etcd = None
         if args.etcd:
-            lab.switch_address("br0", "192.0.2.100")
-            etcd = EtcdServer(address="192.0.2.100", ns=lab.switch, workdir=lab.workdir).start()
+            lab.switch_address(SEGMENT, ETCD_ADDRESS)
+            etcd = EtcdServer(address=ETCD_ADDRESS, ns=lab.switch, workdir=lab.workdir).start()
             config = {"Network": NETWORK, "SubnetLen": 24, "Backend": {"Type": args.backend}}
             etcd.etcdctl("put", "/coreos.com/network/config", json.dumps(config))
             say(f"etcd at {etcd.endpoint}; config {json.dumps(config)}")
@@ -80,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                 if etcd:
                     procs[name] = host.tunproxy("--etcd-endpoints", etcd.endpoint)
                 else:
-                    ip, subnet = HOSTS[name]
-                    peers = [f"--peer={pip}={psub}" for other, (pip, psub) in HOSTS.items() if other != name]
+                    peers = [f"--peer={spec.peer}" for other, spec in HOSTS.items() if other != name]
+                    subnet = HOSTS[name].subnet
                     procs[name] = host.tunproxy(
                         "--network", NETWORK, "--subnet", subnet, "--backend", args.backend, *peers
                     )

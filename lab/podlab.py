@@ -9,8 +9,8 @@ run inside the node's namespace (``ip netns exec``), found in a CNI bin
 directory holding the reference plugins (Debian's containernetworking-plugins)
 and tunproxy-cni linked as ``flannel``, exactly as a user installs it.
 
-Used by ``python -m tunproxy.demo --pods`` and tests/netns/test_cni.py; it
-depends on tunproxy.lab only.
+Used by ``python -m lab.demo --pods`` and tests/netns/test_cni.py; it
+depends on lab.netns only.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import tunproxy
 
-from .lab import Host, Lab, Netns, sh
+from .netns import Host, Lab, Netns, sh
 
 REFERENCE_PLUGIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")  # Debian's package, then upstream's tarball
 REFERENCE_PLUGINS = ("bridge", "host-local", "loopback", "portmap")
