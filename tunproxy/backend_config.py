@@ -152,6 +152,11 @@ def parse_backend(backend_type: object, raw: Mapping[str, Any]) -> BackendOption
 
 # --- the udp backend's flags -------------------------------------------------------------------
 
+FEATURES: dict[str, str] = {}
+"""The udp data path's optional speed-ups, by name: each is on by default where the kernel
+allows it, ``--without NAME`` turns it off (the bench's "off" rows), and ``--refuse NAME``
+makes tunproxy act as if the kernel had refused it, so the fallback path can be tested."""
+
 BATCH_DEFAULT = 64
 BATCH_MAX = 1024  # packets per system call; the fast path's slots are allocated for this many
 DROP_RING_DEFAULT = 256
@@ -176,7 +181,13 @@ class UdpFlags:
     drop_ring: int = DROP_RING_DEFAULT
     offload: bool = True
     allow_any_source: bool = False
+    without: frozenset[str] = frozenset()
+    refuse: frozenset[str] = frozenset()
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def wants(self, feature: str) -> bool:
+        """True unless ``--without feature`` was given (see ``FEATURES``)."""
+        return feature not in self.without
 
     def source(self, name: str) -> str:
         """The flag or variable ``name`` came from, else its flag spelling."""

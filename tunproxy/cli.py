@@ -33,6 +33,7 @@ from .backend_config import (
     DEFAULT_TUN,
     DROP_RING_DEFAULT,
     DROP_RING_MAX,
+    FEATURES,
     UdpFlags,
     parse_backend,
 )
@@ -141,6 +142,14 @@ def _choice(*choices: str) -> Converter:
 
 def _cidr(raw: str, what: str) -> IPv4Network:
     return parse_network(raw, what)
+
+
+def _feature(raw: str, what: str) -> str:
+    name = raw.strip()
+    if name not in FEATURES:
+        known = ", ".join(FEATURES) or "none"
+        raise ConfigError(f"{what} {name!r} is not a data path feature (known: {known})")
+    return name
 
 
 def _address(raw: str, what: str) -> IPv4Address:
@@ -355,6 +364,25 @@ def build_parser() -> ArgumentParser:
         "--no-offload",
         default=False,
         help="one packet per TUN read/write: no TSO on the TUN, no UDP GSO/GRO (same wire format)",
+    )
+    option(
+        udp,
+        "--without",
+        action="append",
+        default=[],
+        convert=_feature,
+        metavar="FEATURE",
+        help="turn one of the data path's speed-ups off, to measure what it buys; repeatable "
+        f"({', '.join(FEATURES) or 'none yet'})",
+    )
+    option(
+        udp,
+        "--refuse",
+        action="append",
+        default=[],
+        convert=_feature,
+        metavar="FEATURE",
+        help="for tests: act as if the kernel refused FEATURE, so its fallback runs",
     )
     option(
         udp,
@@ -664,6 +692,8 @@ def udp_flags(args: argparse.Namespace) -> UdpFlags:
         allow_any_source=args.allow_any_source,
         max_routes=args.max_routes,
         drop_ring=args.drop_ring,
+        without=frozenset(args.without),
+        refuse=frozenset(args.refuse),
         sources=sources,
     )
 

@@ -80,6 +80,8 @@ FLAG_VALUES = [
     ("--tun-name", "a/b", "is not a device name"),
     ("--tun-name", "sixteen-chars-xx", "is not a device name"),
     ("--no-offload", "perhaps", "is not true or false"),
+    ("--without", "warp-drive", "is not a data path feature"),
+    ("--refuse", "warp-drive", "is not a data path feature"),
     ("--etcd-endpoints", "ftp://192.0.2.100", "is not a URL like http://192.0.2.100:2379"),
     ("--subnet-lease-ttl", "1d", "is not a number of minutes"),
     ("--subnet-lease-ttl", "0", "must be more than 0 minutes"),
