@@ -42,9 +42,5 @@ class Said:
         """The condition behind ``key`` is over: the next line about it is said again."""
         self._last.pop(key, None)
 
-    def forget_where(self, keep: object) -> None:
-        """Forget every key for which ``keep(key)`` is false."""
-        self._last = {k: v for k, v in self._last.items() if keep(k)}  # type: ignore[operator]
-
     def __contains__(self, key: Hashable) -> bool:
         return key in self._last

@@ -61,12 +61,6 @@ class DaemonState:
     store: dict[str, Any] = field(default_factory=dict)
     peers: dict[IPv4Network, PeerState] = field(default_factory=dict)
 
-    def peer_added(self, lease: Lease, error: str | None = None) -> None:
-        self.peers[lease.subnet] = PeerState(lease, error)
-
-    def peer_removed(self, lease: Lease) -> None:
-        self.peers.pop(lease.subnet, None)
-
     def readiness(self) -> tuple[str, str]:
         """(phase, reason): the reason is one line saying why the phase is not READY ("" if it is).
 

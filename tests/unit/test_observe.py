@@ -14,6 +14,7 @@ from tunproxy.observe import (
     STARTING,
     DaemonState,
     PeerSample,
+    PeerState,
     Sample,
     Sampler,
     changed_fields,
@@ -30,7 +31,7 @@ def test_ready_only_with_a_lease_and_the_first_peer_list_applied():
     s.lease = Lease(IPv4Network("10.100.5.0/24"), IPv4Address("192.0.2.11"), "udp")
     assert s.readiness() == (PROGRAMMING, "waiting for the first list of peers")
     s.synced = True
-    s.peer_added(PEER, error="route table full")
+    s.peers[PEER.subnet] = PeerState(PEER, "route table full")
     assert s.readiness() == (READY, "")  # one bad lease does not take the node out of service
     doc = status_document(s, Sampler(), now=0.0, wall=0.0)
     assert doc["peers"][0]["programmed"] is False and doc["peers"][0]["error"] == "route table full"
@@ -60,7 +61,7 @@ def test_sampler_rates_and_last_seen():
 def test_status_document_and_text():
     s = DaemonState(backend="udp", lease=Lease(IPv4Network("10.100.5.0/24"), IPv4Address("192.0.2.11")))
     s.synced = True
-    s.peer_added(PEER)
+    s.peers[PEER.subnet] = PeerState(PEER, None)
     sampler = Sampler()
     sampler.add(sample(1.0, 3, drops=1))
     doc = status_document(s, sampler, now=2.0, wall=0.0)
