@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tunproxy.etcd.retry import Backoff
 from tunproxy.lab import EtcdServer, Host, Lab, Process
-from tunproxy.peers.etcd_logic import Backoff
 
 from .labkit import ETCD_ADDRESS, HOSTS, etcd_in_lab, overlay, start_etcd
 

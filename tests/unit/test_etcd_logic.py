@@ -1,4 +1,4 @@
-"""The etcd registry's decisions, without etcd: acquisition, renewal timing, backoff, watch cursor."""
+"""The etcd registry's pure decisions, without etcd: acquisition, renewal timing, backoff, watch cursor."""
 
 from __future__ import annotations
 
@@ -9,25 +9,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunproxy.model import ConfigError, Lease, NetworkConfig
-from tunproxy.peers.etcd_logic import (
-    Backoff,
-    Endpoint,
+from tunproxy.etcd.acquire import (
     Entry,
     LeaseDecoder,
     PlanKind,
-    Throttle,
-    WatchCursor,
     choose_subnet,
-    effective_renew_margin,
     entry_from,
-    format_duration,
-    format_leases,
-    parse_endpoints,
     plan_acquisition,
     previous_subnet,
-    renew_delay,
 )
+from tunproxy.etcd.endpoints import Endpoint, parse_endpoints
+from tunproxy.etcd.keeper import effective_renew_margin, renew_delay
+from tunproxy.etcd.listing import format_duration, format_leases
+from tunproxy.etcd.retry import Backoff, Throttle
+from tunproxy.etcd.watch import WatchCursor
+from tunproxy.model import ConfigError, Lease, NetworkConfig
 
 NET = NetworkConfig.parse({"Network": "10.100.0.0/16"})
 SMALL = NetworkConfig.parse(
@@ -235,7 +231,6 @@ def test_lease_decoder_reports_each_bad_value_once():
     assert d.decode("/p/subnets/10.100.6.0-24", b"{junk")[1]
 
 
-
 # --- endpoints and output --------------------------------------------------------------
 
 
@@ -289,8 +284,8 @@ def test_format_leases_table():
 
 
 def test_config_drift_says_what_is_not_applied():
+    from tunproxy.etcd.acquire import config_drift
     from tunproxy.model import NetworkConfig
-    from tunproxy.peers.etcd_logic import config_drift
 
     running = NetworkConfig.parse({"Network": "10.100.0.0/16"})
     assert config_drift(running, running.to_json().encode()) is None
