@@ -22,7 +22,7 @@ from tunproxy.etcd.endpoints import Endpoint, parse_endpoints
 from tunproxy.etcd.keeper import effective_renew_margin, renew_delay
 from tunproxy.etcd.listing import format_duration, format_leases
 from tunproxy.etcd.retry import Backoff, Throttle
-from tunproxy.etcd.watch import WatchCursor
+from tunproxy.etcd.watch import Step, Verdict, WatchCursor
 from tunproxy.model import ConfigError, Lease, NetworkConfig
 
 NET = NetworkConfig.parse({"Network": "10.100.0.0/16"})
@@ -296,3 +296,58 @@ def test_config_drift_says_what_is_not_applied():
     assert "not applied" in config_drift(running, b'{"Network": "10.200.0.0/16"}')
     assert "unusable" in config_drift(running, b"{")
     assert "deleted" in config_drift(running, None)
+
+
+def test_watch_responses_are_judged_by_the_cursor():
+    from tunproxy.etcd.watch import Response
+
+    cursor = WatchCursor()
+    cursor.listed(100)
+    assert cursor.first(Response(header_revision=100, created=True)).step is Step.APPLY
+    assert cursor.next(Response(header_revision=120)).step is Step.APPLY  # a progress notification
+    assert (cursor.revision, cursor.start_revision()) == (120, 121)
+    events = cursor.next(Response(header_revision=130, last_event_revision=125))
+    assert events.step is Step.APPLY and cursor.revision == 120  # moved only once applied
+    compacted = cursor.next(Response(compact_revision=150))
+    assert compacted.step is Step.COMPACTED and cursor.need_list
+    assert "compacted up to revision 150 (we had 120)" in compacted.message
+
+    cursor.listed(200)
+    behind = cursor.first(Response(header_revision=50, created=True))
+    assert behind.step is Step.RELIST and cursor.need_list
+    assert "at revision 50, behind the 200 we had seen" in behind.message
+
+    cursor.listed(200)
+    refused = cursor.first(Response(header_revision=200, canceled=True, cancel_reason="no leader"))
+    assert (refused.step, refused.message) == (Step.FAIL, "etcd refused the watch: no leader")
+    assert cursor.need_list
+    cursor.listed(200)
+    assert cursor.first(None) == Verdict(Step.FAIL, "the watch stream closed before it started")
+    assert not cursor.need_list  # resumed from the cursor, not relisted
+    assert cursor.next(None).message == "the watch stream ended" and not cursor.need_list
+    assert cursor.next(Response(canceled=True)).step is Step.FAIL and cursor.need_list
+
+
+PURE = ("acquire", "endpoints", "keeper", "retry", "watch")
+
+
+@pytest.mark.parametrize("name", PURE)
+def test_the_pure_etcd_modules_import_only_the_model_and_the_standard_library(name):
+    import ast
+    import sys
+    from pathlib import Path
+
+    import tunproxy.etcd
+
+    path = Path(tunproxy.etcd.__file__).parent / f"{name}.py"
+    allowed = {f".{m}" for m in PURE} | {"..model", "..backend_config"}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            where = "." * node.level + (node.module or "")
+            assert where in allowed or (node.level == 0 and where.split(".")[0] in sys.stdlib_module_names), (
+                where
+            )
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                assert alias.name.split(".")[0] in sys.stdlib_module_names, alias.name
+    assert "asyncio" not in path.read_text() and "time.time" not in path.read_text()

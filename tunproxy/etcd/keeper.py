@@ -11,27 +11,28 @@ end a wait early). It never sleeps, never reads a clock, never calls etcd.
 
 State table (``poll`` in the first column's state, or an input there):
 
-===========  ====================================  ===========  ==============================
-state        input                                 next state   action / effect
-===========  ====================================  ===========  ==============================
-any          acquired(now, held)                   HOLDING      renew_at, expires_at from TTL
-HOLDING      poll, our key was seen changed        VERIFYING    Verify(subnet)
-HOLDING      poll, now >= renew_at                 RENEWING     Renew(etcd_lease)
-HOLDING      poll, otherwise                       HOLDING      Wait(renew_at, or a revoke due)
-RENEWING     renewed(now, ttl > 0)                 HOLDING      renew_at = now + renew_delay
-RENEWING     renewed(now, ttl <= 0)                LOST         problem set ("was lost")
-VERIFYING    verified(now, ours, same etcd lease)  HOLDING      nothing
-VERIFYING    verified(now, ours, other etcd lease) HOLDING      follow it; old lease unused
-VERIFYING    verified(absent / not ours)           LOST         problem set
-LOST         poll                                  REACQUIRING  Reacquire(previous subnet)
-REACQUIRING  reacquired(now, held)                 HOLDING      Report(lease); old lease unused
-REACQUIRING  reacquire_failed(now, why)            BACKOFF      retry in 0.5 s doubling to 30 s
-RENEWING,    failed(now)                           BACKOFF      retry in 0.5 s doubling to 10 s
-VERIFYING,
-REACQUIRING
-BACKOFF      poll, now >= retry_at                 HOLDING/LOST (then as there)
-BACKOFF      poll, otherwise                       BACKOFF      Wait(retry_at)
-===========  ====================================  ===========  ==============================
+===========  ======================================  ===========  ==============================
+state        input                                   next state   action / effect
+===========  ======================================  ===========  ==============================
+any          acquired(now, held)                     HOLDING      renew_at, expires_at from TTL
+HOLDING      poll, our key was seen changed          VERIFYING    Verify(subnet)
+HOLDING      poll, now >= renew_at                   RENEWING     Renew(etcd_lease)
+HOLDING      poll, otherwise                         HOLDING      Wait(renew_at, or a revoke due)
+RENEWING     renewed(now, ttl > 0)                   HOLDING      renew_at = now + renew_delay
+RENEWING     renewed(now, ttl <= 0)                  LOST         problem set ("was lost")
+VERIFYING    verified(now, ours, same etcd lease)    HOLDING      nothing
+VERIFYING    verified(now, ours, other etcd lease)   HOLDING      follow it; old lease unused
+VERIFYING    verified(now, absent or not ours)       LOST         problem set
+LOST         poll                                    REACQUIRING  Reacquire(previous subnet)
+REACQUIRING  reacquired(now, held)                   HOLDING      Report(lease); old lease unused
+REACQUIRING  reacquire_failed(now, why)              BACKOFF      retry in 0.5 s doubling to 30 s
+awaiting     failed(now)                             BACKOFF      retry in 0.5 s doubling to 10 s
+BACKOFF      poll, now >= retry_at                   HOLDING,     (then as there; a failed Verify
+                                                     or LOST      is asked again)
+BACKOFF      poll, otherwise                         BACKOFF      Wait(retry_at)
+===========  ======================================  ===========  ==============================
+
+Awaiting is RENEWING, VERIFYING or REACQUIRING: a call is out, and ``poll`` there is an error.
 
 Beside the states: a ``Report`` pending is returned first; then etcd leases
 we stopped using (``unused``) are revoked, all due at once, and after a
