@@ -259,6 +259,8 @@ class Keeper:
         """``held`` was written at ``now`` (for a grant: just before the grant was asked for)."""
         self._hold(now, held)
         self._check = False
+        if self._to_revoke:
+            self._revoke_at = -math.inf  # a try cut short (a new acquire) is made again
 
     def renewed(self, now: float, ttl: float) -> None:
         """The keep-alive answered ``ttl`` s left (<= 0: the lease is gone in etcd)."""

@@ -182,12 +182,12 @@ class EtcdRegistry(Registry):
         config = await self.network_config()
         self._desired = Lease(config.network, public_ip, backend_type, backend_data)
         at, held = await self._acquire(self._previous_subnet())
+        if self._keep_task is not None:
+            self._keep_task.cancel()  # before the keeper changes under a call it has out
         self.keeper.acquired(at, held)
         due = self.keeper.revoke_due(self._clock())
         if due is not None:
             await self._revoke(due)
-        if self._keep_task is not None:
-            self._keep_task.cancel()
         self._keep_task = asyncio.create_task(self._keep(), name="etcd-lease-keeper")
         return held.lease
 
@@ -409,6 +409,10 @@ class EtcdRegistry(Registry):
                     log.info("revoked etcd lease %x, which we no longer use", lease_id)
             except RETRYABLE as e:
                 log.debug("revoking etcd lease %x failed (%s); trying again later", lease_id, describe(e))
+                self.keeper.revoke_failed(self._clock())
+                return
+            except Exception:
+                log.exception("revoking etcd lease %x failed; trying again later", lease_id)
                 self.keeper.revoke_failed(self._clock())
                 return
             self.keeper.revoked(lease_id)
