@@ -184,7 +184,7 @@ def _ifname(raw: str, what: str) -> str:
 
 
 def _endpoints(raw: str, what: str) -> str:
-    from .peers.etcd_logic import parse_endpoints
+    from .etcd.endpoints import parse_endpoints
 
     try:
         parse_endpoints(raw)
@@ -632,9 +632,24 @@ def check_tls_files(args: argparse.Namespace) -> None:
             ) from None
 
 
+def etcd_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """EtcdSettings from the command line (``--etcd-*``)."""
+    from .etcd.connection import DEFAULT_PREFIX, EtcdSettings
+
+    return EtcdSettings.create(
+        args.etcd_endpoints,
+        getattr(args, "etcd_prefix", None) or DEFAULT_PREFIX,
+        getattr(args, "etcd_cafile", None),
+        getattr(args, "etcd_certfile", None),
+        getattr(args, "etcd_keyfile", None),
+        getattr(args, "etcd_username", None),
+        getattr(args, "etcd_password", None),
+    )
+
+
 def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.etcd_endpoints:
-        from .peers.etcd import EtcdRegistry, etcd_settings
+        from .etcd.registry import EtcdRegistry
 
         check_etcd_flags(args)
 
@@ -732,7 +747,7 @@ def cmd_leases(args: argparse.Namespace) -> int:
         raise UsageError("tunproxy leases needs --etcd-endpoints")
     import uvloop
 
-    from .peers.etcd import etcd_settings, format_leases, list_leases
+    from .etcd.listing import format_leases, list_leases
 
     check_etcd_flags(args)
     leases = uvloop.run(list_leases(etcd_settings(args)))

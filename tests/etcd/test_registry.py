@@ -21,9 +21,11 @@ import pytest
 import uvloop
 
 from lab.netns import free_port
+from tunproxy.etcd.connection import EtcdSettings
+from tunproxy.etcd.listing import format_leases, list_leases
+from tunproxy.etcd.registry import EtcdRegistry
 from tunproxy.model import ConfigError, Lease, LeaseAdded, LeaseRemoved
 from tunproxy.peers.base import Changes, OwnLease, Snapshot, Update
-from tunproxy.peers.etcd import EtcdRegistry, EtcdSettings, format_leases, list_leases
 from tunproxy.watcher import LeaseWatcher
 
 from .proxy import TcpProxy
@@ -32,7 +34,7 @@ pytestmark = pytest.mark.etcd
 
 PREFIX = "/coreos.com/network"
 CONFIG = {"Network": "10.100.0.0/16", "Backend": {"Type": "udp"}}
-LOGGER = "tunproxy.peers.etcd"
+LOGGER = "tunproxy.etcd"  # the package: its modules log under it
 
 
 def run(coro: Awaitable[Any], timeout: float = 30) -> Any:
@@ -133,7 +135,7 @@ async def truth(etcd) -> dict[str, str]:  # type: ignore[no-untyped-def]
 
 
 def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == LOGGER and text in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if r.name.startswith(LOGGER) and text in r.getMessage()]
 
 
 async def wait_for_log(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 5) -> None:
@@ -781,8 +783,8 @@ def test_a_background_task_that_dies_ends_updates_with_one_line(etcd):
         await reg.acquire(ip(1), "udp", None)
         updates = reg.updates()
         assert isinstance(await anext(updates), Snapshot)
-        assert reg._keeper is not None
-        reg._keeper.cancel()  # as if it had ended by itself
+        assert reg._keep_task is not None
+        reg._keep_task.cancel()  # as if it had ended by itself
         with pytest.raises(TaskDied, match="etcd-lease-keeper stopped"):
             await asyncio.wait_for(anext(updates), 5)
         await updates.aclose()
@@ -794,7 +796,7 @@ def test_a_background_task_that_dies_ends_updates_with_one_line(etcd):
 def test_a_revoked_lease_with_600_keys_arrives_in_chunks(etcd):
     """One watch response with 600 deletions is decoded and handed over in chunks of at most
     DECODE_CHUNK, with the event loop turning between them (the data path runs meanwhile)."""
-    from tunproxy.peers.etcd import DECODE_CHUNK
+    from tunproxy.etcd.watching import DECODE_CHUNK
 
     async def main() -> None:
         await put_config(etcd, {"Network": "10.100.0.0/16", "SubnetLen": 28, "Backend": {"Type": "udp"}})

@@ -17,8 +17,10 @@ import uvloop
 
 from lab.etcd import EtcdServer
 from lab.netns import free_port, stop_process
+from tunproxy.etcd.connection import EtcdSettings
+from tunproxy.etcd.listing import list_leases
+from tunproxy.etcd.registry import EtcdRegistry
 from tunproxy.peers.base import OwnLease, Snapshot
-from tunproxy.peers.etcd import EtcdRegistry, EtcdSettings, list_leases
 
 pytestmark = pytest.mark.etcd
 
@@ -46,7 +48,7 @@ async def acquire_and_list(settings: EtcdSettings) -> None:
 
 
 def test_username_and_password(etcd: EtcdServer, caplog):
-    caplog.set_level(logging.INFO, logger="tunproxy.peers.etcd")
+    caplog.set_level(logging.INFO, logger="tunproxy.etcd")
     etcd.etcdctl("user", "add", "root", "--new-user-password=s3cret")
     etcd.etcdctl("auth", "enable")
     etcd.etcdctl("--user=root:s3cret", "put", f"{PREFIX}/config", CONFIG)
@@ -128,7 +130,7 @@ def tls_etcd(tmp_path: Path):
 
 
 def test_an_expired_auth_token_is_renewed_quietly(tmp_path: Path, caplog):
-    caplog.set_level(logging.DEBUG, logger="tunproxy.peers.etcd")
+    caplog.set_level(logging.DEBUG, logger="tunproxy.etcd")
     server = CustomEtcd(tmp_path, "--auth-token-ttl", "1")
     try:
         server.etcdctl("user", "add", "root", "--new-user-password=pw")

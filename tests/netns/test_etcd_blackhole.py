@@ -20,7 +20,7 @@ import pytest
 from lab.etcd import EtcdServer
 from lab.hosts import SEGMENT, UNDERLAY
 from lab.netns import Host, Lab, Process
-from tunproxy.peers.etcd_logic import Backoff
+from tunproxy.etcd.retry import Backoff
 
 from .labkit import ETCD_ADDRESS, HOSTS, etcd_in_lab, overlay, start_etcd
 

@@ -26,9 +26,9 @@ from tunproxy import cli
 from tunproxy.backends import BackendContext, create_backend
 from tunproxy.backends.vxlan import VxlanBackend
 from tunproxy.daemon import Daemon, DaemonOptions
+from tunproxy.etcd.acquire import LeaseDecoder, config_drift
 from tunproxy.model import Lease, NetworkConfig
 from tunproxy.netlink import Underlay
-from tunproxy.peers.etcd_logic import LeaseDecoder, config_drift
 from tunproxy.peers.static import StaticRegistry
 from tunproxy.watcher import PeerChanges
 

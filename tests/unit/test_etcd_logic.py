@@ -1,4 +1,4 @@
-"""The etcd registry's decisions, without etcd: acquisition, renewal timing, backoff, watch cursor."""
+"""The etcd registry's pure decisions, without etcd: acquisition, renewal timing, backoff, watch cursor."""
 
 from __future__ import annotations
 
@@ -9,25 +9,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunproxy.model import ConfigError, Lease, NetworkConfig
-from tunproxy.peers.etcd_logic import (
-    Backoff,
-    Endpoint,
+from tunproxy.etcd.acquire import (
     Entry,
     LeaseDecoder,
     PlanKind,
-    Throttle,
-    WatchCursor,
     choose_subnet,
-    effective_renew_margin,
     entry_from,
-    format_duration,
-    format_leases,
-    parse_endpoints,
     plan_acquisition,
     previous_subnet,
-    renew_delay,
 )
+from tunproxy.etcd.endpoints import Endpoint, parse_endpoints
+from tunproxy.etcd.keeper import effective_renew_margin, renew_delay
+from tunproxy.etcd.listing import format_duration, format_leases
+from tunproxy.etcd.retry import Backoff
+from tunproxy.etcd.watch import Step, Verdict, WatchCursor
+from tunproxy.model import ConfigError, Lease, NetworkConfig
 
 NET = NetworkConfig.parse({"Network": "10.100.0.0/16"})
 SMALL = NetworkConfig.parse(
@@ -62,17 +58,6 @@ def test_backoff_doubles_to_the_cap_and_resets():
     assert b.next() == 0.5
     with pytest.raises(ValueError):
         Backoff(0, 1)
-
-
-def test_throttle_repeats_a_line_only_when_it_changes_or_after_a_while():
-    t = Throttle(repeat=60)
-    assert t.should_log("a", 0)
-    assert not t.should_log("a", 10)
-    assert t.should_log("b", 11)
-    assert not t.should_log("b", 70)
-    assert t.should_log("b", 71)
-    t.clear()
-    assert t.should_log("b", 72)
 
 
 def test_renew_margin_is_kept_when_sane_and_clamped_otherwise():
@@ -235,7 +220,6 @@ def test_lease_decoder_reports_each_bad_value_once():
     assert d.decode("/p/subnets/10.100.6.0-24", b"{junk")[1]
 
 
-
 # --- endpoints and output --------------------------------------------------------------
 
 
@@ -289,8 +273,8 @@ def test_format_leases_table():
 
 
 def test_config_drift_says_what_is_not_applied():
+    from tunproxy.etcd.acquire import config_drift
     from tunproxy.model import NetworkConfig
-    from tunproxy.peers.etcd_logic import config_drift
 
     running = NetworkConfig.parse({"Network": "10.100.0.0/16"})
     assert config_drift(running, running.to_json().encode()) is None
@@ -301,3 +285,58 @@ def test_config_drift_says_what_is_not_applied():
     assert "not applied" in config_drift(running, b'{"Network": "10.200.0.0/16"}')
     assert "unusable" in config_drift(running, b"{")
     assert "deleted" in config_drift(running, None)
+
+
+def test_watch_responses_are_judged_by_the_cursor():
+    from tunproxy.etcd.watch import Response
+
+    cursor = WatchCursor()
+    cursor.listed(100)
+    assert cursor.first(Response(header_revision=100, created=True)).step is Step.APPLY
+    assert cursor.next(Response(header_revision=120)).step is Step.APPLY  # a progress notification
+    assert (cursor.revision, cursor.start_revision()) == (120, 121)
+    events = cursor.next(Response(header_revision=130, last_event_revision=125))
+    assert events.step is Step.APPLY and cursor.revision == 120  # moved only once applied
+    compacted = cursor.next(Response(compact_revision=150))
+    assert compacted.step is Step.COMPACTED and cursor.need_list
+    assert "compacted up to revision 150 (we had 120)" in compacted.message
+
+    cursor.listed(200)
+    behind = cursor.first(Response(header_revision=50, created=True))
+    assert behind.step is Step.RELIST and cursor.need_list
+    assert "at revision 50, behind the 200 we had seen" in behind.message
+
+    cursor.listed(200)
+    refused = cursor.first(Response(header_revision=200, canceled=True, cancel_reason="no leader"))
+    assert (refused.step, refused.message) == (Step.FAIL, "etcd refused the watch: no leader")
+    assert cursor.need_list
+    cursor.listed(200)
+    assert cursor.first(None) == Verdict(Step.FAIL, "the watch stream closed before it started")
+    assert not cursor.need_list  # resumed from the cursor, not relisted
+    assert cursor.next(None).message == "the watch stream ended" and not cursor.need_list
+    assert cursor.next(Response(canceled=True)).step is Step.FAIL and cursor.need_list
+
+
+PURE = ("acquire", "endpoints", "keeper", "retry", "watch")
+
+
+@pytest.mark.parametrize("name", PURE)
+def test_the_pure_etcd_modules_import_only_the_model_and_the_standard_library(name):
+    import ast
+    import sys
+    from pathlib import Path
+
+    import tunproxy.etcd
+
+    path = Path(tunproxy.etcd.__file__).parent / f"{name}.py"
+    allowed = {f".{m}" for m in PURE} | {"..model", "..backend_config"}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            where = "." * node.level + (node.module or "")
+            assert where in allowed or (node.level == 0 and where.split(".")[0] in sys.stdlib_module_names), (
+                where
+            )
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                assert alias.name.split(".")[0] in sys.stdlib_module_names, alias.name
+    assert "asyncio" not in path.read_text() and "time.time" not in path.read_text()

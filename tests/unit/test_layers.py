@@ -19,7 +19,17 @@ LAYERS: dict[str, list[str]] = {
     # 1. the model: frozen values and pure rules, the stdlib only
     "model": ["model", "backend_config", "counters", "logonce"],
     # 2. the sans-IO core: decisions fed with values and `now`, returning values or actions
-    "core": ["watcher", "observe", "cniconf", "peers.etcd_logic"],
+    "core": [
+        "watcher",
+        "observe",
+        "cniconf",
+        "etcd",
+        "etcd.acquire",
+        "etcd.keeper",
+        "etcd.watch",
+        "etcd.endpoints",
+        "etcd.retry",
+    ],
     # 3. the fast path: the C boundary and the memory it works in
     "fastpath": ["fastpath", "fastpath_memory", "_fastpath_build"],
     # 4. adapters: sockets, netlink, files, etcd, HTTP; each one thin
@@ -36,7 +46,10 @@ LAYERS: dict[str, list[str]] = {
         "peers",
         "peers.base",
         "peers.static",
-        "peers.etcd",
+        "etcd.connection",
+        "etcd.watching",
+        "etcd.registry",
+        "etcd.listing",
     ],
     # 5. backends: lease -> forwarding state, through the fast path or the kernel
     "backends": [
@@ -64,7 +77,8 @@ IO_MODULES = {
 FORBIDDEN = {
     "peers.base": {"backends", "daemon"},
     "peers.static": {"backends", "daemon"},
-    "peers.etcd": {"backends", "daemon"},
+    "etcd.registry": {"backends", "daemon"},
+    "etcd.watching": {"backends", "daemon"},
     "netlink": {"peers", "backends"},
 }
 

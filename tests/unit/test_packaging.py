@@ -50,7 +50,7 @@ def wheel_files(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def test_the_wheel_holds_the_daemon_and_its_compiled_fast_path(wheel_files: list[str]) -> None:
     for module in ("tunproxy/__init__.py", "tunproxy/cli.py", "tunproxy/cni.py", "tunproxy/fastpath.py"):
         assert module in wheel_files
-    assert "tunproxy/peers/etcd.py" in wheel_files and "tunproxy/backends/udp.py" in wheel_files
+    assert "tunproxy/etcd/registry.py" in wheel_files and "tunproxy/backends/udp.py" in wheel_files
     assert [f for f in wheel_files if re.fullmatch(r"tunproxy/_fastpath_cffi\..*\.so", f)], wheel_files
 
 

@@ -1,0 +1,205 @@
+"""Which subnet to take, and what a listing says: pure, so it is unit-tested without etcd.
+
+How it works (flannel's ``tryAcquireLease``). ``plan_acquisition`` looks at a
+listing of ``<prefix>/subnets/`` and returns a ``Plan``. A key that already
+names our public IP and fits the config is reused (a reservation, a key with
+no etcd lease, is preferred: an operator put it there); our keys that no
+longer fit are deleted (reservations are never deleted); else the subnet from
+the previous subnet.env if nobody holds it; else a random free one. Every key
+present, even one whose value does not parse, is taken. The registry writes
+the plan with a transaction that fails if the key changed (or exists, for a
+new one) and asks again after a lost race.
+
+``LeaseDecoder`` parses lease values and says each bad one once;
+``config_drift`` says why a changed config is not applied at runtime.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from ipaddress import IPv4Network
+
+from ..logonce import Said
+from ..model import ConfigError, Lease, LeaseError, NetworkConfig, parse_subnet_key
+
+
+def previous_subnet(text: str) -> IPv4Network | None:
+    """The subnet named by a subnet.env's ``FLANNEL_SUBNET=10.100.5.1/24`` (-> 10.100.5.0/24)."""
+    for line in text.splitlines():
+        name, sep, value = line.strip().partition("=")
+        if sep and name.strip() == "FLANNEL_SUBNET":
+            try:
+                iface = ipaddress.ip_interface(value.strip().strip("\"'"))
+            except ValueError:
+                return None
+            return iface.network if isinstance(iface.network, IPv4Network) else None
+    return None
+
+
+# --- acquisition -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One key under ``<prefix>/subnets/`` as acquisition sees it."""
+
+    subnet: IPv4Network
+    lease: Lease | None  # None: the value does not parse (the key is still taken)
+    etcd_lease: int = 0  # 0: no etcd lease attached, a reservation
+    mod_revision: int = 0
+
+    @property
+    def reservation(self) -> bool:
+        return self.etcd_lease == 0
+
+
+class PlanKind(Enum):
+    CREATE = "create"  # a new key, only if it does not exist
+    RENEW = "renew"  # our existing key, re-put with a fresh etcd lease
+    RESERVED = "reserved"  # a reservation naming us: used as is, no etcd lease
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: PlanKind
+    subnet: IPv4Network
+    mod_revision: int = 0  # for RENEW/RESERVED: the key must still be at this revision
+    write: bool = True  # RESERVED only: False if the value already says what we would write
+    stale: tuple[Entry, ...] = ()  # our own leased keys that no longer fit the config: delete them
+    replaces: int = 0  # RENEW: the etcd lease the key is on now; revoked once the key moves off it
+
+
+def same_attributes(a: Lease, b: Lease) -> bool:
+    return (a.public_ip, a.backend_type, a.backend_data) == (b.public_ip, b.backend_type, b.backend_data)
+
+
+def plan_acquisition(
+    config: NetworkConfig,
+    entries: Iterable[Entry],
+    desired: Lease,
+    previous: IPv4Network | None,
+    rng: random.Random,
+) -> Plan:
+    """Decide which subnet to take, flannel's way; raises ConfigError if none is free.
+
+    ``desired`` carries our public IP and backend; its subnet is ignored.
+    """
+    entries = list(entries)
+    mine = [e for e in entries if e.lease is not None and e.lease.public_ip == desired.public_ip]
+    fitting = [e for e in mine if config.fits(e.subnet)]
+    stale = tuple(e for e in mine if not config.fits(e.subnet) and not e.reservation)
+    if fitting:
+        best = min(fitting, key=lambda e: (not e.reservation, e.subnet != previous, e.subnet))
+        if best.reservation:
+            assert best.lease is not None
+            write = not same_attributes(best.lease, desired)
+            return Plan(PlanKind.RESERVED, best.subnet, best.mod_revision, write, stale)
+        return Plan(PlanKind.RENEW, best.subnet, best.mod_revision, True, stale, best.etcd_lease)
+    taken = [e.subnet for e in entries if e not in stale]
+    return Plan(PlanKind.CREATE, choose_subnet(config, taken, previous, rng), stale=stale)
+
+
+def choose_subnet(
+    config: NetworkConfig,
+    taken: Iterable[IPv4Network],
+    previous: IPv4Network | None,
+    rng: random.Random,
+) -> IPv4Network:
+    """The previous subnet if it fits and is free, else a random free one; ConfigError if none is.
+
+    A taken subnet of another size (left by an older SubnetLen) blocks every
+    candidate it overlaps.
+    """
+    same: set[IPv4Network] = set()
+    other: list[IPv4Network] = []
+    for subnet in taken:
+        if subnet.prefixlen == config.subnet_len:
+            same.add(subnet)
+        else:
+            other.append(subnet)
+
+    def free(candidate: IPv4Network) -> bool:
+        return candidate not in same and not any(candidate.overlaps(o) for o in other)
+
+    if previous is not None and config.fits(previous) and free(previous):
+        return previous
+    candidates = [c for c in config.candidate_subnets() if free(c)]
+    if not candidates:
+        total = sum(1 for _ in config.candidate_subnets())
+        raise ConfigError(
+            f"no free subnet in {config.network}: all {total} /{config.subnet_len} subnets "
+            f"from SubnetMin {config.subnet_min} to SubnetMax {config.subnet_max} are leased or reserved"
+        )
+    return rng.choice(candidates)
+
+
+class LeaseDecoder:
+    """Parses lease values, reporting each bad key+value once however often it is seen."""
+
+    def __init__(self) -> None:
+        self._said = Said()  # per key: the bad value last reported
+
+    def decode(
+        self, key: str, value: bytes, network: IPv4Network | None = None
+    ) -> tuple[Lease | None, str | None]:
+        """The lease (or None) and a message to log (None if fine or already said)."""
+        try:
+            parse_subnet_key(key)
+        except LeaseError as e:
+            return None, self._once(key, b"", f"ignoring {key}: {e}")  # whatever the value
+        try:
+            lease = Lease.parse(key, value)
+        except LeaseError as e:
+            return None, self._once(key, value, f"ignoring {key}: {e}")
+        if network is not None and not lease.subnet.subnet_of(network):
+            message = f"ignoring {key}: {lease.subnet} is outside the network {network}"
+            return None, self._once(key, value, message)
+        return lease, None
+
+    def _once(self, key: str, value: bytes, message: str) -> str | None:
+        return message if self._said.due(key, value) else None
+
+    def forget(self, key: str) -> None:
+        """The key was deleted: a bad value written to it again is worth a new line."""
+        self._said.forget(key)
+
+
+def entry_from(key: str, value: bytes, etcd_lease: int, mod_revision: int) -> Entry | None:
+    """An acquisition entry; None if the key is not a subnet key at all."""
+    try:
+        subnet = parse_subnet_key(key)
+    except LeaseError:
+        return None
+    try:
+        lease: Lease | None = Lease.parse(key, value)
+    except LeaseError:
+        lease = None
+    return Entry(subnet, lease, etcd_lease, mod_revision)
+
+
+def config_drift(running: NetworkConfig, stored: bytes | None) -> str | None:
+    """Why the config now in etcd cannot be applied to a running daemon, or None if it changes nothing.
+
+    A backend never changes at runtime (routes, devices and every peer's
+    lease would have to change together), and neither does the network: a
+    change is reported so the operator restarts every host, and the running
+    table stays in force.
+    """
+    if stored is None:
+        return "the network config was deleted from etcd; keeping the one we started with"
+    try:
+        new = NetworkConfig.parse(stored)
+    except ConfigError as e:
+        return f"the network config in etcd is now unusable ({e}); keeping the one we started with"
+    if new.backend_type != running.backend_type:
+        return (
+            f"Backend.Type changed in etcd from {running.backend_type} to {new.backend_type}; "
+            "tunproxy never changes backend at runtime: restart it on every host to apply"
+        )
+    if new != running:
+        return "the network config in etcd changed; not applied at runtime: restart every host to apply"
+    return None
