@@ -1,7 +1,7 @@
 """``python -m bench``: measure every variant, print the table, save JSON and PNG under bench/results/.
 
-``make bench`` (3 rounds, about 5 minutes) also rewrites bench/RESULTS.md;
-``make bench-quick`` is one round of shorter tests (about 1 minute).
+``make bench`` (3 rounds, about 9 minutes) also rewrites bench/RESULTS.md;
+``make bench-quick`` is one round of shorter tests (about 2 minutes).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _names(text: str, known: tuple[str, ...] | list[str], what: str) -> tuple[st
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="one round of shorter tests (about 1 minute)")
+    p.add_argument("--quick", action="store_true", help="one round of shorter tests (about 2 minutes)")
     p.add_argument(
         "--variants",
         type=lambda t: _names(t, list(BY_NAME), "variant"),
