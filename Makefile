@@ -2,7 +2,7 @@
 # make test: the whole suite (unit tests; as root also TUN, namespaces, etcd).
 # make fuzz FUZZ_SECONDS=600: each libFuzzer target (fuzz/) for that long, under ASan and UBSan.
 PY ?= python3
-APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping containernetworking-plugins openssl nftables tshark clang
+APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping containernetworking-plugins openssl nftables tshark clang sockperf
 STAMP := build/.setup-stamp
 FUZZ_SECONDS ?= 60
 

@@ -1,7 +1,7 @@
 """``python -m bench``: measure every variant, print the table, save JSON and PNG under bench/results/.
 
-``make bench`` (3 rounds, about 5 minutes) also rewrites bench/RESULTS.md;
-``make bench-quick`` is one round of shorter tests (about 1 minute).
+``make bench`` (3 rounds, about 9 minutes) also rewrites bench/RESULTS.md;
+``make bench-quick`` is one round of shorter tests (about 2 minutes).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _names(text: str, known: tuple[str, ...] | list[str], what: str) -> tuple[st
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="one round of shorter tests (about 1 minute)")
+    p.add_argument("--quick", action="store_true", help="one round of shorter tests (about 2 minutes)")
     p.add_argument(
         "--variants",
         type=lambda t: _names(t, list(BY_NAME), "variant"),
@@ -48,7 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tests", type=lambda t: _names(t, TESTS, "test"), help=f"subset of {','.join(TESTS)}")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
     p.add_argument(
-        "--seconds", type=int, help="iperf3 seconds per TCP test (default 5, quick 3); UDP runs one less"
+        "--seconds",
+        type=int,
+        help="iperf3 seconds per TCP test (default 5, quick 3); UDP and rr run one less",
     )
     p.add_argument("--ping-count", type=int, help="pings per round (default 20, quick 10), 50 ms apart")
     p.add_argument("--out", type=Path, help=f"where the JSON and PNG go (default {RESULTS_DIR})")
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench: needs root (network namespaces, TUN, VXLAN)", file=sys.stderr)
         return 2
-    for tool in ("iperf3", "ping", "ip", "ss"):
+    tests = args.tests or TESTS
+    for tool in ("iperf3", "ping", "ip", "ss", *(("sockperf",) if "rr" in tests else ())):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed (make setup)", file=sys.stderr)
             return 2
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds=seconds,
         udp_seconds=max(1, seconds - 1),
         ping_count=args.ping_count or base["ping_count"],
-        tests=args.tests or TESTS,
+        tests=tests,
         quick=args.quick,
     )
     # `make bench` as is (no overrides) refreshes the committed table.
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         v: {k: s.as_dict() if s else None for k, s in row.items()} for v, row in table.items()
     }
     result["ratios"] = report.ratios(table)
+    result["targets"] = report.target_results(table)
     tmp = json_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.rename(json_path)

@@ -11,7 +11,11 @@ PANELS = (
     ("tcp1_gbps", "TCP, 1 stream (Gbit/s)"),
     ("tcp4_gbps", "TCP, 4 streams (Gbit/s)"),
     ("udp_kpps", "64-byte UDP delivered (kpps)"),
+    ("udpbulk_gbps", "1,400-byte UDP delivered (Gbit/s)"),
+    ("rr_mean_us", "sockperf ping-pong mean round trip (us, lower is better)"),
+    ("rr_p999_us", "sockperf ping-pong p99.9 round trip (us, lower is better)"),
     ("ping_ms", "ping round trip (ms, lower is better)"),
+    ("tcp1_cpu_s_per_gb", "tunproxy CPU s per GB, TCP 1 stream (lower is better)"),
 )
 COLORS = {
     "raw": "#7f7f7f",

@@ -1,11 +1,14 @@
-"""The bench's I/O: two namespaces on one veth, each variant's daemons, iperf3, ping and /proc CPU times.
+"""The bench's I/O: two namespaces on one veth, each variant's daemons, iperf3, sockperf, ping, CPU times.
 
 One lab serves the whole run. For each (round, variant) the variant's two
 tunproxy daemons are started, its tests run back to back, and the daemons
 are stopped again (SIGTERM, exit 0 expected, their ``stats:`` line kept),
 so the next variant finds the hosts as the lab made them; whatever a
 backend leaves behind is recorded and removed. Each iperf3 server is a
-one-shot (``-s -1``) so a test that dies cannot wedge the next one.
+one-shot (``-s -1``) and each sockperf server lives for one test, so a test
+that dies cannot wedge the next one. Around every test the harness reads
+the daemons' CPU time (/proc), their own drop counters (the control socket,
+what ``tunproxy status --json`` shows) and the kernel's drop counters.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ PREFIX = "tpbench"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOSTS = plan.pairs({name: plan.HOSTS[name] for name in ("h1", "h2")})  # {name: (public_ip, subnet)}
 IPERF_PORT = "5201"
-UDP_PAYLOAD = 64
+SOCKPERF_PORT = "11111"
+UDP_PAYLOAD = 64  # the flood ("udp"): packets per second is what it measures
+BULK_PAYLOAD = 1400  # "udpbulk": fits every variant's overlay MTU (vxlan 1450) with its 28 header bytes
+RR_MESSAGE = 64  # sockperf ping-pong message size
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # A Prometheus stand-in: GET /metrics once a second, as a scrape_interval of 1s would.
 SCRAPER = (
@@ -54,7 +60,7 @@ class Config:
     variants: tuple[str, ...]
     rounds: int
     seconds: int  # each iperf3 TCP test
-    udp_seconds: int
+    udp_seconds: int  # each UDP test (udp, udpbulk) and the sockperf ping-pong (rr)
     ping_count: int
     ping_interval: float = 0.05
     tests: tuple[str, ...] = TESTS
@@ -146,21 +152,25 @@ def parse_iperf_tcp(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def parse_iperf_udp(doc: dict[str, Any]) -> dict[str, Any]:
+def parse_iperf_udp(doc: dict[str, Any], payload: int = UDP_PAYLOAD) -> dict[str, Any]:
+    """iperf3 -u -J's figures; ``payload`` is the datagram size (-l) in bytes."""
     end = doc["end"]
     sent, received = end["sum_sent"], end["sum_received"]
     # The receiver counts "packets" by sequence number: delivered = packets - lost.
     delivered = received["packets"] - received["lost_packets"]
     seconds = received["seconds"] or sent["seconds"]
+    pps = delivered / seconds if seconds else None
     return {
-        "payload_bytes": UDP_PAYLOAD,
+        "payload_bytes": payload,
         "sent_packets": sent["packets"],
         "sent_pps": sent["packets"] / sent["seconds"] if sent["seconds"] else None,
         "packets": received["packets"],
         "lost_packets": received["lost_packets"],
         "lost_percent": received["lost_percent"],
         "delivered_packets": delivered,
-        "delivered_pps": delivered / seconds if seconds else None,
+        "delivered_pps": pps,
+        "delivered_bps": None if pps is None else pps * payload * 8,  # payload bits, as iperf3 counts
+        "delivered_bytes": delivered * payload,
         "received_bytes": received["bytes"],
         "iperf_seconds": seconds,
         "jitter_ms": received.get("jitter_ms"),
@@ -188,10 +198,117 @@ def parse_ping(text: str) -> dict[str, Any]:
     }
 
 
-def kernel_counters(host: Host) -> dict[str, int]:
-    """A namespace's drop counters: UDP socket errors (/proc/net/snmp) and each link's dropped packets."""
-    out = host.ns.run("sh", "-c", "cat /proc/net/snmp; echo ---; ip -j -s link").stdout
-    snmp, links = out.split("---\n", 1)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_SP_AVG = re.compile(r"avg-(rtt|latency)=([\d.]+) \(std-dev=([\d.]+)\)")
+_SP_PERCENTILE = re.compile(r"percentile ([\d.]+) =\s*([\d.]+)")
+_SP_EXTREME = re.compile(r"<(MAX|MIN)> observation =\s*([\d.]+)")
+_SP_MESSAGES = re.compile(
+    r"\[(Total Run|Valid Duration)\] RunTime=([\d.]+) sec;.*SentMessages=(\d+); ReceivedMessages=(\d+)"
+)
+_SP_DROPPED = re.compile(
+    r"# dropped messages = (\d+); # duplicated messages = (\d+); # out-of-order messages = (\d+)"
+)
+_SP_OBSERVATIONS = re.compile(r"Total (\d+) observations")
+
+
+def parse_sockperf(text: str) -> dict[str, Any]:
+    """The figures of ``sockperf ping-pong`` (3.x) output, in microseconds.
+
+    With ``--full-rtt`` sockperf reports round trips (``avg-rtt``), without it
+    half of them (``avg-latency``); ``round_trip`` says which. Percentiles are
+    sockperf's own over the valid duration (warm-up excluded); ``p50_us``,
+    ``p99_us``, ``p999_us`` are its 50.000, 99.000 and 99.900 lines. Message
+    counts are of the whole run (``total_*``, what moved while the CPU was
+    sampled) and of the valid duration. Raises ValueError naming what is
+    missing when the output holds no statistics (sockperf failed or timed out).
+    """
+    text = _ANSI.sub("", text)
+    avg = _SP_AVG.search(text)
+    if avg is None:
+        tail = " | ".join(text.strip().splitlines()[-2:])[-200:]
+        raise ValueError(f"sockperf printed no avg-rtt line: {tail or 'no output'}")
+    percentiles = {float(p): float(v) for p, v in _SP_PERCENTILE.findall(text)}
+    extremes = dict(_SP_EXTREME.findall(text))
+    runs = {m.group(1): m for m in _SP_MESSAGES.finditer(text)}
+    dropped = _SP_DROPPED.search(text)
+    observations = _SP_OBSERVATIONS.search(text)
+    total, valid = runs.get("Total Run"), runs.get("Valid Duration")
+    return {
+        "round_trip": avg.group(1) == "rtt",
+        "mean_us": float(avg.group(2)),
+        "std_dev_us": float(avg.group(3)),
+        "p50_us": percentiles.get(50.0),
+        "p99_us": percentiles.get(99.0),
+        "p999_us": percentiles.get(99.9),
+        "max_us": float(extremes["MAX"]) if "MAX" in extremes else None,
+        "min_us": float(extremes["MIN"]) if "MIN" in extremes else None,
+        "percentiles_us": {f"{p:g}": v for p, v in sorted(percentiles.items())},
+        "observations": int(observations.group(1)) if observations else None,
+        "total_seconds": float(total.group(2)) if total else None,
+        "total_sent_messages": int(total.group(3)) if total else None,
+        "total_received_messages": int(total.group(4)) if total else None,
+        "valid_seconds": float(valid.group(2)) if valid else None,
+        "valid_sent_messages": int(valid.group(3)) if valid else None,
+        "valid_received_messages": int(valid.group(4)) if valid else None,
+        "dropped_messages": int(dropped.group(1)) if dropped else None,
+        "duplicated_messages": int(dropped.group(2)) if dropped else None,
+        "out_of_order_messages": int(dropped.group(3)) if dropped else None,
+    }
+
+
+def daemon_drop_counters(doc: dict[str, Any]) -> dict[str, int] | None:
+    """The drop counters (reason -> total) of a ``tunproxy status --json`` document.
+
+    None when the daemon has no fast path counting them (vxlan and host-gw:
+    the kernel moves the packets), so "no counter" never reads as "no drop".
+    """
+    if not doc.get("counters"):
+        return None
+    return {reason: int(d["total"]) for reason, d in (doc.get("drops") or {}).items()}
+
+
+def drop_deltas(
+    before: dict[str, dict[str, int] | None], after: dict[str, dict[str, int] | None]
+) -> tuple[dict[str, dict[str, int] | None], int | None]:
+    """Per host, the drop counters that grew during a test; and their sum (None if any host is unknown)."""
+    by_host: dict[str, dict[str, int] | None] = {}
+    for host in after:
+        b, a = before.get(host), after[host]
+        by_host[host] = None if a is None or b is None else counter_deltas(b, a)
+    if not by_host or any(d is None for d in by_host.values()):
+        return by_host, None
+    return by_host, sum(n for d in by_host.values() for n in (d or {}).values())
+
+
+# The daemon's own UDP sockets: sk_drops (ss's skmem "d"), a part of /proc/net/snmp's RcvbufErrors.
+DAEMON_SOCKET_DROPS = "tunproxy sockets drops"
+_SS_USERS = re.compile(r"pid=(\d+),")
+_SS_DROPS = re.compile(r"skmem:\(.*\bd(\d+)\)")
+
+
+def socket_drops(ss_text: str, pids: set[int]) -> int:
+    """Sum of sk_drops (skmem ``d``) over the sockets of ``ss -uanmp`` owned by any of ``pids``.
+
+    ss prints each socket on one line (``users:(("python3",pid=7,fd=9))``) and its
+    ``skmem:(...,d12)`` on the next; a socket of several processes counts once.
+    """
+    total, owned = 0, False
+    for line in ss_text.splitlines():
+        drops = _SS_DROPS.search(line)
+        if drops:
+            if owned:
+                total += int(drops.group(1))
+            owned = False
+        else:
+            owned = any(int(pid) in pids for pid in _SS_USERS.findall(line))
+    return total
+
+
+def kernel_counters(host: Host, pids: set[int] | None = None) -> dict[str, int]:
+    """A namespace's drop counters: UDP socket errors (/proc/net/snmp), each link's dropped packets,
+    and, with ``pids``, the drops of those processes' UDP sockets (``DAEMON_SOCKET_DROPS``)."""
+    out = host.ns.run("sh", "-c", "cat /proc/net/snmp; echo ---; ip -j -s link; echo ---; ss -uanmp").stdout
+    snmp, links, sockets = out.split("---\n", 2)
     counters: dict[str, int] = {}
     rows = [line.split() for line in snmp.splitlines() if line.startswith("Udp:")]
     if len(rows) >= 2:
@@ -203,7 +320,14 @@ def kernel_counters(host: Host) -> dict[str, int]:
         for direction in ("rx", "tx"):
             dropped = stats.get(direction, {}).get("dropped", 0)
             counters[f"{link['ifname']} {direction}_dropped"] = int(dropped)
+    if pids:
+        counters[DAEMON_SOCKET_DROPS] = socket_drops(sockets, pids)
     return counters
+
+
+def kernel_drops_total(by_host: dict[str, dict[str, int]]) -> int:
+    """Every kernel drop of a test, both hosts; the daemon's socket drops are in RcvbufErrors already."""
+    return sum(n for d in by_host.values() for k, n in d.items() if k != DAEMON_SOCKET_DROPS)
 
 
 def counter_deltas(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -339,27 +463,45 @@ class Bench:
 
     # tests
 
+    @staticmethod
+    def daemon_pids(active: Active, host: Host) -> set[int]:
+        proc = active.daemons.get(host.name)
+        return set() if proc is None else {proc.pid}
+
     def cpu(self, active: Active) -> dict[str, float | None]:
         return {name: cpu_seconds(proc.pid) for name, proc in active.daemons.items()}
 
     def measure(self, test: str, active: Active) -> dict[str, Any]:
-        """One test, with the daemons' CPU time and the kernel's drop counters around it."""
-        server = None if test == "ping" else self.iperf_server(active.target)
+        """One test, with the daemons' CPU time, their drop counters and the kernel's around it."""
+        if test == "ping":
+            server = None
+        elif test == "rr":
+            server = self.sockperf_server(active.target)
+        else:
+            server = self.iperf_server(active.target)
         try:
-            counters = {h.name: kernel_counters(h) for h in (self.h1, self.h2)}
+            pids = {h.name: self.daemon_pids(active, h) for h in (self.h1, self.h2)}
+            counters = {h.name: kernel_counters(h, pids[h.name]) for h in (self.h1, self.h2)}
+            drops_before = self.daemon_drops(active)  # outside the CPU window: answering costs CPU
             before, t0 = self.cpu(active), time.monotonic()
-            if server is None:
+            if test == "ping":
                 rec = self.ping(active.source, active.target)
+            elif test == "rr":
+                rec = self.rr(active.source, active.target)
             else:
                 rec = self.iperf(test, active.source, active.target)
             rec["wall_s"] = round(time.monotonic() - t0, 3)
             after = self.cpu(active)
+            drops_after = self.daemon_drops(active)
         finally:
             if server is not None:
                 server.stop(timeout=3)
         rec["kernel_drops"] = {
-            h.name: counter_deltas(counters[h.name], kernel_counters(h)) for h in (self.h1, self.h2)
+            h.name: counter_deltas(counters[h.name], kernel_counters(h, pids[h.name]))
+            for h in (self.h1, self.h2)
         }
+        rec["kernel_drops_total"] = kernel_drops_total(rec["kernel_drops"])
+        rec["daemon_drops"], rec["daemon_drops_total"] = drop_deltas(drops_before, drops_after)
         by_host: dict[str, float | None] = {}
         for name in active.daemons:
             b, a = before[name], after[name]
@@ -367,7 +509,23 @@ class Bench:
         rec["proxy_cpu_s_by_host"] = by_host
         values = list(by_host.values())
         rec["proxy_cpu_s"] = None if not values or None in values else round(sum(v or 0.0 for v in values), 3)
+        rec["moved_bytes"] = report.moved_bytes(test, rec)
+        rec["cpu_s_per_gb"] = report.cpu_seconds_per_gb(rec["proxy_cpu_s"], rec["moved_bytes"])
         return rec
+
+    def daemon_drops(self, active: Active) -> dict[str, dict[str, int] | None]:
+        """Each daemon's drop counters now, asked over its control socket (``tunproxy status``)."""
+        from tunproxy.control import NoDaemon, default_socket, query
+
+        out: dict[str, dict[str, int] | None] = {}
+        for name in active.daemons:
+            path = default_socket(self.lab.workdir / f"{name}-subnet.env")
+            try:
+                out[name] = daemon_drop_counters(query(path, "status"))
+            except (NoDaemon, OSError) as e:  # the figures stay unknown; the test itself still counts
+                self.say(f" (status of {name}: {e})", end="")
+                out[name] = None
+        return out
 
     def iperf_server(self, target: str) -> Process:
         """A one-shot iperf3 server on h2, listening when this returns."""
@@ -381,9 +539,41 @@ class Bench:
             raise
         return server
 
+    def sockperf_server(self, target: str) -> Process:
+        """A sockperf UDP server on h2 for one rr test, listening when this returns."""
+        server = self.h2.start("sockperf", "server", "-i", target, "-p", SOCKPERF_PORT, name="sockperf")
+        try:
+            self._wait_listening(self.h2, SOCKPERF_PORT, server, udp=True)
+        except BaseException:
+            server.stop(timeout=3)
+            raise
+        return server
+
+    def rr(self, source: str, target: str) -> dict[str, Any]:
+        """sockperf ping-pong (UDP, one message in flight, as fast as replies come): round trips in us."""
+        seconds = self.config.udp_seconds
+        argv = ["sockperf", "ping-pong", "-i", target, "-p", SOCKPERF_PORT, "--client_ip", source]
+        argv += ["-t", str(seconds), "-m", str(RR_MESSAGE), "--full-rtt"]
+        try:
+            done = self.h1.ns.run(*argv, check=False, timeout=seconds + 20)
+        except subprocess.TimeoutExpired:
+            raise TestFailed(f"sockperf did not finish within {seconds + 20} s") from None
+        try:
+            rec = parse_sockperf(done.stdout)
+        except ValueError as e:
+            raise TestFailed(f"sockperf exited {done.returncode}: {e} {done.stderr.strip()[-200:]}") from None
+        rec["message_bytes"] = RR_MESSAGE
+        rec["seconds"] = seconds
+        return rec
+
     def iperf(self, test: str, source: str, target: str) -> dict[str, Any]:
-        seconds = self.config.udp_seconds if test == "udp" else self.config.seconds
-        extra = {"tcp1": (), "tcp4": ("-P", "4"), "udp": ("-u", "-b", "0", "-l", str(UDP_PAYLOAD))}[test]
+        seconds = self.config.seconds if test in ("tcp1", "tcp4") else self.config.udp_seconds
+        extra = {
+            "tcp1": (),
+            "tcp4": ("-P", "4"),
+            "udp": ("-u", "-b", "0", "-l", str(UDP_PAYLOAD)),
+            "udpbulk": ("-u", "-b", "0", "-l", str(BULK_PAYLOAD)),
+        }[test]
         argv = ["iperf3", "-c", target, "-B", source, "-p", IPERF_PORT, "-t", str(seconds), "-J"]
         argv += ["--connect-timeout", "3000"]
         try:
@@ -397,7 +587,12 @@ class Bench:
             raise TestFailed(f"iperf3 exited {done.returncode}: {why}") from None
         if "error" in doc:
             raise TestFailed(f"iperf3: {doc['error']}")
-        rec = parse_iperf_udp(doc) if test == "udp" else parse_iperf_tcp(doc)
+        if test == "udp":
+            rec = parse_iperf_udp(doc, UDP_PAYLOAD)
+        elif test == "udpbulk":
+            rec = parse_iperf_udp(doc, BULK_PAYLOAD)
+        else:
+            rec = parse_iperf_tcp(doc)
         rec["seconds"] = seconds
         return rec
 
@@ -413,15 +608,17 @@ class Bench:
         return rec
 
     @staticmethod
-    def _wait_listening(host: Host, port: str, server: Process, timeout: float = 5) -> None:
+    def _wait_listening(
+        host: Host, port: str, server: Process, timeout: float = 5, udp: bool = False
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if host.ns.run("ss", "-Hltn", f"sport = :{port}").stdout.strip():
+            if host.ns.run("ss", "-Hlun" if udp else "-Hltn", f"sport = :{port}").stdout.strip():
                 return
             if not server.alive():
                 break
             time.sleep(0.05)
-        raise TestFailed(f"iperf3 server did not listen: {server.output()[-300:]}")
+        raise TestFailed(f"{server.argv[0]} server did not listen: {server.output()[-300:]}")
 
     # the whole run
 
@@ -494,12 +691,26 @@ def describe(step: Step, rec: dict[str, Any]) -> str:
     cpu = rec.get("proxy_cpu_s")
     if step.test == "ping":
         return f"{rec['median_ms']:.3f} ms median, {rec['received']}/{rec['transmitted']} replies"
-    if step.test == "udp":
+    if step.test == "rr":
+        text = (
+            f"rtt mean {rec['mean_us']:.1f} us, p50 {report.fmt_number(rec['p50_us'])}, "
+            f"p99 {report.fmt_number(rec['p99_us'])}, p99.9 {report.fmt_number(rec['p999_us'])}"
+        )
+    elif step.test == "udp":
         text = f"{rec['delivered_pps'] / 1e3:.0f} kpps delivered, {rec['lost_percent']:.1f}% lost"
+    elif step.test == "udpbulk":
+        text = (
+            f"{rec['delivered_bps'] / 1e9:.2f} Gbit/s, {rec['delivered_pps'] / 1e3:.0f} kpps delivered, "
+            f"{rec['lost_percent']:.1f}% lost"
+        )
     else:
         text = f"{rec['received_bps'] / 1e9:.2f} Gbit/s, {rec['retransmits']} retr"
     if cpu is not None:
         text += f", proxy CPU {cpu:.2f} s"
+        if rec.get("cpu_s_per_gb") is not None and step.test != "rr":
+            text += f" ({report.fmt_number(rec['cpu_s_per_gb'])} s/GB)"
+    if rec.get("daemon_drops_total"):
+        text += f"; tunproxy drops {report.fmt_number(rec['daemon_drops_total'], count=True)}"
     drops = sorted(
         ((n, f"{host} {k}") for host, d in (rec.get("kernel_drops") or {}).items() for k, n in d.items()),
         reverse=True,

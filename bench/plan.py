@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TESTS = ("tcp1", "tcp4", "udp", "ping")
+# tcp1/tcp4: iperf3 TCP, 1 and 4 streams. udp: iperf3 64-byte datagrams at -b 0 (the flood).
+# udpbulk: iperf3 1,400-byte datagrams at -b 0. rr: sockperf UDP ping-pong (request/response
+# latency). ping: ICMP echo.
+TESTS = ("tcp1", "tcp4", "udp", "udpbulk", "rr", "ping")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,41 @@ DEFAULT_VARIANTS = ("raw", "vxlan", "host-gw", "udp", "udp-nooffload", "udp-batc
 
 # The ratio columns: everything against kernel VXLAN, and against one packet per system call.
 BASELINES = ("vxlan", "udp-batch1")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal of issue 14 for the tunproxy (userspace) variants.
+
+    ``metric`` is a key of ``report.METRICS``; with ``baseline`` set the goal is
+    on the ratio of medians against that variant (``0.81x (>= 1.0x: no)``),
+    without it on the metric's median itself (``0.52 (<= 0.45: no)``).
+    ``op`` is ``>=`` or ``<=``.
+    """
+
+    metric: str
+    op: str
+    value: float
+    baseline: str | None = "vxlan"
+
+    def met(self, observed: float | None) -> bool | None:
+        """Whether ``observed`` (a ratio or a median) meets the goal; None when it is unknown."""
+        if observed is None:
+            return None
+        return observed >= self.value if self.op == ">=" else observed <= self.value
+
+
+# Issue 14, "Userspace at kernel speed", as ratios in one run (medians over interleaved rounds).
+TARGETS: tuple[Target, ...] = (
+    Target("tcp1_gbps", ">=", 1.0),
+    Target("tcp4_gbps", ">=", 0.5),
+    Target("udp_kpps", ">=", 1.2),
+    Target("udpbulk_gbps", ">=", 0.8),
+    Target("rr_mean_us", "<=", 2.5),
+    Target("rr_p999_us", "<=", 4.0),
+    Target("tcp1_cpu_s_per_gb", "<=", 0.45, None),  # both daemons together
+    Target("udp_daemon_drops", "<=", 0, None),  # the flood: the daemons' own drop counters stay at 0
+)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 from tunproxy.counters import DROP_REASONS
 
-from .plan import BASELINES, BY_NAME
+from .plan import BASELINES, BY_NAME, TARGETS, Target
 
 Record = Mapping[str, Any]
 
@@ -56,6 +56,34 @@ def cpu_seconds_per_gb(cpu_s: float | None, nbytes: float | None) -> float | Non
     return cpu_s / (nbytes / 1e9)
 
 
+PING_BYTES = 64  # ICMP echo: 8 header + ping's default 56 data bytes
+
+
+def moved_bytes(test: str, rec: Record) -> float | None:
+    """Payload bytes a test moved through the overlay (what CPU s/GB divides by); None if unknown.
+
+    TCP: bytes received. UDP: datagrams delivered x payload. rr: messages sent
+    and received over the whole run x message size. ping: echo requests and
+    replies x 64 ICMP bytes. Records saved before a field existed fall back
+    to what they hold.
+    """
+    if test in ("tcp1", "tcp4"):
+        return rec.get("received_bytes")
+    if test in ("udp", "udpbulk"):
+        if rec.get("delivered_bytes") is not None:
+            return rec["delivered_bytes"]
+        packets, payload = rec.get("delivered_packets"), rec.get("payload_bytes")
+        return None if packets is None or payload is None else packets * payload
+    if test == "rr":
+        sent, received = rec.get("total_sent_messages"), rec.get("total_received_messages")
+        size = rec.get("message_bytes")
+        return None if sent is None or received is None or size is None else (sent + received) * size
+    if test == "ping":
+        sent, received = rec.get("transmitted"), rec.get("received")
+        return None if sent is None or received is None else (sent + received) * PING_BYTES
+    return None
+
+
 def _get(test: str, key: str, scale: float = 1.0) -> Callable[[Record], float | None]:
     def extract(tests: Record) -> float | None:
         rec = tests.get(test) or {}
@@ -68,7 +96,23 @@ def _get(test: str, key: str, scale: float = 1.0) -> Callable[[Record], float | 
 def _cpu_per_gb(test: str) -> Callable[[Record], float | None]:
     def extract(tests: Record) -> float | None:
         rec = tests.get(test) or {}
-        return cpu_seconds_per_gb(rec.get("proxy_cpu_s"), rec.get("received_bytes"))
+        if rec.get("cpu_s_per_gb") is not None:
+            return float(rec["cpu_s_per_gb"])
+        return cpu_seconds_per_gb(rec.get("proxy_cpu_s"), moved_bytes(test, rec))
+
+    return extract
+
+
+def _kernel_drops(test: str) -> Callable[[Record], float | None]:
+    """The kernel's drop counters that grew during a test, summed over both hosts."""
+
+    def extract(tests: Record) -> float | None:
+        rec = tests.get(test) or {}
+        if rec.get("kernel_drops_total") is not None:
+            return float(rec["kernel_drops_total"])
+        if "kernel_drops" not in rec:
+            return None
+        return float(sum(n for d in rec["kernel_drops"].values() for n in d.values()))  # saved before
 
     return extract
 
@@ -102,28 +146,81 @@ METRICS: dict[str, Metric] = {
         Metric("tcp1_gbps", "TCP x1 Gbit/s", _get("tcp1", "received_bps", 1e-9)),
         Metric("tcp4_gbps", "TCP x4 Gbit/s", _get("tcp4", "received_bps", 1e-9)),
         Metric("udp_kpps", "UDP-64 kpps", _get("udp", "delivered_pps", 1e-3)),
-        Metric("udp_loss_pct", "UDP loss %", _get("udp", "lost_percent")),
+        Metric("udp_loss_pct", "UDP-64 loss %", _get("udp", "lost_percent")),
+        Metric("udpbulk_gbps", "UDP-1400 Gbit/s", _get("udpbulk", "delivered_bps", 1e-9)),
+        Metric("udpbulk_kpps", "UDP-1400 kpps", _get("udpbulk", "delivered_pps", 1e-3)),
+        Metric("udpbulk_loss_pct", "UDP-1400 loss %", _get("udpbulk", "lost_percent")),
         Metric("ping_ms", "ping ms", _get("ping", "median_ms")),
+        Metric("rr_mean_us", "rr mean us", _get("rr", "mean_us")),
+        Metric("rr_p50_us", "rr p50 us", _get("rr", "p50_us")),
+        Metric("rr_p99_us", "rr p99 us", _get("rr", "p99_us")),
+        Metric("rr_p999_us", "rr p99.9 us", _get("rr", "p999_us")),
         Metric("tcp1_retransmits", "TCP x1 retr", _get("tcp1", "retransmits"), count=True),
         Metric("tcp4_retransmits", "TCP x4 retr", _get("tcp4", "retransmits"), count=True),
-        Metric("tcp1_cpu_s_per_gb", "CPU s/GB (TCP x1)", _cpu_per_gb("tcp1")),
-        Metric("tcp4_cpu_s_per_gb", "CPU s/GB (TCP x4)", _cpu_per_gb("tcp4")),
+        Metric("udp_daemon_drops", "UDP-64 tunproxy drops", _get("udp", "daemon_drops_total"), count=True),
+        Metric("udp_kernel_drops", "UDP-64 kernel drops", _kernel_drops("udp"), count=True),
+        Metric(
+            "udpbulk_daemon_drops",
+            "UDP-1400 tunproxy drops",
+            _get("udpbulk", "daemon_drops_total"),
+            count=True,
+        ),
+        Metric("udpbulk_kernel_drops", "UDP-1400 kernel drops", _kernel_drops("udpbulk"), count=True),
+        Metric("tcp1_cpu_s_per_gb", "CPU s/GB TCP x1", _cpu_per_gb("tcp1")),
+        Metric("tcp4_cpu_s_per_gb", "CPU s/GB TCP x4", _cpu_per_gb("tcp4")),
+        Metric("udp_cpu_s_per_gb", "CPU s/GB UDP-64", _cpu_per_gb("udp")),
+        Metric("udpbulk_cpu_s_per_gb", "CPU s/GB UDP-1400", _cpu_per_gb("udpbulk")),
+        Metric("rr_cpu_s_per_gb", "CPU s/GB rr", _cpu_per_gb("rr")),
+        Metric("ping_cpu_s_per_gb", "CPU s/GB ping", _cpu_per_gb("ping")),
         Metric("tcp1_cpu_pct", "CPU % (TCP x1)", _cpu_pct("tcp1")),
-        Metric("udp_cpu_us_per_pkt", "CPU us/pkt (UDP)", _cpu_us_per_packet),
+        Metric("udp_cpu_us_per_pkt", "CPU us/pkt (UDP-64)", _cpu_us_per_packet),
     )
 }
-# Two tables of figures (what a variant delivers, what it costs) and one of ratios.
-FIGURE_COLUMNS = ("tcp1_gbps", "tcp4_gbps", "udp_kpps", "udp_loss_pct", "ping_ms")
+# Tables of figures (what a variant delivers, how fast it answers, what it costs, what it loses),
+# then one of ratios per baseline.
+FIGURE_COLUMNS = (
+    "tcp1_gbps",
+    "tcp4_gbps",
+    "udp_kpps",
+    "udp_loss_pct",
+    "udpbulk_gbps",
+    "udpbulk_kpps",
+    "udpbulk_loss_pct",
+)
+LATENCY_COLUMNS = ("ping_ms", "rr_mean_us", "rr_p50_us", "rr_p99_us", "rr_p999_us")
 COST_COLUMNS = (
-    "tcp1_retransmits",
-    "tcp4_retransmits",
     "tcp1_cpu_s_per_gb",
+    "tcp4_cpu_s_per_gb",
+    "udp_cpu_s_per_gb",
+    "udpbulk_cpu_s_per_gb",
+    "rr_cpu_s_per_gb",
+    "ping_cpu_s_per_gb",
     "tcp1_cpu_pct",
     "udp_cpu_us_per_pkt",
 )
-CPU_COLUMNS = {"tcp1_cpu_s_per_gb", "tcp4_cpu_s_per_gb", "tcp1_cpu_pct", "udp_cpu_us_per_pkt"}
-RATIO_COLUMNS = {"tcp1_gbps": "TCP x1", "tcp4_gbps": "TCP x4", "udp_kpps": "UDP pps", "ping_ms": "ping"}
+DROP_COLUMNS = (
+    "tcp1_retransmits",
+    "tcp4_retransmits",
+    "udp_daemon_drops",
+    "udp_kernel_drops",
+    "udpbulk_daemon_drops",
+    "udpbulk_kernel_drops",
+)
+# Figures of the daemons themselves: nothing to show where no daemon runs (raw), and no drop
+# counters where the kernel moves the packets (vxlan, host-gw).
+CPU_COLUMNS = set(COST_COLUMNS)
+DAEMON_DROP_COLUMNS = {"udp_daemon_drops", "udpbulk_daemon_drops"}
+RATIO_COLUMNS = {
+    "tcp1_gbps": "TCP x1",
+    "tcp4_gbps": "TCP x4",
+    "udp_kpps": "UDP-64 pps",
+    "udpbulk_gbps": "UDP-1400",
+    "rr_mean_us": "rr mean",
+    "rr_p999_us": "rr p99.9",
+    "ping_ms": "ping",
+}
 BASELINE_SHORT = {"vxlan": "vxlan", "udp-batch1": "batch1"}
+MISSING = "-"  # a figure the run does not hold (a test not run, or saved before it existed)
 
 
 def variants_of(runs: Sequence[Record]) -> list[str]:
@@ -154,6 +251,55 @@ def ratios(
         }
         for variant, row in table.items()
     }
+
+
+def applies(target: Target, variant: str) -> bool:
+    """Issue 14's targets are for tunproxy's own (userspace) data path, not for the kernel's."""
+    known = BY_NAME.get(variant)
+    return known is not None and not known.kernel and known.backend is not None
+
+
+def target_results(
+    table: Mapping[str, Mapping[str, Stat | None]], targets: Sequence[Target] = TARGETS
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """variant -> metric -> {observed, target, met} for every target that applies to the variant.
+
+    ``observed`` is the ratio of medians against the target's baseline (None if
+    either is missing from the run) or the metric's median; ``met`` is None when
+    it is unknown.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant, row in table.items():
+        mine: dict[str, dict[str, Any]] = {}
+        for t in targets:
+            if not applies(t, variant):
+                continue
+            if t.baseline is None:
+                stat = row.get(t.metric)
+                observed = None if stat is None else stat.median
+            else:
+                base = table.get(t.baseline)
+                observed = ratio(row.get(t.metric), None if base is None else base.get(t.metric))
+            mine[t.metric] = {
+                "observed": observed,
+                "baseline": t.baseline,
+                "target": f"{t.op} {target_value(t)}",
+                "met": t.met(observed),
+            }
+        if mine:
+            out[variant] = mine
+    return out
+
+
+def target_value(t: Target) -> str:
+    return f"{t.value:.1f}x" if t.baseline else f"{t.value:g}"
+
+
+def target_note(t: Target, observed: float | None) -> str:
+    """`` (>= 1.0x: no)``: the goal next to a figure, and whether it is met."""
+    met = t.met(observed)
+    word = "?" if met is None else "yes" if met else "no"
+    return f" ({t.op} {target_value(t)}: {word})"
 
 
 def mtus(runs: Sequence[Record]) -> dict[str, int | None]:
@@ -258,30 +404,53 @@ def render_grid(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown:
 
 
 def tables(result: Record, markdown: bool = False) -> str:
-    """The figures, the costs and the ratios for a whole result, as three tables."""
+    """The whole result as tables: figures, latency, cost, drops, then the ratios against each
+    baseline in the run (against kernel VXLAN with issue 14's targets beside the ratios)."""
     runs = result["runs"]
     table = summary(runs)
     mtu = mtus(runs)
+    absolute = {t.metric: t for t in TARGETS if t.baseline is None}
 
     def cell(variant: str, key: str) -> str:
-        if key in CPU_COLUMNS and variant in BY_NAME and BY_NAME[variant].backend is None:
+        known = BY_NAME.get(variant)
+        if key in CPU_COLUMNS and known is not None and known.backend is None:
             return "n/a"  # no daemon at all
-        return fmt_stat(table[variant][key], METRICS[key].count)
+        if key in DAEMON_DROP_COLUMNS and known is not None and known.kernel:
+            return "n/a"  # the kernel's data path: the daemon counts nothing
+        stat = table[variant][key]
+        if stat is None:
+            return MISSING
+        text = fmt_stat(stat, METRICS[key].count)
+        if key in absolute and applies(absolute[key], variant):
+            text += target_note(absolute[key], stat.median)
+        return text
 
-    headers = ["variant", "MTU", *(METRICS[k].header for k in FIGURE_COLUMNS)]
-    rows = [[v, str(mtu.get(v) or "n/a"), *(cell(v, k) for k in FIGURE_COLUMNS)] for v in table]
-    parts = [render_grid(headers, rows, markdown)]
-    headers = ["variant", *(METRICS[k].header for k in COST_COLUMNS)]
-    rows = [[v, *(cell(v, k) for k in COST_COLUMNS)] for v in table]
-    parts.append(render_grid(headers, rows, markdown))
+    def grid(columns: Sequence[str], first: Sequence[tuple[str, Callable[[str], str]]] = ()) -> str:
+        headers = ["variant", *(h for h, _ in first), *(METRICS[k].header for k in columns)]
+        rows = [[v, *(f(v) for _, f in first), *(cell(v, k) for k in columns)] for v in table]
+        return render_grid(headers, rows, markdown)
 
+    parts = [
+        grid(FIGURE_COLUMNS, [("MTU", lambda v: str(mtu.get(v) or "n/a"))]),
+        grid(LATENCY_COLUMNS),
+        grid(COST_COLUMNS),
+        grid(DROP_COLUMNS),
+    ]
     rel = ratios(table)
-    bases = [b for b in BASELINES if b in table]
-    if bases:
-        headers = ["ratio"] + [
-            f"{name} /{BASELINE_SHORT.get(b, b)}" for name in RATIO_COLUMNS.values() for b in bases
-        ]
-        rows = [[v] + [fmt_ratio(rel[v][b][k]) for k in RATIO_COLUMNS for b in bases] for v in table]
+    for base in (b for b in BASELINES if b in table):
+        goals = {t.metric: t for t in TARGETS if t.baseline == base}
+
+        def ratio_cell(variant: str, key: str, base: str = base, goals: dict[str, Target] = goals) -> str:
+            value = rel[variant][base][key]
+            if value is None:
+                return MISSING
+            text = fmt_ratio(value)
+            if key in goals and applies(goals[key], variant):
+                text += target_note(goals[key], value)
+            return text
+
+        headers = ["ratio", *(f"{name} /{BASELINE_SHORT.get(base, base)}" for name in RATIO_COLUMNS.values())]
+        rows = [[v, *(ratio_cell(v, k) for k in RATIO_COLUMNS)] for v in table]
         parts.append(render_grid(headers, rows, markdown))
     return "\n\n".join(parts)
 
@@ -299,22 +468,41 @@ def machine_line(machine: Mapping[str, Any]) -> str:
 
 
 def config_line(config: Mapping[str, Any]) -> str:
+    tests = config.get("tests") or ("tcp1", "tcp4", "udp", "ping")
+    sizes = " and ".join(f"-l {n}" for t, n in (("udp", 64), ("udpbulk", 1400)) if t in tests)
+    rr = f", sockperf ping-pong {config['udp_seconds']} s" if "rr" in tests else ""
     return (
         f"{config['rounds']} round(s), variant order rotated per round; iperf3 TCP {config['seconds']} s, "
-        f"UDP {config['udp_seconds']} s (-u -b 0 -l 64), ping {config['ping_count']} x "
+        f"UDP {config['udp_seconds']} s (-u -b 0 {sizes or '-l 64'}){rr}, ping {config['ping_count']} x "
         f"{config['ping_interval']} s; figures are median (min-max) over rounds"
     )
 
 
 NOTES = (
     "TCP x1/x4: iperf3 single stream / -P 4, received Gbit/s. UDP-64: 64-byte datagrams at -b 0, "
-    "packets per second delivered to the receiver and loss %. ping ms: median round trip.",
-    "retr: TCP retransmits (iperf3 JSON). CPU: utime+stime of both tunproxy processes together "
-    "(/proc/PID/stat) during the test: seconds per GB received, % of one core, microseconds per "
-    "delivered packet. For vxlan and host-gw the daemon only programs the kernel and idles; the "
-    "kernel's own CPU (softirq, encapsulation) is attributed to no process and is not counted. "
-    "raw runs no daemon.",
-    "Ratios are of medians (/batch1 = against udp-batch1); for ping, lower is better.",
+    "packets per second delivered to the receiver and loss %. UDP-1400: 1,400-byte datagrams at -b 0, "
+    "payload Gbit/s and packets per second delivered, loss %.",
+    "ping ms: median ICMP round trip. rr: sockperf UDP ping-pong (64-byte messages, one in flight) "
+    "round trips in microseconds (--full-rtt): mean and sockperf's own p50/p99/p99.9 over its "
+    "valid duration (warm-up excluded).",
+    "CPU: utime+stime of both tunproxy processes together (/proc/PID/stat) during the test: seconds "
+    "per GB of payload moved (TCP received, UDP delivered, rr and ping both ways), % of one core, "
+    "microseconds per delivered 64-byte datagram. For vxlan and host-gw the daemon only programs the "
+    "kernel and idles; the kernel's own CPU (softirq, encapsulation) is attributed to no process and "
+    "is not counted. raw runs no daemon.",
+    "retr: TCP retransmits (iperf3 JSON). tunproxy drops: the daemons' own drop counters (control "
+    "socket, as `tunproxy status --json`) that grew during the test, both hosts; n/a where the kernel "
+    "moves the packets. kernel drops: UDP RcvbufErrors/SndbufErrors/MemErrors (/proc/net/snmp) and "
+    "every link's rx/tx dropped, both hosts (the receiving iperf3's socket included).",
+    "Ratios are of medians (/batch1 = against udp-batch1); for rr and ping, lower is better. In "
+    "parentheses: issue 14's target for tunproxy's userspace variants and whether this run meets it.",
+    "Issue 14's targets for tunproxy udp: "
+    + ", ".join(
+        f"{METRICS[t.metric].header}{' /' + t.baseline if t.baseline else ''} {t.op} {target_value(t)}"
+        for t in TARGETS
+    )
+    + ".",
+    f"{MISSING}: not in this run (the test was not run, or the result was saved before it existed).",
 )
 
 
@@ -341,7 +529,7 @@ def drops_lines(result: Record) -> list[str]:
         drops = daemon_drops(result["runs"], variant)
         if drops:
             lines.append(f"{variant}: tunproxy drop counters per round (median, both hosts): {join(drops)}")
-        for test in ("tcp1", "udp"):
+        for test in ("tcp1", "tcp4", "udp", "udpbulk", "rr"):
             drops = kernel_drops(result["runs"], variant, test)
             if drops:
                 lines.append(f"{variant}: kernel drops during {test} (median per round): {join(drops)}")

@@ -189,16 +189,19 @@ def test_render_grid_text_and_markdown():
 def test_tables_hold_every_variant_figures_and_ratios():
     result = {"runs": RUNS}
     text = report.tables(result)
-    figures, costs, ratios = text.split("\n\n")
+    figures, latency, costs, drops, vs_vxlan, vs_batch1 = text.split("\n\n")
     assert figures.splitlines()[0].split()[:2] == ["variant", "MTU"]
     udp_row = next(line for line in figures.splitlines() if line.startswith("udp "))
     assert "2.80 (2.60-3.00)" in udp_row and "1472" in udp_row
     raw_costs = next(line for line in costs.splitlines() if line.startswith("raw "))
-    assert raw_costs.split()[-3:] == ["n/a", "n/a", "n/a"]  # no daemon, no CPU figures
-    udp_ratios = next(line for line in ratios.splitlines() if line.startswith("udp "))
-    assert udp_ratios.split()[1:5] == ["0.10x", "1.40x", "n/a", "n/a"]
+    assert raw_costs.split()[1:] == ["n/a"] * 8  # no daemon, no CPU figures
+    udp_ratios = next(line for line in vs_vxlan.splitlines() if line.startswith("udp "))
+    assert udp_ratios.split()[1:6] == ["0.10x", "(>=", "1.0x:", "no)", "-"]  # tcp4 failed every round
+    udp_ratios = next(line for line in vs_batch1.splitlines() if line.startswith("udp "))
+    assert udp_ratios.split()[1:3] == ["1.40x", "-"]
+    assert "TCP x1 /vxlan" in vs_vxlan and "TCP x1 /batch1" in vs_batch1
     md = report.tables(result, markdown=True)
-    assert md.count("| udp-batch1 |") == 3
+    assert md.count("| udp-batch1 |") == 6
 
 
 def test_render_markdown_names_machine_and_chart():
