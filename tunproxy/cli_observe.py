@@ -23,7 +23,7 @@ SUBNET_FILE_HELP = "the daemon's --subnet-file, to find its control socket"
 
 
 def _control_flag(group: Any) -> None:
-    from .cli import option
+    from .flags import option
 
     option(
         group,
@@ -35,7 +35,7 @@ def _control_flag(group: Any) -> None:
 
 def add_run_flags(run: argparse.ArgumentParser) -> None:
     """``tunproxy run``'s observing flags; HTTP is flannel's --healthz-ip/--healthz-port."""
-    from .cli import _address, _tcp_port, option
+    from .flags import _address, _tcp_port, option
 
     obs = run.add_argument_group("observing")
     _control_flag(obs)
@@ -56,7 +56,7 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: Any) -> list[argparse.ArgumentParser]:
     """Add ``status`` and ``drops`` to the subcommands; returns their parsers."""
-    from .cli import option
+    from .flags import option
 
     status = sub.add_parser(
         "status",

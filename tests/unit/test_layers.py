@@ -63,7 +63,7 @@ LAYERS: dict[str, list[str]] = {
     # 6. the daemon: one registry, one backend, the fold between; its window
     "daemon": ["daemon", "observer"],
     # 7. entry points
-    "entry": ["cli", "cli_observe", "cni", "__main__", "__init__"],
+    "entry": ["cli", "flags", "cli_run", "cli_observe", "cni", "__main__", "__init__"],
 }
 ORDER = list(LAYERS)
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}

@@ -1,0 +1,231 @@
+"""``tunproxy run`` and ``tunproxy leases``: from parsed flags to a registry, options and a daemon.
+
+The only place the argparse Namespace is read after parsing: everything past
+here takes typed values (NetworkConfig, UdpFlags, EtcdSettings, DaemonOptions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from . import cli_observe
+from .backend_config import UdpFlags, parse_backend
+from .flags import UsageError, source
+from .model import ConfigError, NetworkConfig
+
+
+def static_network_config(args: argparse.Namespace) -> NetworkConfig:
+    """The network config in static mode: from --net-config, else --network (and --subnet's length)."""
+    if args.net_config:
+        what = source(args, "net_config")
+        try:
+            text = Path(args.net_config).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read {what} {args.net_config}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{what} {args.net_config} is not UTF-8 text") from None
+        try:
+            config = NetworkConfig.parse(text)
+        except ConfigError as e:
+            raise ConfigError(f"{what} {args.net_config}: {e}") from None
+        if args.network and args.network != config.network:
+            raise ConfigError(f"{source(args, 'network')} {args.network} disagrees with {args.net_config}")
+    elif args.network:
+        doc: dict[str, Any] = {"Network": str(args.network)}
+        if args.subnet:
+            doc["SubnetLen"] = args.subnet.prefixlen
+        try:
+            config = NetworkConfig.parse(doc)
+        except ConfigError as e:
+            raise ConfigError(f"{source(args, 'network')} {args.network}: {e}") from None
+    else:
+        raise UsageError("give --network (or --net-config), or --etcd-endpoints")
+    if args.backend and args.backend != config.backend_type:
+        # The Backend options were written for the config's type; another type gets none of them.
+        warnings = [w for w in config.warnings if not w.startswith("ignoring Backend.")]
+        if config.backend.raw:
+            names = ", ".join(sorted(config.backend.raw))
+            warnings.append(
+                f"ignoring Backend {names}: written for {config.backend_type}, "
+                f"{source(args, 'backend')} is {args.backend}"
+            )
+        config = NetworkConfig(
+            config.network,
+            config.subnet_len,
+            config.subnet_min,
+            config.subnet_max,
+            args.backend,
+            parse_backend(args.backend, {}),
+            tuple(warnings),
+        )
+    return config
+
+
+def check_etcd_flags(args: argparse.Namespace) -> None:
+    """The etcd flags' mistakes, each naming the flag or variable it came from, before any I/O."""
+    cert, key = source(args, "etcd_certfile"), source(args, "etcd_keyfile")
+    if bool(args.etcd_certfile) != bool(args.etcd_keyfile):
+        raise ConfigError(f"{cert} and {key} go together")
+    if bool(args.etcd_username) != bool(args.etcd_password):
+        raise ConfigError(f"{source(args, 'etcd_username')} and {source(args, 'etcd_password')} go together")
+    for dest in ("etcd_cafile", "etcd_certfile", "etcd_keyfile"):
+        path = getattr(args, dest)
+        if path:
+            try:
+                Path(path).read_bytes()
+            except OSError as e:
+                raise ConfigError(f"cannot read {source(args, dest)} {path}: {e.strerror}") from None
+    check_tls_files(args)
+
+
+def check_tls_files(args: argparse.Namespace) -> None:
+    """PEM files that TLS cannot use are one line naming the flag, not gRPC's C-core log lines later."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if args.etcd_cafile:
+        try:
+            context.load_verify_locations(cafile=args.etcd_cafile)
+        except (ssl.SSLError, ValueError):
+            what = source(args, "etcd_cafile")
+            raise ConfigError(f"{what} {args.etcd_cafile} holds no PEM certificate") from None
+    if args.etcd_certfile and args.etcd_keyfile:
+        try:
+            context.load_cert_chain(args.etcd_certfile, args.etcd_keyfile)
+        except (ssl.SSLError, ValueError):
+            cert, key = source(args, "etcd_certfile"), source(args, "etcd_keyfile")
+            raise ConfigError(
+                f"{cert} {args.etcd_certfile} and {key} {args.etcd_keyfile} are not a PEM certificate "
+                "and its private key"
+            ) from None
+
+
+def etcd_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """EtcdSettings from the command line (``--etcd-*``)."""
+    from .etcd.connection import DEFAULT_PREFIX, EtcdSettings
+
+    return EtcdSettings.create(
+        args.etcd_endpoints,
+        getattr(args, "etcd_prefix", None) or DEFAULT_PREFIX,
+        getattr(args, "etcd_cafile", None),
+        getattr(args, "etcd_certfile", None),
+        getattr(args, "etcd_keyfile", None),
+        getattr(args, "etcd_username", None),
+        getattr(args, "etcd_password", None),
+    )
+
+
+def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if args.etcd_endpoints:
+        from .etcd.registry import EtcdRegistry
+
+        check_etcd_flags(args)
+
+        return EtcdRegistry(
+            etcd_settings(args),
+            subnet_file=Path(args.subnet_file) if args.subnet_file else None,
+            ttl=args.subnet_lease_ttl * 60,
+            renew_margin=args.subnet_lease_renew_margin * 60,
+        )
+    from .backends import backend_class
+    from .peers.static import StaticRegistry
+
+    config = static_network_config(args)
+    if not args.subnet:
+        raise UsageError("static mode needs --subnet (this host's subnet), or use --etcd-endpoints")
+    own = args.subnet
+    peers: dict = {}
+    for subnet, ip in args.peer:
+        if subnet in peers:
+            raise ConfigError(f"peer subnet {subnet} is listed twice")
+        peers[subnet] = ip
+    static_data = functools.partial(backend_class(config.backend_type).static_backend_data, config=config)
+    if args.peers_file:  # at start, name the flag or variable it came from (a reload names the file)
+        try:
+            Path(args.peers_file).read_bytes()
+        except OSError as e:
+            what = source(args, "peers_file")
+            raise ConfigError(f"cannot read {what} {args.peers_file}: {e.strerror}") from None
+    return StaticRegistry(
+        config,
+        own,
+        peers,
+        Path(args.peers_file) if args.peers_file else None,
+        backend_data_for=static_data,
+        subnet_source=source(args, "subnet"),
+    )
+
+
+def udp_flags(args: argparse.Namespace) -> UdpFlags:
+    """The udp backend's flags, with the flag or variable each given one came from (another
+    backend warns about each, see create_backend)."""
+    from .backends import UDP_ONLY
+
+    given = getattr(args, "sources", {})
+    dests = {"offload": "no_offload"}  # the field is the positive; the flag turns it off
+    sources = {}
+    for name in UDP_ONLY:
+        if dests.get(name, name) in given:
+            sources[name] = given[dests.get(name, name)]
+    return UdpFlags(
+        tun_name=args.tun_name,
+        batch=args.batch,
+        port=args.port,
+        offload=not args.no_offload,
+        allow_any_source=args.allow_any_source,
+        max_routes=args.max_routes,
+        drop_ring=args.drop_ring,
+        without=frozenset(args.without),
+        refuse=frozenset(args.refuse),
+        sources=sources,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import Daemon, DaemonOptions, serve
+    from .netlink import InterfaceChoice
+
+    observe = cli_observe.observe_options(args)
+    registry = make_registry(args)  # bad input is reported before the privilege check
+    if os.geteuid() != 0:
+        raise UsageError("tunproxy run needs root (CAP_NET_ADMIN) to create devices and routes")
+    options = DaemonOptions(
+        iface=InterfaceChoice(
+            tuple(args.iface),
+            tuple(args.iface_regex),
+            args.iface_can_reach,
+            (source(args, "iface"), source(args, "iface_regex"), source(args, "iface_can_reach")),
+        ),
+        public_ip=args.public_ip,
+        subnet_file=Path(args.subnet_file) if args.subnet_file else None,
+        stats_interval=args.stats_interval,
+        check_interval=args.check_interval,
+        ipmasq=args.ip_masq,
+        udp=udp_flags(args),
+        observe=observe,
+    )
+    import uvloop
+
+    uvloop.run(serve(Daemon(registry, options)))
+    return 0
+
+
+def cmd_leases(args: argparse.Namespace) -> int:
+    if not args.etcd_endpoints:
+        raise UsageError("tunproxy leases needs --etcd-endpoints")
+    import uvloop
+
+    from .etcd.listing import format_leases, list_leases
+
+    check_etcd_flags(args)
+    leases = uvloop.run(list_leases(etcd_settings(args)))
+    if args.json:
+        print(json.dumps(leases, indent=2))
+    else:
+        print(format_leases(leases))
+    return 0

@@ -1,0 +1,297 @@
+"""Flags and their environment variables: one converter per flag, one resolution rule.
+
+Every flag can also come from the environment as ``TUNPROXY_<FLAG>`` or as
+flannel's ``FLANNELD_<FLAG>`` (``--etcd-endpoints`` -> ``TUNPROXY_ETCD_ENDPOINTS``,
+``FLANNELD_ETCD_ENDPOINTS``: flannel's rule, dashes stripped, upper case, dashes
+to underscores). The command line wins over both; ``TUNPROXY_`` wins over
+``FLANNELD_``. Values from either place go through the same converter (a CIDR
+becomes an ``IPv4Network`` there, once), so a bad one is reported the same way,
+naming the flag or the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable, Mapping
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, NoReturn
+
+from .backend_config import FEATURES
+from .model import ConfigError, parse_address, parse_network
+
+ENV_PREFIXES = ("TUNPROXY_", "FLANNELD_")  # the first set wins; the command line wins over both
+IFNAMSIZ = 15
+
+
+class UsageError(Exception):
+    """Bad input found after argparse: printed as one line, exit 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line (``tunproxy: error: ...``), not usage plus error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+# --- values: every flag and every environment variable goes through one of these -----------------
+#
+# A converter takes the raw text and the name it came by (``--port`` or ``FLANNELD_PORT``) and
+# returns the value, or raises ConfigError with one line naming that input.
+
+Converter = Callable[[str, str], Any]
+
+
+def _text(raw: str, what: str) -> str:
+    return raw
+
+
+def _integer(low: int, high: int, unit: str = "") -> Converter:
+    def convert(raw: str, what: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{what} {raw!r} is not an integer") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{what} {value} must be from {low} to {high}{unit}")
+        return value
+
+    return convert
+
+
+def _number(minimum: float, inclusive: bool, unit: str) -> Converter:
+    """A float (no inf/nan) at or above (or strictly above) ``minimum``."""
+
+    def convert(raw: str, what: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{what} {raw!r} is not a number of {unit}") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            bound = f"at least {minimum:g}" if inclusive else f"more than {minimum:g}"
+            raise ConfigError(f"{what} {raw!r} must be {bound} {unit}")
+        return value
+
+    return convert
+
+
+def _port_of(protocol: str) -> Converter:
+    def convert(raw: str, what: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{what} {raw!r} is not a {protocol} port (1-65535)") from None
+        if not 0 < value < 65536:
+            raise ConfigError(f"{what} {value} is not a {protocol} port (1-65535)")
+        return value
+
+    return convert
+
+
+_port = _port_of("UDP")
+_tcp_port = _port_of("TCP")
+
+
+# Go's strconv.ParseBool (what flannel's boolean flags accept), plus yes/no/on/off.
+_TRUE = ("1", "t", "true", "yes", "y", "on")
+_FALSE = ("0", "f", "false", "no", "n", "off")
+
+
+def _boolean(raw: str, what: str) -> bool:
+    word = raw.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigError(f"{what} {raw!r} is not true or false")
+
+
+def _choice(*choices: str) -> Converter:
+    def convert(raw: str, what: str) -> str:
+        if raw not in choices:
+            raise ConfigError(f"{what} {raw!r} is not one of {', '.join(choices)}")
+        return raw
+
+    return convert
+
+
+def _cidr(raw: str, what: str) -> IPv4Network:
+    return parse_network(raw, what)
+
+
+def _feature(raw: str, what: str) -> str:
+    name = raw.strip()
+    if name not in FEATURES:
+        known = ", ".join(FEATURES) or "none"
+        raise ConfigError(f"{what} {name!r} is not a data path feature (known: {known})")
+    return name
+
+
+def _address(raw: str, what: str) -> IPv4Address:
+    return parse_address(raw, what)
+
+
+def _peer(raw: str, what: str) -> tuple[IPv4Network, IPv4Address]:
+    from .peers.static import parse_peer_flag
+
+    return parse_peer_flag(raw.strip(), what)
+
+
+def _iface(raw: str, what: str) -> str:
+    if not raw.strip():
+        raise ConfigError(f"{what} is empty; give an interface name or an IPv4 address")
+    return raw.strip()
+
+
+def _regex(raw: str, what: str) -> str:
+    try:
+        re.compile(raw)
+    except re.error as e:
+        raise ConfigError(f"{what} {raw!r} is not a regular expression: {e}") from None
+    return raw
+
+
+def _ifname(raw: str, what: str) -> str:
+    if not raw or len(raw) > IFNAMSIZ or raw in (".", "..") or any(c in raw for c in "/:" + " \t\n"):
+        rule = f"1-{IFNAMSIZ} characters, no '/', ':' or space"
+        raise ConfigError(f"{what} {raw!r} is not a device name ({rule})")
+    return raw
+
+
+def _endpoints(raw: str, what: str) -> str:
+    from .etcd.endpoints import parse_endpoints
+
+    try:
+        parse_endpoints(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{what}: {e}") from None
+    return raw
+
+
+def _kube(raw: str, what: str) -> bool:
+    if _boolean(raw, what):
+        raise ConfigError(
+            f"{what}: tunproxy has no Kubernetes subnet manager; "
+            "use --etcd-endpoints, or --network/--subnet with static peers"
+        )
+    return False
+
+
+def option(
+    group: Any,
+    *flags: str,
+    convert: Converter = _text,
+    split: bool = True,
+    **kwargs: Any,
+) -> argparse.Action:
+    """Add a flag whose value (from the command line or the environment) goes through ``convert``.
+
+    A boolean flag (``default=False`` with no ``nargs``) also takes Go's ``--flag=false``, as
+    flannel's do. ``split``: a repeatable flag read from one environment variable is split at
+    commas and spaces (a regex is not).
+    """
+    if kwargs.get("default") is False and "nargs" not in kwargs and "action" not in kwargs:
+        kwargs.update(nargs="?", const="true", metavar="BOOL")
+        convert = _boolean if convert is _text else convert
+    action: argparse.Action = group.add_argument(*flags, **kwargs)
+    action.convert = convert  # type: ignore[attr-defined]
+    action.split = split  # type: ignore[attr-defined]
+    action.real_default = action.default  # type: ignore[attr-defined]
+    action.default = argparse.SUPPRESS  # absent from the namespace unless given on the command line
+    return action
+
+
+# flannel flags with no effect here: accepted (so a flannel command line runs) with one warning.
+FLANNEL_IGNORED = {
+    "--iptables-resync": "tunproxy writes no iptables rules",
+    "--iptables-forward-rules": "tunproxy writes no iptables rules",
+    "--public-ipv6": "tunproxy carries IPv4 only",
+    "--persistent-mac": "the VtepMAC is always derived from the public IP, so it is always persistent",
+    "--set-node-network-unavailable": "tunproxy has no Kubernetes subnet manager",
+    "--kube-api-url": "tunproxy has no Kubernetes subnet manager",
+    "--kube-annotation-prefix": "tunproxy has no Kubernetes subnet manager",
+    "--kubeconfig-file": "tunproxy has no Kubernetes subnet manager",
+    "--use-multi-cluster-cidr": "tunproxy has no Kubernetes subnet manager",
+}
+IGNORED_BOOLEANS = (
+    "--iptables-forward-rules",
+    "--persistent-mac",
+    "--set-node-network-unavailable",
+    "--use-multi-cluster-cidr",
+)
+
+
+def env_names(action: argparse.Action) -> list[str]:
+    """flannel's rule for every flag name: strip the dashes, upper-case, dashes to underscores, prefix."""
+    return [
+        prefix + flag.lstrip("-").upper().replace("-", "_")
+        for prefix in ENV_PREFIXES
+        for flag in action.option_strings
+        if flag.startswith("--")
+    ]
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices.values())
+    return []
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return next(sub for sub in _subparsers(parser) if sub.prog.endswith(" " + command))
+
+
+def resolve(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, environ: Mapping[str, str]
+) -> list[str]:
+    """Fill every option: the command line, else TUNPROXY_<FLAG>, else FLANNELD_<FLAG>, else the default.
+
+    Every value goes through its flag's converter; ``args.sources`` maps each
+    option's dest to the flag or variable it came from, for messages. An empty
+    variable counts as unset (as in flannel). Returns warnings to log: flannel
+    flags that have no effect here, and TUNPROXY_ variables that name no flag.
+    Raises ConfigError naming the flag or variable of the first bad value.
+    """
+    sub = _subparser(parser, args.command)
+    sources: dict[str, str] = {}
+    warnings: list[str] = []
+    known: set[str] = set()
+    for action in sub._actions:
+        if not action.option_strings or action.dest in ("help", "version"):
+            continue
+        names = env_names(action)
+        known.update(names)
+        convert: Converter = action.convert  # type: ignore[attr-defined]
+        repeated = isinstance(action, argparse._AppendAction)
+        flag = action.option_strings[0]
+        if hasattr(args, action.dest):
+            raw, origin = getattr(args, action.dest), flag
+            items = raw if repeated else [raw]
+        else:
+            origin = next((n for n in names if environ.get(n, "").strip()), "")
+            if not origin:
+                setattr(args, action.dest, action.real_default)  # type: ignore[attr-defined]
+                continue
+            raw = environ[origin]
+            split = repeated and action.split  # type: ignore[attr-defined]
+            items = raw.replace(",", " ").split() if split else [raw]
+        values = [convert(item, origin) for item in items]
+        setattr(args, action.dest, values if repeated else values[0])
+        sources[action.dest] = origin
+        if flag in FLANNEL_IGNORED:
+            warnings.append(f"ignoring {origin}: {FLANNEL_IGNORED[flag]}")
+    for other in _subparsers(parser):  # a variable for another command is not a typo
+        known.update(n for action in other._actions if action.option_strings for n in env_names(action))
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIXES[0]) and name not in known and environ[name].strip():
+            warnings.append(f"ignoring {name}: no tunproxy flag is called that")
+    args.sources = sources
+    return warnings
+
+
+def source(args: argparse.Namespace, dest: str) -> str:
+    """The flag or environment variable a value came from (the flag if it was the default)."""
+    return str(getattr(args, "sources", {}).get(dest) or "--" + dest.replace("_", "-"))
