@@ -11,12 +11,15 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import cli_observe
 from .backend_config import UdpFlags, parse_backend
 from .flags import UsageError, source
 from .model import ConfigError, NetworkConfig
+
+if TYPE_CHECKING:
+    from .etcd.connection import EtcdSettings
 
 
 def static_network_config(args: argparse.Namespace) -> NetworkConfig:
@@ -66,49 +69,12 @@ def static_network_config(args: argparse.Namespace) -> NetworkConfig:
     return config
 
 
-def check_etcd_flags(args: argparse.Namespace) -> None:
-    """The etcd flags' mistakes, each naming the flag or variable it came from, before any I/O."""
-    cert, key = source(args, "etcd_certfile"), source(args, "etcd_keyfile")
-    if bool(args.etcd_certfile) != bool(args.etcd_keyfile):
-        raise ConfigError(f"{cert} and {key} go together")
-    if bool(args.etcd_username) != bool(args.etcd_password):
-        raise ConfigError(f"{source(args, 'etcd_username')} and {source(args, 'etcd_password')} go together")
-    for dest in ("etcd_cafile", "etcd_certfile", "etcd_keyfile"):
-        path = getattr(args, dest)
-        if path:
-            try:
-                Path(path).read_bytes()
-            except OSError as e:
-                raise ConfigError(f"cannot read {source(args, dest)} {path}: {e.strerror}") from None
-    check_tls_files(args)
-
-
-def check_tls_files(args: argparse.Namespace) -> None:
-    """PEM files that TLS cannot use are one line naming the flag, not gRPC's C-core log lines later."""
-    import ssl
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if args.etcd_cafile:
-        try:
-            context.load_verify_locations(cafile=args.etcd_cafile)
-        except (ssl.SSLError, ValueError):
-            what = source(args, "etcd_cafile")
-            raise ConfigError(f"{what} {args.etcd_cafile} holds no PEM certificate") from None
-    if args.etcd_certfile and args.etcd_keyfile:
-        try:
-            context.load_cert_chain(args.etcd_certfile, args.etcd_keyfile)
-        except (ssl.SSLError, ValueError):
-            cert, key = source(args, "etcd_certfile"), source(args, "etcd_keyfile")
-            raise ConfigError(
-                f"{cert} {args.etcd_certfile} and {key} {args.etcd_keyfile} are not a PEM certificate "
-                "and its private key"
-            ) from None
-
-
-def etcd_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """EtcdSettings from the command line (``--etcd-*``)."""
+def etcd_settings(args: argparse.Namespace) -> EtcdSettings:
+    """EtcdSettings from the ``--etcd-*`` flags, checked there once (ConfigError naming the flag
+    or variable each value came from)."""
     from .etcd.connection import DEFAULT_PREFIX, EtcdSettings
 
+    names = {k: source(args, f"etcd_{k}") for k in ("cafile", "certfile", "keyfile", "username", "password")}
     return EtcdSettings.create(
         args.etcd_endpoints,
         getattr(args, "etcd_prefix", None) or DEFAULT_PREFIX,
@@ -117,6 +83,7 @@ def etcd_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         getattr(args, "etcd_keyfile", None),
         getattr(args, "etcd_username", None),
         getattr(args, "etcd_password", None),
+        names=names,
     )
 
 
@@ -124,7 +91,6 @@ def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.etcd_endpoints:
         from .etcd.registry import EtcdRegistry
 
-        check_etcd_flags(args)
 
         return EtcdRegistry(
             etcd_settings(args),
@@ -145,12 +111,6 @@ def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             raise ConfigError(f"peer subnet {subnet} is listed twice")
         peers[subnet] = ip
     static_data = functools.partial(backend_class(config.backend_type).static_backend_data, config=config)
-    if args.peers_file:  # at start, name the flag or variable it came from (a reload names the file)
-        try:
-            Path(args.peers_file).read_bytes()
-        except OSError as e:
-            what = source(args, "peers_file")
-            raise ConfigError(f"cannot read {what} {args.peers_file}: {e.strerror}") from None
     return StaticRegistry(
         config,
         own,
@@ -158,6 +118,7 @@ def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         Path(args.peers_file) if args.peers_file else None,
         backend_data_for=static_data,
         subnet_source=source(args, "subnet"),
+        peers_file_source=source(args, "peers_file"),
     )
 
 
@@ -222,7 +183,6 @@ def cmd_leases(args: argparse.Namespace) -> int:
 
     from .etcd.listing import format_leases, list_leases
 
-    check_etcd_flags(args)
     leases = uvloop.run(list_leases(etcd_settings(args)))
     if args.json:
         print(json.dumps(leases, indent=2))

@@ -40,7 +40,7 @@ def test_a_peers_file_that_is_not_utf8_is_one_line_at_start(tmp_path: Path, caps
     path = tmp_path / "peers.json"
     path.write_bytes(NOT_UTF8)
     line = one_line(capsys, [*STATIC, "--peers-file", str(path)], {})
-    assert line == f"tunproxy: error: peers file {path} is not UTF-8 text"
+    assert line == f"tunproxy: error: --peers-file {path} is not UTF-8 text"
 
 
 def test_a_peers_file_that_turns_to_garbage_keeps_the_table_on_sighup(tmp_path: Path, caplog) -> None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -138,21 +139,33 @@ class EtcdSettings:
         username: str | None = None,
         password: str | None = None,
         timeout: float = 5.0,
+        names: Mapping[str, str] | None = None,
     ) -> EtcdSettings:
-        """Validate and read everything up front, so a mistake stops us with one line at start."""
+        """Validate and read everything up front, so a mistake stops us with one line at start.
+
+        The one place the etcd flags are checked: pairs that go together,
+        files that must be readable, PEM that TLS can use. ``names`` maps
+        ``cafile``, ``certfile``, ``keyfile``, ``username`` and ``password`` to
+        the flag or variable each came from (default ``--etcd-<name>``), so
+        the ConfigError names what the user wrote.
+        """
+        label = {k: f"--etcd-{k}" for k in ("cafile", "certfile", "keyfile", "username", "password")}
+        label.update(names or {})
         if bool(certfile) != bool(keyfile):
-            raise ConfigError("--etcd-certfile and --etcd-keyfile go together")
-        if username and password is None:
-            raise ConfigError("--etcd-username needs --etcd-password")
-        if password and not username:
-            raise ConfigError("--etcd-password needs --etcd-username")
+            raise ConfigError(f"{label['certfile']} and {label['keyfile']} go together")
+        if bool(username) != bool(password):
+            raise ConfigError(f"{label['username']} and {label['password']} go together")
+        ca, cert, key = (
+            _read(p, label[k]) for p, k in ((cafile, "cafile"), (certfile, "certfile"), (keyfile, "keyfile"))
+        )
+        _check_pem(cafile, certfile, keyfile, label)
         prefix = "/" + (prefix or DEFAULT_PREFIX).strip("/")
         return cls(
             parse_endpoints(endpoints, tls=bool(cafile or certfile)),
             prefix,
-            _read(cafile, "--etcd-cafile"),
-            _read(certfile, "--etcd-certfile"),
-            _read(keyfile, "--etcd-keyfile"),
+            ca,
+            cert,
+            key,
             username or None,
             password,
             timeout,
@@ -160,6 +173,26 @@ class EtcdSettings:
 
     def urls(self) -> str:
         return ", ".join(e.url for e in self.endpoints)
+
+
+def _check_pem(
+    cafile: str | None, certfile: str | None, keyfile: str | None, label: Mapping[str, str]
+) -> None:
+    """PEM files TLS cannot use are one line naming the flag, not gRPC's C-core log lines later."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cafile:
+        try:
+            context.load_verify_locations(cafile=cafile)
+        except (ssl.SSLError, ValueError):
+            raise ConfigError(f"{label['cafile']} {cafile} holds no PEM certificate") from None
+    if certfile and keyfile:
+        try:
+            context.load_cert_chain(certfile, keyfile)
+        except (ssl.SSLError, ValueError):
+            raise ConfigError(
+                f"{label['certfile']} {certfile} and {label['keyfile']} {keyfile} are not a PEM "
+                "certificate and its private key"
+            ) from None
 
 
 def _read(path: str | None, what: str) -> bytes | None:

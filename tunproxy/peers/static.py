@@ -69,6 +69,7 @@ class StaticRegistry(Registry):
         peers_file: Path | None = None,
         backend_data_for: Any = None,
         subnet_source: str = "--subnet",
+        peers_file_source: str = "--peers-file",
     ) -> None:
         config.check_subnet(own_subnet, subnet_source)
         self.config = config
@@ -78,17 +79,19 @@ class StaticRegistry(Registry):
         # A static peer's BackendData is computed (e.g. vxlan's VtepMAC from its public IP).
         self.backend_data_for = backend_data_for
         self._reloaded = asyncio.Event()
-        self.current = self._load()  # raises ConfigError at start: a bad file stops us early
+        # ConfigError at start: a bad file stops us early, naming the flag or variable it came by
+        # (a reload names the file: the flag is long gone by then).
+        self.current = self._load(peers_file_source)
 
-    def _load(self) -> tuple[Lease, ...]:
+    def _load(self, what: str = "peers file") -> tuple[Lease, ...]:
         leases = {s: Lease(s, ip, self.config.backend_type) for s, ip in self.flag_peers.items()}
         if self.peers_file is not None:
             try:
                 text = self.peers_file.read_text()
             except OSError as e:
-                raise ConfigError(f"cannot read peers file {self.peers_file}: {e.strerror}") from None
+                raise ConfigError(f"cannot read {what} {self.peers_file}: {e.strerror}") from None
             except UnicodeDecodeError:
-                raise ConfigError(f"peers file {self.peers_file} is not UTF-8 text") from None
+                raise ConfigError(f"{what} {self.peers_file} is not UTF-8 text") from None
             for lease in parse_peers_file(text, str(self.peers_file)):
                 if lease.subnet in leases:
                     raise ConfigError(f"peer subnet {lease.subnet} is listed twice")
