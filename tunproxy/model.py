@@ -257,8 +257,13 @@ class Lease:
 
     @classmethod
     def parse(cls, key: str, value: bytes | str) -> Lease:
-        """Parse flannel's lease value ``{"PublicIP": ..., "BackendType": ..., "BackendData": ...}``."""
-        subnet = parse_subnet_key(key)
+        """Parse flannel's lease key and value; LeaseError (one line) if either is malformed."""
+        return cls.from_value(parse_subnet_key(key), value)
+
+    @classmethod
+    def from_value(cls, subnet: IPv4Network, value: bytes | str) -> Lease:
+        """The lease of ``subnet`` (its key already parsed) from flannel's value,
+        ``{"PublicIP": ..., "BackendType": ..., "BackendData": ...}``; LeaseError if malformed."""
         try:
             doc = json.loads(value)
         except ValueError:

@@ -26,7 +26,8 @@ from tunproxy import cli
 from tunproxy.backends import BackendContext, create_backend
 from tunproxy.backends.vxlan import VxlanBackend
 from tunproxy.daemon import Daemon, DaemonOptions
-from tunproxy.etcd.acquire import LeaseDecoder, config_drift
+from tunproxy.etcd.acquire import config_drift
+from tunproxy.etcd.values import LeaseDecoder
 from tunproxy.model import Lease, NetworkConfig
 from tunproxy.netlink import Underlay
 from tunproxy.peers.static import StaticRegistry

@@ -9,19 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunproxy.etcd.acquire import (
-    Entry,
-    LeaseDecoder,
-    PlanKind,
-    choose_subnet,
-    entry_from,
-    plan_acquisition,
-    previous_subnet,
-)
+from tunproxy.etcd.acquire import Entry, PlanKind, choose_subnet, plan_acquisition, previous_subnet
 from tunproxy.etcd.endpoints import Endpoint, parse_endpoints
 from tunproxy.etcd.keeper import effective_renew_margin, renew_delay
 from tunproxy.etcd.listing import format_duration, format_leases
 from tunproxy.etcd.retry import Backoff
+from tunproxy.etcd.values import LeaseDecoder, entry_from
 from tunproxy.etcd.watch import Step, Verdict, WatchCursor
 from tunproxy.model import ConfigError, Lease, NetworkConfig
 
@@ -317,7 +310,7 @@ def test_watch_responses_are_judged_by_the_cursor():
     assert cursor.next(Response(canceled=True)).step is Step.FAIL and cursor.need_list
 
 
-PURE = ("acquire", "endpoints", "keeper", "retry", "watch")
+PURE = ("acquire", "endpoints", "keeper", "retry", "values", "watch")
 
 
 @pytest.mark.parametrize("name", PURE)

@@ -25,6 +25,7 @@ LAYERS: dict[str, list[str]] = {
         "cniconf",
         "etcd",
         "etcd.acquire",
+        "etcd.values",
         "etcd.keeper",
         "etcd.watch",
         "etcd.endpoints",

@@ -10,7 +10,6 @@ present, even one whose value does not parse, is taken. The registry writes
 the plan with a transaction that fails if the key changed (or exists, for a
 new one) and asks again after a lost race.
 
-``LeaseDecoder`` parses lease values and says each bad one once;
 ``config_drift`` says why a changed config is not applied at runtime.
 """
 
@@ -23,8 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 from ipaddress import IPv4Network
 
-from ..logonce import Said
-from ..model import ConfigError, Lease, LeaseError, NetworkConfig, parse_subnet_key
+from ..model import ConfigError, Lease, NetworkConfig
 
 
 def previous_subnet(text: str) -> IPv4Network | None:
@@ -135,50 +133,6 @@ def choose_subnet(
             f"from SubnetMin {config.subnet_min} to SubnetMax {config.subnet_max} are leased or reserved"
         )
     return rng.choice(candidates)
-
-
-class LeaseDecoder:
-    """Parses lease values, reporting each bad key+value once however often it is seen."""
-
-    def __init__(self) -> None:
-        self._said = Said()  # per key: the bad value last reported
-
-    def decode(
-        self, key: str, value: bytes, network: IPv4Network | None = None
-    ) -> tuple[Lease | None, str | None]:
-        """The lease (or None) and a message to log (None if fine or already said)."""
-        try:
-            parse_subnet_key(key)
-        except LeaseError as e:
-            return None, self._once(key, b"", f"ignoring {key}: {e}")  # whatever the value
-        try:
-            lease = Lease.parse(key, value)
-        except LeaseError as e:
-            return None, self._once(key, value, f"ignoring {key}: {e}")
-        if network is not None and not lease.subnet.subnet_of(network):
-            message = f"ignoring {key}: {lease.subnet} is outside the network {network}"
-            return None, self._once(key, value, message)
-        return lease, None
-
-    def _once(self, key: str, value: bytes, message: str) -> str | None:
-        return message if self._said.due(key, value) else None
-
-    def forget(self, key: str) -> None:
-        """The key was deleted: a bad value written to it again is worth a new line."""
-        self._said.forget(key)
-
-
-def entry_from(key: str, value: bytes, etcd_lease: int, mod_revision: int) -> Entry | None:
-    """An acquisition entry; None if the key is not a subnet key at all."""
-    try:
-        subnet = parse_subnet_key(key)
-    except LeaseError:
-        return None
-    try:
-        lease: Lease | None = Lease.parse(key, value)
-    except LeaseError:
-        lease = None
-    return Entry(subnet, lease, etcd_lease, mod_revision)
 
 
 def config_drift(running: NetworkConfig, stored: bytes | None) -> str | None:

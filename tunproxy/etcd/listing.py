@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..model import Lease
-from .acquire import LeaseDecoder
 from .connection import RETRYABLE, Client, EtcdSettings, close_client, describe
+from .values import LeaseDecoder
 
 log = logging.getLogger(__name__)
 

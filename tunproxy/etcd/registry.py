@@ -41,16 +41,7 @@ from typing import Any
 from ..model import ConfigError, Lease, NetworkConfig, subnet_key
 from ..peers.base import OwnLease, Registry, Update
 from ..supervise import TaskDied, own_cancellation
-from .acquire import (
-    Entry,
-    LeaseDecoder,
-    Plan,
-    PlanKind,
-    config_drift,
-    entry_from,
-    plan_acquisition,
-    previous_subnet,
-)
+from .acquire import Entry, Plan, PlanKind, config_drift, plan_acquisition, previous_subnet
 from .connection import RETRYABLE, Client, Connection, EtcdSettings, describe, guarded, settle
 from .keeper import (
     DEFAULT_RENEW_MARGIN,
@@ -66,6 +57,7 @@ from .keeper import (
     Wait,
 )
 from .retry import Backoff
+from .values import LeaseDecoder, entry_from
 from .watch import WATCH_IDLE
 from .watching import WatchLoop
 

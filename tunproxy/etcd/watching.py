@@ -21,10 +21,10 @@ from aetcd.utils import prefix_range_end
 from ..model import Lease, LeaseAdded, LeaseError, LeaseEvent, LeaseRemoved, parse_subnet_key
 from ..peers.base import Changes, Snapshot, Update
 from ..supervise import own_cancellation
-from .acquire import LeaseDecoder
 from .connection import RETRYABLE, CallCancelled, Client, Connection, within
 from .keeper import Keeper
 from .retry import Backoff
+from .values import LeaseDecoder
 from .watch import WATCH_IDLE, Response, Step, Verdict, WatchCursor
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class WatchLoop:
             if ev.type == rpc.Event.DELETE:
                 self.decoder.forget(key)
             else:
-                lease, message = self.decoder.decode(key, ev.kv.value, self.network)
+                lease, message = self.decoder.decode(key, ev.kv.value, self.network, subnet)
                 _warn(message)
             # A bad value replaces whatever was there: drop the old route rather than keep it.
             out.append(LeaseAdded(lease) if lease else LeaseRemoved(subnet))
