@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -27,7 +28,7 @@ from pathlib import Path
 from .backend_config import UdpFlags
 from .backends import Backend, BackendContext, create_backend
 from .backends.base import PeerRefused, RouteTableFull
-from .logonce import Said
+from .logonce import REPEAT_EVERY, Said
 from .model import Lease, NetworkConfig
 from .netlink import InterfaceChoice, Underlay, find_underlay
 from .observe import changed_fields
@@ -86,6 +87,7 @@ class Daemon:
         # and the reason last logged for each (logged again only when it changes).
         self.unapplied: dict[IPv4Network, Lease] = {}
         self.refusals = Said()
+        self._check_said = Said(repeat=REPEAT_EVERY)
         self._lock = SubnetFileLock(options.subnet_file) if options.subnet_file else None
         self._env = SubnetEnv(options.subnet_file, write_subnet_file) if options.subnet_file else None
         self.observer = Observer(self, options.observe)
@@ -288,7 +290,10 @@ class Daemon:
                     await self._apply(PeerChanges())
             except Exception as e:  # one bad round must not end the loop
                 log.debug("periodic check failed", exc_info=True)
-                log.error("periodic check failed: %s", e)
+                if self._check_said.due("check", str(e), time.monotonic()):
+                    log.error("periodic check failed: %s", e)
+            else:
+                self._check_said.forget("check")
 
 
 def _some(leases: Sequence[Lease], shown: int = 3) -> str:

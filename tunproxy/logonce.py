@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
+REPEAT_EVERY = 60.0
+"""Seconds before a condition that persists (a check that keeps failing) is said again."""
+
 
 class Said:
     """What was last said per key. ``due(key, text, now)`` records and answers; ``forget(key)`` resets."""

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .counters import Counters
+from .logonce import REPEAT_EVERY, Said
 from .observe import READY, DaemonState, PeerSample, PeerState, Sample, Sampler, status_document
 
 if TYPE_CHECKING:
@@ -89,7 +90,8 @@ class Observer:
         self._notifier: Any = None
         self._masq: Any = None
         self._phase: tuple[str, str] | None = None
-        self._tick: float | None = None  # loop time of run()'s last round
+        self._tick: float | None = None
+        self._said = Said(repeat=REPEAT_EVERY)  # loop time of run()'s last round
 
     # ---- what the daemon reports ----
 
@@ -209,7 +211,10 @@ class Observer:
                     try:
                         await self._masq.check(lease.subnet)
                     except OSError as e:
-                        log.error("ip-masq: %s", e)
+                        if self._said.due("ip-masq", str(e), now):
+                            log.error("ip-masq: %s", e)
+                    else:
+                        self._said.forget("ip-masq")
             await asyncio.sleep(min(SAMPLE_INTERVAL, watchdog) if watchdog > 0 else SAMPLE_INTERVAL)
 
     def stuck_for(self, now: float) -> float | None:

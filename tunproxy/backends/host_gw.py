@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from ipaddress import IPv4Address, IPv4Network
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..leftovers import LOOPBACK_LABEL, Kept
+from ..logonce import REPEAT_EVERY, Said
 from ..model import Lease
 from ..netlink import ForeignRoute, Underlay, delete_route, link_index, replace_route, routes_via, run_netlink
 from .base import Backend, BackendContext, PeerRefused
@@ -53,6 +55,7 @@ class HostGwBackend(Backend):
         self.subnet: IPv4Network | None = None
         self.peers: dict[IPv4Network, Lease] = {}
         self._lock = asyncio.Lock()
+        self._said = Said(repeat=REPEAT_EVERY)  # what check() cannot repair, said once a minute
 
     @property
     def mtu(self) -> int:
@@ -126,7 +129,9 @@ class HostGwBackend(Backend):
                     try:
                         replace_route(ipr, **self._route(lease))
                     except ForeignRoute as e:
-                        log.warning("route to %s via %s not restored: %s", lease.subnet, lease.public_ip, e)
+                        if self._said.due(lease.subnet, str(e), time.monotonic()):
+                            via = f"{lease.subnet} via {lease.public_ip}"
+                            log.warning("route to %s not restored: %s", via, e)
                         continue
                     restored.append(lease)
             stale = []

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -38,6 +39,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..backend_config import VXLAN_DEFAULT_VNI, VxlanOptions
 from ..leftovers import Kept
+from ..logonce import REPEAT_EVERY, Said
 from ..model import ConfigError, Lease, NetworkConfig
 from ..netlink import (
     ForeignRoute,
@@ -99,6 +101,7 @@ class VxlanBackend(Backend):
         self.subnet: IPv4Network | None = None
         self.peers: dict[IPv4Network, _Peer] = {}
         self._lock = asyncio.Lock()  # check() and the lease events both write netlink state
+        self._said = Said(repeat=REPEAT_EVERY)  # what check() cannot repair, said once a minute
 
     @property
     def mtu(self) -> int:
@@ -364,15 +367,18 @@ class VxlanBackend(Backend):
                 try:
                     self._write_peer(ipr, index, peer, have)
                 except ForeignRoute as e:
-                    log.warning("peer %s not restored: %s", peer.lease.subnet, e)
+                    if self._said.due(peer.lease.subnet, str(e), time.monotonic()):
+                        log.warning("peer %s not restored: %s", peer.lease.subnet, e)
             return created, self._prune(ipr, index), self._prune_entries(ipr, index)
 
         async with self._lock:
             try:
                 created, pruned, entries = await run_netlink(repair)
             except ConfigError as e:  # e.g. someone made a clashing device; retried next time
-                log.error("cannot restore %s: %s", self.device, e)
+                if self._said.due(self.device, str(e), time.monotonic()):
+                    log.error("cannot restore %s: %s", self.device, e)
                 return
+        self._said.forget(self.device)
         if created:
             log.warning("%s was gone; recreated it with %d peer(s)", self.device, len(self.peers))
         for dst in pruned:

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from enum import Enum
 from ipaddress import IPv4Network
 
+from ..logonce import Said
 from ..model import ConfigError, Lease
 from .retry import Backoff
 
@@ -196,7 +197,7 @@ class Keeper:
         self._after_backoff = State.HOLDING
         self._backoff = Backoff()
         self._reacquire_backoff = Backoff(cap=30.0)
-        self._reacquire_said: str | None = None
+        self._reacquire_said = Said()  # the reason last said for failing to re-acquire
         self._to_revoke: set[int] = set()
         self._revoke_at = -math.inf
         self._reports: list[Lease] = []
@@ -307,7 +308,7 @@ class Keeper:
         if old != held.etcd_lease:
             self.unused(old)
         self.problem = None
-        self._reacquire_said = None
+        self._reacquire_said.forget("reacquire")
         self._reacquire_backoff.reset()
         self._reports.append(held.lease)
 
@@ -315,9 +316,8 @@ class Keeper:
         """Acquisition found no subnet (``reason``, e.g. none free): try again, backing off to 30 s."""
         self._expect(State.REACQUIRING)
         delay = self._reacquire_backoff.next()
-        if reason != self._reacquire_said:
+        if self._reacquire_said.due("reacquire", reason):
             self._say(logging.ERROR, f"cannot acquire a subnet again: {reason}; retrying")
-            self._reacquire_said = reason
         self._back_off(now, delay, State.LOST)
 
     def failed(self, now: float) -> None:

@@ -38,6 +38,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from ..logonce import Said
 from ..model import ConfigError, Lease, NetworkConfig, subnet_key
 from ..peers.base import OwnLease, Registry, Update
 from ..supervise import TaskDied, own_cancellation
@@ -138,10 +139,11 @@ class EtcdRegistry(Registry):
         return self._watch.cursor.revision if self._watch and self._watch.cursor.revision else None
 
     async def network_config(self) -> NetworkConfig:
+        """The network config from ``<prefix>/config``; waits (one line per problem) until it is usable."""
         if self._config is not None:
             return self._config
         backoff = Backoff(cap=5.0)  # one cheap read; notice a fix soon
-        said: str | None = None
+        said = Said()
         key = self.config_key.decode()
         while True:
             kv = await self._conn.call(lambda c: c.get(self.config_key))
@@ -153,7 +155,7 @@ class EtcdRegistry(Registry):
                 except ConfigError as e:
                     problem = f"network config at {key} is unusable: {e}; waiting for a fix"
                 else:
-                    if said:
+                    if "config" in said:
                         log.info("network config at %s is now usable", key)
                     log.info(
                         "network %s, subnets /%d from %s to %s, backend %s",
@@ -165,9 +167,8 @@ class EtcdRegistry(Registry):
                     )
                     self._config = config
                     return config
-            if problem != said:
+            if said.due("config", problem):
                 log.error("%s", problem)
-                said = problem
             await asyncio.sleep(backoff.next())
 
     async def acquire(self, public_ip: IPv4Address, backend_type: str, backend_data: Any) -> Lease:
@@ -418,7 +419,7 @@ class EtcdRegistry(Registry):
     async def _config_loop(self) -> None:
         """Re-read the config now and then, to say (once per change) that a change is not applied."""
         assert self._config is not None
-        said: str | None = None
+        said = Said()
         while True:
             await asyncio.sleep(self.config_poll)
             try:
@@ -427,6 +428,7 @@ class EtcdRegistry(Registry):
                 log.warning("checking the network config in etcd failed: %s", describe(e))
                 continue
             drift = config_drift(self._config, kv.value if kv is not None else None)
-            if drift and drift != said:
+            if drift is None:
+                said.forget("drift")
+            elif said.due("drift", drift):
                 log.error("%s", drift)
-            said = drift
