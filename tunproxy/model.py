@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from .backend_config import BACKEND_TYPES, DEFAULT_BACKEND, BackendOptions, ConfigError, parse_backend
+from .backend_config import (
+    BACKEND_TYPES,
+    DEFAULT_BACKEND,
+    BackendOptions,
+    ConfigError,
+    UdpOptions,
+    parse_backend,
+)
 
 # net-conf fields flannel knows and tunproxy does not use: one warning each, never silence.
 _IPV4_ONLY = "tunproxy carries IPv4 only"
@@ -106,17 +113,29 @@ def parse_subnet_key(key: str) -> IPv4Network:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """flannel's net-conf.json, validated, with defaults filled in as flannel fills them."""
+    """flannel's net-conf.json, validated, with defaults filled in as flannel fills them.
+
+    Built by ``parse``; built directly, it still refuses (ConfigError) options
+    of another type than ``backend_type`` and SubnetMin/Max outside the network.
+    """
 
     network: IPv4Network
     subnet_len: int
     subnet_min: IPv4Address
     subnet_max: IPv4Address
     backend_type: str = DEFAULT_BACKEND
-    backend: BackendOptions = field(default_factory=BackendOptions)
+    backend: BackendOptions = field(default_factory=UdpOptions)
     """The ``Backend`` section, typed for ``backend_type`` (see tunproxy.backend_config)."""
     warnings: tuple[str, ...] = field(default=(), compare=False)
     """One line for each field or Backend option that is flannel's but has no effect here."""
+
+    def __post_init__(self) -> None:
+        kind = BACKEND_TYPES.get(self.backend_type)
+        if kind is None or type(self.backend) is not kind:
+            options = type(self.backend).__name__
+            raise ConfigError(f"Backend options {options} do not belong to backend {self.backend_type!r}")
+        if not (self.subnet_min in self.network and self.subnet_max in self.network):
+            raise ConfigError(f"SubnetMin/SubnetMax are outside the Network {self.network}")
 
     @classmethod
     def parse(cls, raw: str | bytes | Mapping[str, Any]) -> NetworkConfig:
@@ -254,6 +273,10 @@ class Lease:
     public_ip: IPv4Address
     backend_type: str = DEFAULT_BACKEND
     backend_data: Any = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backend_type, str):
+            raise LeaseError(f"lease {self.subnet}: BackendType must be a string, not {self.backend_type!r}")
 
     @classmethod
     def parse(cls, key: str, value: bytes | str) -> Lease:
