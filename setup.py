@@ -1,4 +1,4 @@
 # Only here to build the cffi extension; metadata lives in pyproject.toml.
 from setuptools import setup
 
-setup(cffi_modules=["tunproxy/_fastpath_build.py:ffibuilder"])
+setup(cffi_modules=["fastpath_build.py:ffibuilder"])

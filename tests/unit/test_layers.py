@@ -32,7 +32,7 @@ LAYERS: dict[str, list[str]] = {
         "etcd.retry",
     ],
     # 3. the fast path: the C boundary and the memory it works in
-    "fastpath": ["fastpath", "fastpath_memory", "_fastpath_build"],
+    "fastpath": ["fastpath", "fastpath_memory"],
     # 4. adapters: sockets, netlink, files, etcd, HTTP; each one thin
     "adapters": [
         "netlink",

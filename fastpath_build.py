@@ -1,7 +1,7 @@
-"""cffi builder for tunproxy._fastpath_cffi (used by setup.py's cffi_modules).
+"""cffi builder for tunproxy._fastpath_cffi (used by setup.py's cffi_modules; not installed).
 
-The C is in fastpath_c/, a file per concern, all compiled into the module.
-The declarations come from its one public header, fastpath_c/fastpath.h,
+The C is in tunproxy/fastpath_c/, a file per concern, all compiled into the module.
+The declarations come from its one public header, tunproxy/fastpath_c/fastpath.h,
 minus the preprocessor lines, so the header is the single source of truth.
 The system structs the ring embeds are declared with ``...;``: cffi learns
 their size from the compiler, which is all Python needs to allocate arrays of
@@ -13,7 +13,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-C_DIR = HERE / "fastpath_c"
+C_DIR = HERE / "tunproxy" / "fastpath_c"
 HEADER = C_DIR / "fastpath.h"
 # Sorted, so the build does not depend on the directory's order.
 SOURCES = sorted(C_DIR.glob("*.c"))
