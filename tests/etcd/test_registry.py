@@ -796,7 +796,7 @@ def test_a_background_task_that_dies_ends_updates_with_one_line(etcd):
 def test_a_revoked_lease_with_600_keys_arrives_in_chunks(etcd):
     """One watch response with 600 deletions is decoded and handed over in chunks of at most
     DECODE_CHUNK, with the event loop turning between them (the data path runs meanwhile)."""
-    from tunproxy.etcd.watching import DECODE_CHUNK
+    from tunproxy.etcd.watch_loop import DECODE_CHUNK
 
     async def main() -> None:
         await put_config(etcd, {"Network": "10.100.0.0/16", "SubnetLen": 28, "Backend": {"Type": "udp"}})

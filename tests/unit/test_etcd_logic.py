@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunproxy.etcd.acquire import Entry, PlanKind, choose_subnet, plan_acquisition, previous_subnet
+from tunproxy.etcd.cursor import Step, Verdict, WatchCursor
 from tunproxy.etcd.endpoints import Endpoint, parse_endpoints
 from tunproxy.etcd.keeper import effective_renew_margin, renew_delay
 from tunproxy.etcd.listing import format_duration, format_leases
 from tunproxy.etcd.retry import Backoff
 from tunproxy.etcd.values import LeaseDecoder, entry_from
-from tunproxy.etcd.watch import Step, Verdict, WatchCursor
 from tunproxy.model import ConfigError, Lease, NetworkConfig
 
 NET = NetworkConfig.parse({"Network": "10.100.0.0/16"})
@@ -281,7 +281,7 @@ def test_config_drift_says_what_is_not_applied():
 
 
 def test_watch_responses_are_judged_by_the_cursor():
-    from tunproxy.etcd.watch import Response
+    from tunproxy.etcd.cursor import Response
 
     cursor = WatchCursor()
     cursor.listed(100)
@@ -310,7 +310,7 @@ def test_watch_responses_are_judged_by_the_cursor():
     assert cursor.next(Response(canceled=True)).step is Step.FAIL and cursor.need_list
 
 
-PURE = ("acquire", "endpoints", "keeper", "retry", "values", "watch")
+PURE = ("acquire", "cursor", "endpoints", "keeper", "retry", "values")
 
 
 @pytest.mark.parametrize("name", PURE)

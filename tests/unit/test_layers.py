@@ -27,7 +27,7 @@ LAYERS: dict[str, list[str]] = {
         "etcd.acquire",
         "etcd.values",
         "etcd.keeper",
-        "etcd.watch",
+        "etcd.cursor",
         "etcd.endpoints",
         "etcd.retry",
     ],
@@ -48,7 +48,7 @@ LAYERS: dict[str, list[str]] = {
         "peers.base",
         "peers.static",
         "etcd.connection",
-        "etcd.watching",
+        "etcd.watch_loop",
         "etcd.registry",
         "etcd.listing",
     ],
@@ -79,7 +79,7 @@ FORBIDDEN = {
     "peers.base": {"backends", "daemon"},
     "peers.static": {"backends", "daemon"},
     "etcd.registry": {"backends", "daemon"},
-    "etcd.watching": {"backends", "daemon"},
+    "etcd.watch_loop": {"backends", "daemon"},
     "netlink": {"peers", "backends"},
 }
 

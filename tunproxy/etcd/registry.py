@@ -13,7 +13,7 @@ reservation: never taken by another host, used as is by the host it names.
   A task then runs the ``keeper.Keeper``: it asks when to renew, verify our
   key, re-acquire (yielding ``OwnLease``) or revoke leases we left, and this
   module makes those calls and hands back the answers with the time.
-* ``updates()`` runs a ``watching.WatchLoop``: a listing (a ``Snapshot``), then
+* ``updates()`` runs a ``watch_loop.WatchLoop``: a listing (a ``Snapshot``), then
   a watch from the listing's revision+1, one ``Changes`` per response; after a
   compaction or a store that went backwards, a new ``Snapshot``, which the
   daemon's LeaseWatcher diffs.
@@ -44,6 +44,7 @@ from ..peers.base import OwnLease, Registry, Update
 from ..supervise import TaskDied, own_cancellation
 from .acquire import Entry, Plan, PlanKind, config_drift, plan_acquisition, previous_subnet
 from .connection import RETRYABLE, Client, Connection, EtcdSettings, describe, guarded, settle
+from .cursor import WATCH_IDLE
 from .keeper import (
     DEFAULT_RENEW_MARGIN,
     DEFAULT_TTL,
@@ -59,8 +60,7 @@ from .keeper import (
 )
 from .retry import Backoff
 from .values import LeaseDecoder, entry_from
-from .watch import WATCH_IDLE
-from .watching import WatchLoop
+from .watch_loop import WatchLoop
 
 __all__ = ["EtcdRegistry"]
 

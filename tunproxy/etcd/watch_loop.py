@@ -22,10 +22,10 @@ from ..model import Lease, LeaseAdded, LeaseError, LeaseEvent, LeaseRemoved, par
 from ..peers.base import Changes, Snapshot, Update
 from ..supervise import own_cancellation
 from .connection import RETRYABLE, CallCancelled, Client, Connection, within
+from .cursor import WATCH_IDLE, Response, Step, Verdict, WatchCursor
 from .keeper import Keeper
 from .retry import Backoff
 from .values import LeaseDecoder
-from .watch import WATCH_IDLE, Response, Step, Verdict, WatchCursor
 
 log = logging.getLogger(__name__)
 
