@@ -34,21 +34,21 @@ from .flags import (
     IGNORED_BOOLEANS,
     ArgumentParser,
     UsageError,
-    _address,
-    _choice,
-    _cidr,
-    _endpoints,
-    _feature,
-    _iface,
-    _ifname,
-    _integer,
-    _kube,
-    _number,
-    _peer,
-    _port,
-    _regex,
+    address,
+    choice,
+    cidr,
+    endpoints,
+    feature,
+    iface,
+    ifname,
+    integer,
+    kube,
+    number,
     option,
+    peer,
+    regex,
     resolve,
+    udp_port,
 )
 from .model import ConfigError, LeaseError
 from .supervise import TaskDied
@@ -74,8 +74,8 @@ def build_parser() -> ArgumentParser:
     )
     run.add_argument("--version", action="version", version=f"tunproxy {__version__}")  # as flanneld's
     net = run.add_argument_group("network (static mode)")
-    option(net, "--network", convert=_cidr, help="the overlay range, e.g. 10.100.0.0/16")
-    option(net, "--subnet", convert=_cidr, help="this host's subnet, e.g. 10.100.5.0/24")
+    option(net, "--network", convert=cidr, help="the overlay range, e.g. 10.100.0.0/16")
+    option(net, "--subnet", convert=cidr, help="this host's subnet, e.g. 10.100.5.0/24")
     option(
         net,
         "--net-config",
@@ -86,7 +86,7 @@ def build_parser() -> ArgumentParser:
     option(
         net,
         "--backend",
-        convert=_choice(*BACKEND_TYPES),
+        convert=choice(*BACKEND_TYPES),
         metavar="{" + ",".join(BACKEND_TYPES) + "}",
         help="backend type (default: the net config's, else udp)",
     )
@@ -95,7 +95,7 @@ def build_parser() -> ArgumentParser:
         "--peer",
         action="append",
         default=[],
-        convert=_peer,
+        convert=peer,
         metavar="PUBLIC_IP=SUBNET",
         help="a peer host and its subnet; repeat for more",
     )
@@ -112,7 +112,7 @@ def build_parser() -> ArgumentParser:
         "--iface",
         action="append",
         default=[],
-        convert=_iface,
+        convert=iface,
         metavar="NAME_OR_IP",
         help="interface to use, by name or by one of its IPv4 addresses; repeat to try each in order",
     )
@@ -121,7 +121,7 @@ def build_parser() -> ArgumentParser:
         "--iface-regex",
         action="append",
         default=[],
-        convert=_regex,
+        convert=regex,
         split=False,
         metavar="REGEX",
         help="searched in every interface's addresses, then names; repeatable; tried after --iface",
@@ -129,11 +129,11 @@ def build_parser() -> ArgumentParser:
     option(
         host,
         "--iface-can-reach",
-        convert=_address,
+        convert=address,
         metavar="IP",
         help="the interface the kernel routes this address through (ip route get); tried last",
     )
-    option(host, "--public-ip", convert=_address, help="address peers send to (default: the interface's)")
+    option(host, "--public-ip", convert=address, help="address peers send to (default: the interface's)")
     option(host, "--subnet-file", default=DEFAULT_SUBNET_FILE, help="where to write subnet.env ('' for none)")
     option(
         host,
@@ -145,21 +145,21 @@ def build_parser() -> ArgumentParser:
     cli_observe.add_run_flags(run)
 
     udp = run.add_argument_group("udp backend")
-    option(udp, "--port", convert=_port, help="UDP port (default: Backend.Port, else 8285)")
+    option(udp, "--port", convert=udp_port, help="UDP port (default: Backend.Port, else 8285)")
     option(
         udp,
         "--batch",
-        convert=_integer(1, BATCH_MAX),
+        convert=integer(1, BATCH_MAX),
         default=BATCH_DEFAULT,
         help=f"packets per system call (default {BATCH_DEFAULT})",
     )
     option(
-        udp, "--tun-name", convert=_ifname, default=DEFAULT_TUN, help=f"TUN device (default {DEFAULT_TUN})"
+        udp, "--tun-name", convert=ifname, default=DEFAULT_TUN, help=f"TUN device (default {DEFAULT_TUN})"
     )
     option(
         udp,
         "--max-routes",
-        convert=_integer(0, MAX_ROUTES),
+        convert=integer(0, MAX_ROUTES),
         default=0,
         help="most peer routes the fast path holds (0, the default: every SubnetLen subnet of the "
         "network, at least 4096); leases past it are logged and added when room frees",
@@ -167,7 +167,7 @@ def build_parser() -> ArgumentParser:
     option(
         udp,
         "--drop-ring",
-        convert=_integer(0, DROP_RING_MAX),
+        convert=integer(0, DROP_RING_MAX),
         default=DROP_RING_DEFAULT,
         help=f"dropped packets kept for tunproxy drops (default {DROP_RING_DEFAULT}; 0: none)",
     )
@@ -182,7 +182,7 @@ def build_parser() -> ArgumentParser:
         "--without",
         action="append",
         default=[],
-        convert=_feature,
+        convert=feature,
         metavar="FEATURE",
         help="turn one of the data path's speed-ups off, to measure what it buys; repeatable "
         f"({', '.join(FEATURES) or 'none yet'})",
@@ -192,7 +192,7 @@ def build_parser() -> ArgumentParser:
         "--refuse",
         action="append",
         default=[],
-        convert=_feature,
+        convert=feature,
         metavar="FEATURE",
         help="for tests: act as if the kernel refused FEATURE, so its fallback runs",
     )
@@ -209,14 +209,14 @@ def build_parser() -> ArgumentParser:
     option(
         store,
         "--subnet-lease-ttl",
-        convert=_number(0, False, "minutes"),
+        convert=number(0, False, "minutes"),
         default=24 * 60,
         help="lease lifetime in minutes (default 1440 = 24 h)",
     )
     option(
         store,
         "--subnet-lease-renew-margin",
-        convert=_number(0, False, "minutes"),
+        convert=number(0, False, "minutes"),
         default=60,
         help="renew this many minutes before the lease expires (default 60)",
     )
@@ -225,21 +225,21 @@ def build_parser() -> ArgumentParser:
     option(
         misc,
         "--stats-interval",
-        convert=_number(0, True, "seconds"),
+        convert=number(0, True, "seconds"),
         default=60.0,
         help="seconds between counter summaries in the log (0: only at exit)",
     )
     option(
         misc,
         "--check-interval",
-        convert=_number(0, False, "seconds"),
+        convert=number(0, False, "seconds"),
         default=10.0,
         help="seconds between checks that restore routes/devices removed behind our back",
     )
     _add_log_level(misc)
 
     ignored = run.add_argument_group("flannel flags accepted and ignored (one warning each)")
-    option(ignored, "--kube-subnet-mgr", default=False, convert=_kube, help="refused: no Kubernetes mode")
+    option(ignored, "--kube-subnet-mgr", default=False, convert=kube, help="refused: no Kubernetes mode")
     for flag in FLANNEL_IGNORED:
         if flag in IGNORED_BOOLEANS:
             option(ignored, flag, default=False, help=argparse.SUPPRESS)
@@ -259,7 +259,7 @@ def _add_log_level(group: Any) -> None:
     option(
         group,
         "--log-level",
-        convert=_choice("debug", "info", "warning", "error"),
+        convert=choice("debug", "info", "warning", "error"),
         default="info",
         metavar="{debug,info,warning,error}",
         help="debug also prints the traceback of an unexpected error",
@@ -268,7 +268,7 @@ def _add_log_level(group: Any) -> None:
 
 def _add_etcd_flags(parser: argparse.ArgumentParser) -> None:
     etcd = parser.add_argument_group("etcd")
-    option(etcd, "--etcd-endpoints", convert=_endpoints, help="comma-separated, e.g. http://192.0.2.100:2379")
+    option(etcd, "--etcd-endpoints", convert=endpoints, help="comma-separated, e.g. http://192.0.2.100:2379")
     option(etcd, "--etcd-prefix", default="/coreos.com/network")
     option(etcd, "--etcd-cafile")
     option(etcd, "--etcd-certfile")

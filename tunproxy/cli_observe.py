@@ -35,21 +35,21 @@ def _control_flag(group: Any) -> None:
 
 def add_run_flags(run: argparse.ArgumentParser) -> None:
     """``tunproxy run``'s observing flags; HTTP is flannel's --healthz-ip/--healthz-port."""
-    from .flags import _address, _tcp_port, option
+    from .flags import address, option, tcp_port
 
     obs = run.add_argument_group("observing")
     _control_flag(obs)
     option(
         obs,
         "--healthz-ip",
-        convert=_address,
+        convert=address,
         default=IPv4Address("0.0.0.0"),
         help="address for /healthz, /readyz, /metrics (default 0.0.0.0, as flannel)",
     )
     option(
         obs,
         "--healthz-port",
-        convert=_tcp_port,
+        convert=tcp_port,
         help="port for /healthz, /readyz and /metrics (default: no HTTP server, as flannel)",
     )
 

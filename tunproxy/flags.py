@@ -44,11 +44,11 @@ class ArgumentParser(argparse.ArgumentParser):
 Converter = Callable[[str, str], Any]
 
 
-def _text(raw: str, what: str) -> str:
+def text(raw: str, what: str) -> str:
     return raw
 
 
-def _integer(low: int, high: int, unit: str = "") -> Converter:
+def integer(low: int, high: int, unit: str = "") -> Converter:
     def convert(raw: str, what: str) -> int:
         try:
             value = int(raw.strip())
@@ -61,7 +61,7 @@ def _integer(low: int, high: int, unit: str = "") -> Converter:
     return convert
 
 
-def _number(minimum: float, inclusive: bool, unit: str) -> Converter:
+def number(minimum: float, inclusive: bool, unit: str) -> Converter:
     """A float (no inf/nan) at or above (or strictly above) ``minimum``."""
 
     def convert(raw: str, what: str) -> float:
@@ -77,7 +77,7 @@ def _number(minimum: float, inclusive: bool, unit: str) -> Converter:
     return convert
 
 
-def _port_of(protocol: str) -> Converter:
+def port_of(protocol: str) -> Converter:
     def convert(raw: str, what: str) -> int:
         try:
             value = int(raw.strip())
@@ -90,8 +90,8 @@ def _port_of(protocol: str) -> Converter:
     return convert
 
 
-_port = _port_of("UDP")
-_tcp_port = _port_of("TCP")
+udp_port = port_of("UDP")
+tcp_port = port_of("TCP")
 
 
 # Go's strconv.ParseBool (what flannel's boolean flags accept), plus yes/no/on/off.
@@ -99,7 +99,7 @@ _TRUE = ("1", "t", "true", "yes", "y", "on")
 _FALSE = ("0", "f", "false", "no", "n", "off")
 
 
-def _boolean(raw: str, what: str) -> bool:
+def boolean(raw: str, what: str) -> bool:
     word = raw.strip().lower()
     if word in _TRUE:
         return True
@@ -108,7 +108,7 @@ def _boolean(raw: str, what: str) -> bool:
     raise ConfigError(f"{what} {raw!r} is not true or false")
 
 
-def _choice(*choices: str) -> Converter:
+def choice(*choices: str) -> Converter:
     def convert(raw: str, what: str) -> str:
         if raw not in choices:
             raise ConfigError(f"{what} {raw!r} is not one of {', '.join(choices)}")
@@ -117,11 +117,11 @@ def _choice(*choices: str) -> Converter:
     return convert
 
 
-def _cidr(raw: str, what: str) -> IPv4Network:
+def cidr(raw: str, what: str) -> IPv4Network:
     return parse_network(raw, what)
 
 
-def _feature(raw: str, what: str) -> str:
+def feature(raw: str, what: str) -> str:
     name = raw.strip()
     if name not in FEATURES:
         known = ", ".join(FEATURES) or "none"
@@ -129,23 +129,23 @@ def _feature(raw: str, what: str) -> str:
     return name
 
 
-def _address(raw: str, what: str) -> IPv4Address:
+def address(raw: str, what: str) -> IPv4Address:
     return parse_address(raw, what)
 
 
-def _peer(raw: str, what: str) -> tuple[IPv4Network, IPv4Address]:
+def peer(raw: str, what: str) -> tuple[IPv4Network, IPv4Address]:
     from .peers.static import parse_peer_flag
 
     return parse_peer_flag(raw.strip(), what)
 
 
-def _iface(raw: str, what: str) -> str:
+def iface(raw: str, what: str) -> str:
     if not raw.strip():
         raise ConfigError(f"{what} is empty; give an interface name or an IPv4 address")
     return raw.strip()
 
 
-def _regex(raw: str, what: str) -> str:
+def regex(raw: str, what: str) -> str:
     try:
         re.compile(raw)
     except re.error as e:
@@ -153,14 +153,14 @@ def _regex(raw: str, what: str) -> str:
     return raw
 
 
-def _ifname(raw: str, what: str) -> str:
+def ifname(raw: str, what: str) -> str:
     if not raw or len(raw) > IFNAMSIZ or raw in (".", "..") or any(c in raw for c in "/:" + " \t\n"):
         rule = f"1-{IFNAMSIZ} characters, no '/', ':' or space"
         raise ConfigError(f"{what} {raw!r} is not a device name ({rule})")
     return raw
 
 
-def _endpoints(raw: str, what: str) -> str:
+def endpoints(raw: str, what: str) -> str:
     from .etcd.endpoints import parse_endpoints
 
     try:
@@ -170,8 +170,8 @@ def _endpoints(raw: str, what: str) -> str:
     return raw
 
 
-def _kube(raw: str, what: str) -> bool:
-    if _boolean(raw, what):
+def kube(raw: str, what: str) -> bool:
+    if boolean(raw, what):
         raise ConfigError(
             f"{what}: tunproxy has no Kubernetes subnet manager; "
             "use --etcd-endpoints, or --network/--subnet with static peers"
@@ -182,7 +182,7 @@ def _kube(raw: str, what: str) -> bool:
 def option(
     group: Any,
     *flags: str,
-    convert: Converter = _text,
+    convert: Converter = text,
     split: bool = True,
     **kwargs: Any,
 ) -> argparse.Action:
@@ -194,7 +194,7 @@ def option(
     """
     if kwargs.get("default") is False and "nargs" not in kwargs and "action" not in kwargs:
         kwargs.update(nargs="?", const="true", metavar="BOOL")
-        convert = _boolean if convert is _text else convert
+        convert = boolean if convert is text else convert
     action: argparse.Action = group.add_argument(*flags, **kwargs)
     action.convert = convert  # type: ignore[attr-defined]
     action.split = split  # type: ignore[attr-defined]
