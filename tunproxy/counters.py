@@ -17,7 +17,7 @@ status document or /metrics' ``reason`` label they go by ``<reason>`` alone
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from ipaddress import IPv4Address
 
 DROP_PREFIX = "drop_"
@@ -94,6 +94,10 @@ class PeerCounters:
     tx_bytes: int
     rx_packets: int
     rx_bytes: int
+
+
+PEER_COUNTERS: tuple[str, ...] = tuple(f.name for f in fields(PeerCounters))
+"""The per-peer counters, in ``struct fp_peer``'s order after its address and route count."""
 
 
 @dataclass(frozen=True)

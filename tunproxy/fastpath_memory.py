@@ -22,14 +22,14 @@ from typing import Any
 
 from tunproxy._fastpath_cffi import ffi, lib
 
-from .counters import DROP_PREFIX, PeerCounters, short_name
+from .counters import DROP_REASONS, PEER_COUNTERS, PeerCounters
 
 # The counters' names are the struct's fields (tunproxy.counters says what they mean).
 COUNTER_FIELDS: tuple[str, ...] = tuple(name for name, _ in ffi.typeof("struct fp_counters").fields)
-DROP_REASONS = tuple(short_name(name) for name in COUNTER_FIELDS if name.startswith(DROP_PREFIX))
 assert [getattr(lib, "FP_DROP_" + r.upper()) for r in DROP_REASONS] == list(range(len(DROP_REASONS)))
 PEER = struct.Struct("=II4Q")  # struct fp_peer
 assert PEER.size == ffi.sizeof("struct fp_peer")
+assert tuple(name for name, _ in ffi.typeof("struct fp_peer").fields[2:]) == PEER_COUNTERS
 DROP_SNAP = lib.FP_DROP_SNAP
 DROP = struct.Struct(f"=QIIBBHI{DROP_SNAP}s")  # struct fp_drop
 assert DROP.size == ffi.sizeof("struct fp_drop")
@@ -140,9 +140,7 @@ def read_peers(c: Any, peer_cap: int) -> dict[IPv4Address, PeerCounters]:
     """The live peer table's counters, by peer; one copy of the table, O(peer_cap)."""
     raw = ffi.buffer(c.peers, peer_cap * PEER.size)
     return {
-        IPv4Address(addr): PeerCounters(txp, txb, rxp, rxb)
-        for addr, _, txp, txb, rxp, rxb in PEER.iter_unpack(raw)
-        if addr
+        IPv4Address(addr): PeerCounters(*values) for addr, _, *values in PEER.iter_unpack(raw) if addr
     }
 
 

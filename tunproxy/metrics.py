@@ -26,7 +26,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import __version__
 from .counters import COUNTERS as DESCRIBED
-from .counters import DROP_PREFIX
+from .counters import DROP_PREFIX, PEER_COUNTERS
 from .model import ConfigError
 from .observe import READY
 
@@ -104,7 +104,7 @@ class Collector:
         labels = ["subnet", "public_ip"]
         families = {
             name: CounterMetricFamily(f"tunproxy_peer_{name}", f"Per peer: {COUNTERS[name]}", labels=labels)
-            for name in ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes")
+            for name in PEER_COUNTERS
         }
         for addr, pc in sorted(c.peers.items()):
             key = [subnets.get(addr, ""), str(addr)]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from .counters import PEER_COUNTERS
 from .model import Lease
 
 # Daemon phases, in the order a healthy start goes through them.
@@ -129,8 +130,7 @@ class Sampler:
             return None  # the peer (or counter) was not in the older sample
 
     def peer_rates(self, addr: IPv4Address) -> dict[str, float | None]:
-        names = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes")
-        return {n: self._rate(lambda s, n=n: getattr(s.peers[addr], n)) for n in names}
+        return {n: self._rate(lambda s, n=n: getattr(s.peers[addr], n)) for n in PEER_COUNTERS}
 
     def drop_rate(self, reason: str) -> float | None:
         return self._rate(lambda s: s.drops[reason])
