@@ -22,7 +22,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from .backend_config import UdpFlags
@@ -36,7 +36,7 @@ from .observer import ObserveOptions, Observer
 from .peers.base import Changes, OwnLease, Registry, Snapshot
 from .subnetenv import SubnetEnv, SubnetFileLock, subnet_env, write_subnet_file
 from .supervise import supervised
-from .watcher import LeaseWatcher, PeerChanges
+from .watcher import LeaseWatcher, PeerChanges, Waiting
 
 log = logging.getLogger("tunproxy")
 
@@ -85,8 +85,7 @@ class Daemon:
         self.watcher = LeaseWatcher("")
         # Leases the backend could not apply, retried on the next change and at each check,
         # and the reason last logged for each (logged again only when it changes).
-        self.unapplied: dict[IPv4Network, Lease] = {}
-        self.refusals = Said()
+        self.waiting = Waiting()
         self._check_said = Said(repeat=REPEAT_EVERY)
         self._lock = SubnetFileLock(options.subnet_file) if options.subnet_file else None
         self._env = SubnetEnv(options.subnet_file, write_subnet_file) if options.subnet_file else None
@@ -186,14 +185,8 @@ class Daemon:
                 lease.backend_type,
                 self.backend.name,
             )
-        removed: list[Lease] = []
-        for lease in changes.removed:  # a lease still waiting was never applied: nothing to undo
-            self.refusals.forget(lease.subnet)
-            if self.unapplied.pop(lease.subnet, None) is None:
-                removed.append(lease)
+        removed = self.waiting.settle(changes)
         added = list(changes.added)
-        for lease in added:
-            self.unapplied.pop(lease.subnet, None)
         done: list[Lease] = []
         for start in range(0, len(removed), CHUNK):
             if start:
@@ -203,10 +196,8 @@ class Daemon:
             if start or removed:
                 await asyncio.sleep(0)
             done += await self._add(added[start : start + CHUNK])
-        if self.unapplied:  # once per burst, after its removals: room may have freed
-            waiting = list(self.unapplied.values())
-            self.unapplied.clear()
-            done += await self._add(waiting)
+        if self.waiting:  # once per burst, after its removals: room may have freed
+            done += await self._add(self.waiting.take())
         self._log_changes(removed, done)
 
     async def _add(self, leases: Sequence[Lease]) -> list[Lease]:
@@ -223,8 +214,7 @@ class Daemon:
         """Keep failed leases for a retry; log each reason once per lease (a full table as one line)."""
         full: list[Lease] = []
         for lease, error in failures:
-            self.unapplied[lease.subnet] = lease
-            if not self.refusals.due(lease.subnet, str(error)):
+            if not self.waiting.refused(lease, str(error)):
                 continue
             if isinstance(error, RouteTableFull):
                 full.append(lease)
@@ -263,7 +253,7 @@ class Daemon:
 
     def _routed(self) -> int:
         """Peers routed now: the leases of our backend less those waiting for a retry."""
-        return len(self.watcher.leases) - len(self.unapplied)
+        return len(self.watcher.leases) - len(self.waiting)
 
     async def _stats_loop(self) -> None:
         assert self.backend
@@ -286,7 +276,7 @@ class Daemon:
                 if self._env:
                     self._env.flush()
                 await self.backend.check()
-                if self.unapplied:
+                if self.waiting:
                     await self._apply(PeerChanges())
             except Exception as e:  # one bad round must not end the loop
                 log.debug("periodic check failed", exc_info=True)

@@ -104,7 +104,7 @@ class Observer:
 
     def refresh(self) -> None:
         """Pull the daemon's state: backend, our lease (with its expiry from the registry), the
-        peers the backend was given (and any it has not applied: a daemon's ``unapplied``, if it
+        peers the backend was given (and any it has not applied: the daemon's ``waiting``, if it
         keeps one), the store and any lease problem. Pulled, not pushed, so the daemon only
         has to say when its first list of peers is applied (``synced``)."""
         d, s = self.daemon, self.state
@@ -117,9 +117,9 @@ class Observer:
         s.lease_problem = getattr(registry, "lease_problem", None)
         s.lease = d.own_lease
         s.lease_expiry = registry.lease_expiry() if s.lease is not None else None
-        unapplied, reasons = d.unapplied, d.refusals
+        waiting = d.waiting
         s.peers = {
-            subnet: PeerState(lease, str(reasons.get(subnet, "not applied")) if subnet in unapplied else None)
+            subnet: PeerState(lease, (waiting.reason(subnet) or "not applied") if subnet in waiting else None)
             for subnet, lease in d.watcher.leases.items()
         }
         self._changed()

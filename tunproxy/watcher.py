@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
+from .logonce import Said
 from .model import Lease, LeaseAdded, LeaseEvent
 
 
@@ -102,3 +103,50 @@ class LeaseWatcher:
             if new is not None and old != new:
                 added.append(new)
         return PeerChanges(tuple(removed), tuple(added), tuple(foreign))
+
+
+class Waiting:
+    """The leases the backend refused, kept for a retry, and the reason last said for each.
+
+    The daemon feeds it each fold's changes (``settle``) and each refusal
+    (``refused``); it answers what the backend must really remove (a lease
+    that never got in has nothing to undo), what to offer again (``take``,
+    once per burst), and which refusals are news worth a line (each
+    lease's reason once, again only when it changes). Pure.
+    """
+
+    def __init__(self) -> None:
+        self.leases: dict[IPv4Network, Lease] = {}
+        self._said = Said()
+
+    def __len__(self) -> int:
+        return len(self.leases)
+
+    def __contains__(self, subnet: object) -> bool:
+        return subnet in self.leases
+
+    def reason(self, subnet: IPv4Network) -> str | None:
+        """Why ``subnet`` waits (the last refusal's text), or None."""
+        said = self._said.get(subnet)
+        return str(said) if said is not None and subnet in self.leases else None
+
+    def settle(self, changes: PeerChanges) -> list[Lease]:
+        """Forget waiting leases that are gone or replaced; the removals the backend must make."""
+        removed = []
+        for lease in changes.removed:
+            self._said.forget(lease.subnet)
+            if self.leases.pop(lease.subnet, None) is None:
+                removed.append(lease)
+        for lease in changes.added:
+            self.leases.pop(lease.subnet, None)
+        return removed
+
+    def take(self) -> list[Lease]:
+        """Every waiting lease, to offer the backend again; they wait again if refused again."""
+        waiting, self.leases = list(self.leases.values()), {}
+        return waiting
+
+    def refused(self, lease: Lease, reason: str) -> bool:
+        """Keep ``lease`` for a retry; True if ``reason`` is news for it (worth a log line)."""
+        self.leases[lease.subnet] = lease
+        return self._said.due(lease.subnet, reason)

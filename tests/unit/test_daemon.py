@@ -208,11 +208,11 @@ def test_a_refused_peer_is_said_once_and_added_when_the_backend_takes_it(tmp_pat
         h.backend.refuse[net(3)] = RouteTableFull("route table full (1 routes)")
         caplog.set_level(logging.WARNING, logger="tunproxy")
         await h.send(Snapshot((lease(1), lease(2), lease(3))))
-        assert set(h.backend.routes) == {net(1)} and set(h.daemon.unapplied) == {net(2), net(3)}
+        assert set(h.backend.routes) == {net(1)} and set(h.daemon.waiting.leases) == {net(2), net(3)}
         await h.until(lambda: h.backend.checks >= 3)  # three periodic checks retried them: still one line
         h.backend.refuse.clear()
         await h.until(lambda: set(h.backend.routes) == {net(1), net(2), net(3)})
-        assert h.daemon.unapplied == {}
+        assert h.daemon.waiting.leases == {}
         await h.stop()
         return h
 
@@ -242,7 +242,7 @@ def test_a_removed_lease_that_was_waiting_is_forgotten_not_removed(tmp_path: Pat
         h.backend.refuse[net(2)] = PeerRefused("unreachable")
         await h.send(Snapshot((lease(1), lease(2))))
         await h.send(Changes((LeaseRemoved(net(2)), LeaseRemoved(net(1)))))
-        assert h.backend.removed == [net(1)] and h.daemon.unapplied == {}  # type: ignore[attr-defined]
+        assert h.backend.removed == [net(1)] and h.daemon.waiting.leases == {}  # type: ignore[attr-defined]
         await h.stop()
         return h
 

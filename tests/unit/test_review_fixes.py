@@ -126,7 +126,7 @@ def test_a_waiting_lease_is_retried_once_per_burst_after_its_removals() -> None:
         backend = daemon.backend = OneRouteBackend()  # type: ignore[assignment]
         daemon.watcher = LeaseWatcher("udp")
         await daemon._apply(daemon.watcher.reset([lease(1), lease(2)]))
-        assert set(backend.routes) == {lease(1).subnet} and set(daemon.unapplied) == {lease(2).subnet}
+        assert set(backend.routes) == {lease(1).subnet} and set(daemon.waiting.leases) == {lease(2).subnet}
         burst = [LeaseAdded(lease(n)) for n in range(10, 1210)]
         await daemon._apply(daemon.watcher.update(burst))
         backend.calls.clear()

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tunproxy.model import Lease, LeaseAdded, LeaseRemoved
-from tunproxy.watcher import LeaseWatcher, PeerChanges
+from tunproxy.watcher import LeaseWatcher, PeerChanges, Waiting
 
 OWN = IPv4Network("10.100.5.0/24")
 
@@ -132,3 +132,24 @@ def test_leases_naming_our_public_ip_are_never_routed():
     assert not w.update([LeaseAdded(lease(3, host=11))])
     # Our new lease shows up in the watch where a peer's used to be: drop the peer's route.
     assert rows(w.update([LeaseAdded(lease(2, host=11))])) == [("removed", "10.100.2.0/24", "192.0.2.12")]
+
+
+def test_waiting_leases_are_offered_again_and_a_reason_said_once():
+    waiting = Waiting()
+    assert waiting.refused(lease(1), "route table full (1 routes)")
+    assert not waiting.refused(lease(1), "route table full (1 routes)")  # the same reason: no new line
+    assert waiting.refused(lease(1), "its lease has no VtepMAC")  # a new reason is news
+    assert net(1) in waiting and waiting.reason(net(1)) == "its lease has no VtepMAC"
+    assert waiting.take() == [lease(1)] and len(waiting) == 0
+    assert not waiting.refused(lease(1), "its lease has no VtepMAC")  # taken, refused again: still said
+
+
+def test_a_waiting_lease_that_goes_needs_no_removal_from_the_backend():
+    waiting = Waiting()
+    waiting.refused(lease(1), "unreachable")
+    routed = lease(2)
+    removed = waiting.settle(PeerChanges(removed=(lease(1), routed)))
+    assert removed == [routed] and len(waiting) == 0
+    assert waiting.refused(lease(1), "unreachable")  # it went and came back: said again
+    waiting.settle(PeerChanges(added=(lease(1, host=13),)))  # replaced: the new lease is tried afresh
+    assert net(1) not in waiting
