@@ -181,7 +181,8 @@ def cmd_leases(args: argparse.Namespace) -> int:
         raise UsageError("tunproxy leases needs --etcd-endpoints")
     import uvloop
 
-    from .etcd.listing import format_leases, list_leases
+    from .etcd.listing import list_leases
+    from .etcd.table import format_leases
 
     leases = uvloop.run(list_leases(etcd_settings(args)))
     if args.json:

@@ -22,8 +22,9 @@ import uvloop
 
 from lab.netns import free_port
 from tunproxy.etcd.connection import EtcdSettings
-from tunproxy.etcd.listing import format_leases, list_leases
+from tunproxy.etcd.listing import list_leases
 from tunproxy.etcd.registry import EtcdRegistry
+from tunproxy.etcd.table import format_leases
 from tunproxy.model import ConfigError, Lease, LeaseAdded, LeaseRemoved
 from tunproxy.peers.base import Changes, OwnLease, Snapshot, Update
 from tunproxy.watcher import LeaseWatcher

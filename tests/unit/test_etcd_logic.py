@@ -13,8 +13,8 @@ from tunproxy.etcd.acquire import Entry, PlanKind, choose_subnet, plan_acquisiti
 from tunproxy.etcd.cursor import Step, Verdict, WatchCursor
 from tunproxy.etcd.endpoints import Endpoint, parse_endpoints
 from tunproxy.etcd.keeper import effective_renew_margin, renew_delay
-from tunproxy.etcd.listing import format_duration, format_leases
 from tunproxy.etcd.retry import Backoff
+from tunproxy.etcd.table import format_duration, format_leases
 from tunproxy.etcd.values import LeaseDecoder, entry_from
 from tunproxy.model import ConfigError, Lease, NetworkConfig
 
@@ -310,7 +310,7 @@ def test_watch_responses_are_judged_by_the_cursor():
     assert cursor.next(Response(canceled=True)).step is Step.FAIL and cursor.need_list
 
 
-PURE = ("acquire", "cursor", "endpoints", "keeper", "retry", "values")
+PURE = ("acquire", "cursor", "endpoints", "keeper", "retry", "table", "values")
 
 
 @pytest.mark.parametrize("name", PURE)

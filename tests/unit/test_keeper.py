@@ -227,3 +227,22 @@ def test_an_answer_out_of_turn_is_refused():
 def test_the_deleted_key_scenario_on_the_fake():
     """The scenario tests/etcd/test_scenario.py also runs against a real etcd."""
     asyncio.run(deleted_key_scenario(FakeWorld()))
+
+
+def test_an_unused_etcd_lease_is_revoked_only_when_nothing_holds_it():
+    from tunproxy.etcd.keeper import RevokeVerdict, revoke_verdict
+
+    assert revoke_verdict(-1, 0) is RevokeVerdict.GONE
+    assert revoke_verdict(3000, 1) is RevokeVerdict.HOLDS_KEYS  # a key was attached again: keep it
+    assert revoke_verdict(3000, 0) is RevokeVerdict.REVOKE
+
+
+def test_hosts_that_lost_a_race_spread_out_up_to_a_second():
+    import random
+
+    from tunproxy.etcd.acquire import race_delay
+
+    rng = random.Random(7)
+    assert all(0 <= race_delay(1, rng) <= 0.04 for _ in range(100))
+    assert max(race_delay(20, rng) for _ in range(200)) <= 1.0
+    assert max(race_delay(20, rng) for _ in range(200)) > 0.5

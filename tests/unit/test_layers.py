@@ -26,6 +26,7 @@ LAYERS: dict[str, list[str]] = {
         "etcd",
         "etcd.acquire",
         "etcd.values",
+        "etcd.table",
         "etcd.keeper",
         "etcd.cursor",
         "etcd.endpoints",

@@ -157,3 +157,9 @@ def config_drift(running: NetworkConfig, stored: bytes | None) -> str | None:
     if new != running:
         return "the network config in etcd changed; not applied at runtime: restart every host to apply"
     return None
+
+
+def race_delay(races: int, rng: random.Random) -> float:
+    """Seconds to wait before choosing again after losing ``races`` (>= 1) write races in a row:
+    random, up to 20 ms doubled per race and at most 1 s, so hosts that raced spread out."""
+    return rng.uniform(0, min(1.0, 0.02 * 2**races))

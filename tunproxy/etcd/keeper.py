@@ -390,3 +390,19 @@ class Keeper:
 
     def _say(self, level: int, text: str) -> None:
         self._said.append(Say(level, text))
+
+
+class RevokeVerdict(Enum):
+    """What to do with an etcd lease we stopped using."""
+
+    GONE = "gone"  # etcd no longer knows it (TTL -1): nothing to do
+    HOLDS_KEYS = "holds keys"  # someone attached a key to it again: revoking would delete that key
+    REVOKE = "revoke"
+
+
+def revoke_verdict(ttl: int, keys: int) -> RevokeVerdict:
+    """The rule for an unused etcd lease, from etcd's LeaseTimeToLive answer (``ttl`` in seconds,
+    -1 if the lease is gone; ``keys`` attached to it)."""
+    if ttl == -1:
+        return RevokeVerdict.GONE
+    return RevokeVerdict.HOLDS_KEYS if keys else RevokeVerdict.REVOKE

@@ -42,7 +42,7 @@ from ..logonce import Said
 from ..model import ConfigError, Lease, NetworkConfig, subnet_key
 from ..peers.base import OwnLease, Registry, Update
 from ..supervise import TaskDied, own_cancellation
-from .acquire import Entry, Plan, PlanKind, config_drift, plan_acquisition, previous_subnet
+from .acquire import Entry, Plan, PlanKind, config_drift, plan_acquisition, previous_subnet, race_delay
 from .connection import RETRYABLE, Client, Connection, EtcdSettings, describe, guarded, settle
 from .cursor import WATCH_IDLE
 from .keeper import (
@@ -54,9 +54,11 @@ from .keeper import (
     Renew,
     Report,
     RevokeUnused,
+    RevokeVerdict,
     Stored,
     Verify,
     Wait,
+    revoke_verdict,
 )
 from .retry import Backoff
 from .values import LeaseDecoder, entry_from
@@ -290,7 +292,7 @@ class EtcdRegistry(Registry):
                 return written
             races += 1
             log.info("lost a race for %s; choosing again", plan.subnet)
-            await asyncio.sleep(self._rng.uniform(0, min(1.0, 0.02 * 2**races)))
+            await asyncio.sleep(race_delay(races, self._rng))
 
     async def _delete_if_unchanged(self, client: Client, entry: Entry) -> None:
         t = client.transactions
@@ -393,9 +395,10 @@ class EtcdRegistry(Registry):
             try:
                 client = await guarded(self._conn.client())
                 info = await guarded(client.get_lease_info(lease_id, keys=True))
-                if info.TTL == -1:
+                verdict = revoke_verdict(info.TTL, len(info.keys))
+                if verdict is RevokeVerdict.GONE:
                     log.debug("etcd lease %x is already gone", lease_id)
-                elif info.keys:
+                elif verdict is RevokeVerdict.HOLDS_KEYS:
                     log.info("not revoking etcd lease %x: it holds %d key(s) now", lease_id, len(info.keys))
                 else:
                     await guarded(client.revoke_lease(lease_id))
