@@ -34,6 +34,7 @@ from .backend_config import (
     DROP_RING_DEFAULT,
     DROP_RING_MAX,
     FEATURES,
+    WORKERS_MAX,
     UdpFlags,
     parse_backend,
 )
@@ -367,6 +368,14 @@ def build_parser() -> ArgumentParser:
     )
     option(
         udp,
+        "--workers",
+        convert=_integer(1, WORKERS_MAX),
+        metavar="N",
+        help="threads moving packets, each with its own TUN queue and UDP socket (SO_REUSEPORT); "
+        "1 is the single event-loop thread (default: one per 2 CPUs, at most 4)",
+    )
+    option(
+        udp,
         "--without",
         action="append",
         default=[],
@@ -692,6 +701,7 @@ def udp_flags(args: argparse.Namespace) -> UdpFlags:
         allow_any_source=args.allow_any_source,
         max_routes=args.max_routes,
         drop_ring=args.drop_ring,
+        workers=args.workers,
         without=frozenset(args.without),
         refuse=frozenset(args.refuse),
         sources=sources,
