@@ -141,7 +141,7 @@ def bind_group(bind: Callable[[bool], socket.socket], count: int) -> list[socket
 # Classic BPF (linux/filter.h, linux/bpf_common.h): (code, jt, jf, k).
 _LD_W_ABS, _LD_B_ABS, _LD_W_IND, _LD_MEM = 0x20, 0x30, 0x40, 0x60
 _LDX_MEM, _LDX_B_MSH, _ST = 0x61, 0xB1, 0x02
-_XOR_X, _RSH_K, _AND_K, _MOD_K = 0xAC, 0x74, 0x54, 0x94
+_XOR_X, _RSH_K, _AND_K, _MUL_K, _MOD_K = 0xAC, 0x74, 0x54, 0x24, 0x94
 _JEQ_K, _JA, _TAX, _RET_A = 0x15, 0x05, 0x07, 0x16
 Insn = tuple[int, int, int, int]
 
@@ -180,8 +180,10 @@ def flow_steering_program(workers: int) -> list[Insn]:
         (_RSH_K, 0, 0, 16),  # 16: A >>= 16
         (_XOR_X, 0, 0, 0),  # 17: A ^= X
         (_AND_K, 0, 0, 0xFFFF),  # 18: the low half is symmetric in source and destination
-        (_MOD_K, 0, 0, workers),  # 19
-        (_RET_A, 0, 0, 0),  # 20
+        (_MUL_K, 0, 0, 0x9E3779B1),  # 19: mixed (Knuth's multiplicative hash): ports differ in
+        (_RSH_K, 0, 0, 16),  # 20: their high bits mostly (Linux picks even ephemeral ports)
+        (_MOD_K, 0, 0, workers),  # 21
+        (_RET_A, 0, 0, 0),  # 22
     ]
 
 
