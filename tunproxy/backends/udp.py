@@ -9,6 +9,11 @@ Offload mode (the default; ``--no-offload`` turns it off) opens the TUN with
 IFF_VNET_HDR and TSO4/checksum offloads and the socket with UDP_GRO, and sends
 with UDP_SEGMENT, so one system call moves up to 64 KiB; the wire format stays
 the same. Whatever the kernel refuses falls back, with one line in the log.
+
+``--workers N`` (N > 1) moves the packets on N threads instead, each with a
+queue of a multi-queue TUN and an SO_REUSEPORT socket of its own
+(tunproxy.backends.udp_workers); the event loop then only changes routes and
+reads counters. ``--workers 1`` is the event-loop path above, unchanged.
 """
 
 from __future__ import annotations
