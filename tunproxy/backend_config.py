@@ -175,11 +175,13 @@ WORKERS_DEFAULT_MAX = 4
 def default_workers(cpus: int | None) -> int:
     """``--workers`` when not given, for a host with ``cpus`` usable CPUs (None: unknown).
 
-    One worker per two CPUs, at most 4: each worker's thread shares its core
-    with the applications whose packets it carries (and, on one host, the
-    peer's daemon), and on 2 CPUs a second worker measured slower than one
-    (bench/RESULTS.md, issue 14), so hosts with up to 3 CPUs keep the single
-    event-loop thread.
+    One worker per two CPUs, at most 4: each worker's thread shares the
+    cores with the applications whose packets it carries. On 2 CPUs (both
+    daemons and iperf3 on them, issue 14's bench) a second worker bought
+    nothing: TCP x4 0.47x vs 0.56x of kernel VXLAN in one run, 0.61x vs
+    0.61x in another, TCP x1 as noisy either way; so hosts with up to 3 CPUs
+    keep the single event-loop thread. Above that the rule is not measured
+    here (no such host); ``--workers`` overrides it.
     """
     if not cpus or cpus < 1:
         return 1
