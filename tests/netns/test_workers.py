@@ -114,6 +114,46 @@ def test_parallel_streams_are_byte_identical_and_counted_once(mesh, src, dst):
         assert total <= after[h] - before[h] <= total * 1.1, (h, after[h] - before[h], total)
 
 
+def test_status_and_drops_add_up_the_workers_and_a_deleted_tun_comes_back():
+    with Lab() as lab:
+        hosts = build_udp(lab, names=("h1", "h2"))
+        h1 = start_udp(hosts["h1"], "--workers", "2", "--check-interval", "0.5", peers=("h2",))
+        start_udp(hosts["h2"], "--workers", "2", peers=("h1",))
+        hosts["h1"].wait_ping(overlay("h2"), timeout=10)
+        # 16 flows to a subnet nobody leased: the TUN spreads them over its queues, both workers drop.
+        hosts["h1"].ns.run(
+            sys.executable,
+            "-c",
+            "import socket\n"
+            "for p in range(40000, 40032, 2):\n"
+            "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "    s.bind(('', p)); s.sendto(b'x', ('10.100.200.1', 9)); s.close()\n",
+        )
+        subnet_file = str(lab.workdir / "h1-subnet.env")
+
+        def drops() -> dict:
+            out = hosts["h1"].ns.run(
+                sys.executable, "-m", "tunproxy", "drops", "--subnet-file", subnet_file, "--json"
+            )
+            return json.loads(out.stdout)
+
+        doc = eventually(lambda: (d := drops())["recorded"] >= 16 and d, 10, "16 drops recorded")
+        assert doc["recorded"] == 16
+        ports = sorted(d["packet"]["sport"] for d in doc["drops"] if d["packet"].get("dport") == 9)
+        assert ports == list(range(40000, 40032, 2))
+        out = hosts["h1"].ns.run(
+            sys.executable, "-m", "tunproxy", "status", "--subnet-file", subnet_file, "--json"
+        )
+        assert json.loads(out.stdout)["drops"]["no_route"]["total"] == 16
+
+        hosts["h1"].ns.run("ip", "link", "del", "tunproxy0")
+        eventually(lambda: "creating it again" in h1.output(), 10, "the TUN made again")
+        hosts["h1"].wait_ping(overlay("h2"), timeout=10)
+        results = parallel_transfers(hosts["h1"], hosts["h2"], overlay("h2"), [1 << 20] * 4)
+        assert all(received == sent for sent, received in results)
+        assert tun_link(hosts["h1"])["linkinfo"]["info_data"].get("multi_queue") is True
+
+
 def test_socat_is_a_peer_of_two_workers():
     with Lab() as lab:
         hosts = build_udp(lab, names=("h1", "h2"))

@@ -278,6 +278,8 @@ class Worker:
                             fp.tun_to_udp(tun, sock, now)
                     except OSError as e:  # UdpGsoDisabled too (raised once; the datagrams went out)
                         self._report("tun->udp", e)
+                        if e.errno == errno.EBADFD:  # the device was deleted: readable for ever
+                            poller.unregister(tun)  # until the backend's check makes a new pool
                 if sock in ready:
                     try:
                         with lock:
