@@ -25,6 +25,7 @@ from .backend_config import (
     DROP_RING_DEFAULT,
     DROP_RING_MAX,
     FEATURES,
+    WORKERS_MAX,
 )
 from .cli_run import cmd_leases, cmd_run, static_network_config, udp_flags
 from .control import NoDaemon
@@ -176,6 +177,14 @@ def build_parser() -> ArgumentParser:
         "--no-offload",
         default=False,
         help="one packet per TUN read/write: no TSO on the TUN, no UDP GSO/GRO (same wire format)",
+    )
+    option(
+        udp,
+        "--workers",
+        convert=integer(1, WORKERS_MAX),
+        metavar="N",
+        help="threads moving packets, each with its own TUN queue and UDP socket (SO_REUSEPORT); "
+        "1 is the single event-loop thread (default: one per 2 CPUs, at most 4)",
     )
     option(
         udp,

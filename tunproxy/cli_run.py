@@ -141,6 +141,7 @@ def udp_flags(args: argparse.Namespace) -> UdpFlags:
         allow_any_source=args.allow_any_source,
         max_routes=args.max_routes,
         drop_ring=args.drop_ring,
+        workers=args.workers,
         without=frozenset(args.without),
         refuse=frozenset(args.refuse),
         sources=sources,

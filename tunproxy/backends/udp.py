@@ -9,6 +9,11 @@ Offload mode (the default; ``--no-offload`` turns it off) opens the TUN with
 IFF_VNET_HDR and TSO4/checksum offloads and the socket with UDP_GRO, and sends
 with UDP_SEGMENT, so one system call moves up to 64 KiB; the wire format stays
 the same. Whatever the kernel refuses falls back, with one line in the log.
+
+``--workers N`` (N > 1) moves the packets on N threads instead, each with a
+queue of a multi-queue TUN and an SO_REUSEPORT socket of its own
+(tunproxy.backends.udp_workers); the event loop then only changes routes and
+reads counters. ``--workers 1`` is the event-loop path above, unchanged.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 
 import pytun
 
-from ..backend_config import UdpOptions
+from ..backend_config import UdpOptions, default_workers
 from ..fastpath import (
     MAX_ROUTES,
     UDP_GRO,
@@ -42,6 +47,7 @@ from ..logonce import Said
 from ..model import ConfigError, Lease, NetworkConfig
 from ..netlink import delete_link, ensure_address, link_index, replace_route, run_netlink
 from .base import Backend, RouteTableFull
+from .udp_workers import MultiQueueRefused, MultiQueueTun, WorkerPool, attach_flow_steering, bind_group
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +101,15 @@ class UdpBackend(Backend):
         self._routes: dict[IPv4Network, IPv4Address] = {}  # what the C table holds, by subnet
         self._udp_gso = self.offload
         self._mtu = ctx.underlay.mtu - IP_UDP_OVERHEAD
-        self.tun: pytun.TunTapDevice | None = None
+        self.tun: pytun.TunTapDevice | MultiQueueTun | None = None
         self.sock: socket.socket | None = None
         self.fastpath: FastPath | None = None
+        # --workers: 1 is the event loop's readers below; more, a thread per TUN queue (udp_workers)
+        self.workers = flags.workers or default_workers(len(os.sched_getaffinity(0)))
+        if not flags.wants("multiqueue"):
+            self.workers = 1
+        self.socks: list[socket.socket] = []  # with workers: one per worker, self.sock is the first
+        self.pool: WorkerPool | None = None
         self.subnet: IPv4Network | None = None
         self._readers = False
         self._errors_said = Said(repeat=ERROR_LOG_INTERVAL)
@@ -111,17 +123,24 @@ class UdpBackend(Backend):
             raise ConfigError("/dev/net/tun is missing (modprobe tun, or give the container the device)")
         await asyncio.to_thread(delete_link, self.tun_name)  # a leftover from a killed run
         await self._create_tun()
-        self.sock = self._bind_socket()
+        if self.workers > 1:
+            self._bind_workers()
+        else:
+            self.sock = self._bind_socket()
         if self.offload:
+            assert self.sock is not None
             self._udp_offloads(self.sock)
+            for sock in self.socks[1:]:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
 
     async def _create_tun(self) -> None:
         self.tun = self._open_tun()
         if self.offload:
             try:
-                fd = self.tun.fileno()
-                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+                for fd in self.tun.fds if isinstance(self.tun, MultiQueueTun) else [self.tun.fileno()]:
+                    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
             except OSError as e:
                 log.warning("TUN offloads refused (%s); offload mode off", e.strerror or e)
                 self.tun.close()
@@ -147,13 +166,26 @@ class UdpBackend(Backend):
         if await run_netlink(lambda ipr: link_index(ipr, self.tun_name)) is not None:
             return
         log.warning("TUN device %s was deleted; creating it again", self.tun_name)
+        if self.pool is not None:
+            await self._recreate_tun_for_workers()
+            return
         asyncio.get_running_loop().remove_reader(self.tun.fileno())
         self.tun.close()
         await self._create_tun()
         await self._configure(self.subnet)
         asyncio.get_running_loop().add_reader(self.tun.fileno(), self._on_tun)
 
-    def _open_tun(self) -> pytun.TunTapDevice:
+    def _open_tun(self) -> pytun.TunTapDevice | MultiQueueTun:
+        if self.workers > 1:
+            try:
+                if "multiqueue" in self.ctx.flags.refuse:
+                    raise MultiQueueRefused(errno.EINVAL, "IFF_MULTI_QUEUE refused (--refuse multiqueue)")
+                return MultiQueueTun(self.tun_name, self.workers, self.offload)
+            except MultiQueueRefused as e:
+                log.warning("%s; one worker, on the event loop", e.strerror)
+                self.workers = 1
+            except OSError as e:
+                raise ConfigError(f"cannot create TUN device {self.tun_name!r}: {e.strerror}") from None
         flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if self.offload else 0)
         try:
             tun = pytun.TunTapDevice(name=self.tun_name, flags=flags)
@@ -180,10 +212,12 @@ class UdpBackend(Backend):
             gso = f"refused ({e.strerror})"
         log.info("offload: TUN TSO4 and checksum on, UDP GSO %s, UDP GRO %s", gso, gro)
 
-    def _bind_socket(self) -> socket.socket:
+    def _bind_socket(self, reuseport: bool = False) -> socket.socket:
         addr = str(self.ctx.underlay.address)
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            if reuseport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((addr, self.port))
         except OSError as e:
             sock.close()
@@ -202,21 +236,17 @@ class UdpBackend(Backend):
         assert self.tun and self.sock
         local = subnet.network_address  # flannel's choice: the subnet's first address on the tun
         if self.fastpath is None or self.subnet != subnet:
-            self.fastpath = FastPath(
-                mtu=self._mtu,
-                local_addr=local,
-                port=self.port,
-                batch=self.batch,
-                offload=self.offload,
-                udp_gso=self._udp_gso,
-                max_routes=self.max_routes,
-                drop_ring=self.ctx.flags.drop_ring,
-                allow_any_source=self.allow_any_source,
-            )
-            self.fastpath.set_routes(self._routes)
+            self._stop_workers()
+            paths = [self._new_fastpath(local) for _ in range(self.workers)]
+            for fastpath in paths:
+                fastpath.set_routes(self._routes)
+            self.fastpath = paths[0]
+            if self.workers > 1:
+                assert isinstance(self.tun, MultiQueueTun)
+                self._start_workers(paths, self.tun.fds)
         self.subnet = subnet
         await self._configure(subnet)
-        if not self._readers:
+        if not self._readers and self.pool is None:
             loop = asyncio.get_running_loop()
             loop.add_reader(self.tun.fileno(), self._on_tun)
             loop.add_reader(self.sock.fileno(), self._on_udp)
@@ -231,6 +261,70 @@ class UdpBackend(Backend):
             replace_route(ipr, dst=str(network), oif=index, scope=253, prefsrc=str(local))
 
         await run_netlink(configure)
+
+    def _new_fastpath(self, local: IPv4Address) -> FastPath:
+        return FastPath(
+            mtu=self._mtu,
+            local_addr=local,
+            port=self.port,
+            batch=self.batch,
+            offload=self.offload,
+            udp_gso=self._udp_gso,
+            max_routes=self.max_routes,
+            drop_ring=self.ctx.flags.drop_ring,
+            allow_any_source=self.allow_any_source,
+        )
+
+    # ---- --workers N > 1 (tunproxy.backends.udp_workers); the readers below are --workers 1 ----
+
+    def _bind_workers(self) -> None:
+        self.socks = bind_group(self._bind_socket, self.workers)
+        self.sock = self.socks[0]
+        steering = "off (--without flow-steering)"
+        if self.ctx.flags.wants("flow-steering"):
+            try:
+                if "flow-steering" in self.ctx.flags.refuse:
+                    raise OSError(errno.EPERM, "refused (--refuse flow-steering)")
+                attach_flow_steering(self.sock, self.workers)
+                steering = "on"
+            except OSError as e:
+                steering = f"refused ({e.strerror}): the kernel's hash of the outer addresses"
+        log.info(
+            "workers: %d, each with a TUN queue, a UDP socket (SO_REUSEPORT) and a thread; flow steering %s",
+            self.workers,
+            steering,
+        )
+
+    def _start_workers(self, paths: Sequence[FastPath], tun_fds: Sequence[int]) -> None:
+        self.pool = WorkerPool(paths, tun_fds, [s.fileno() for s in self.socks], self._worker_error)
+        # The pool has FastPath's face for routes, counters and drops (what apply, stats and the
+        # observers use); _on_tun/_on_udp, the only callers of the packet methods, never run with it.
+        self.fastpath = self.pool  # type: ignore[assignment]
+        self.pool.start()
+
+    def _stop_workers(self) -> None:
+        """End and join every worker thread (the fds stay open)."""
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
+
+    async def _recreate_tun_for_workers(self) -> None:
+        assert self.pool is not None and self.tun is not None and self.subnet is not None
+        paths = [w.fastpath for w in self.pool.workers]
+        self._stop_workers()
+        self.tun.close()
+        await self._create_tun()
+        await self._configure(self.subnet)
+        assert isinstance(self.tun, MultiQueueTun)
+        self._start_workers(paths, self.tun.fds)
+
+    def _worker_error(self, direction: str, error: OSError) -> None:
+        """A worker's failed C call (called from its thread, one at a time): as _on_tun/_on_udp say it."""
+        if isinstance(error, UdpGsoDisabled):
+            self._udp_gso = False
+            log.warning("%s: %s", self._path(direction), error.strerror)
+        else:
+            self._log_error(direction, error)
 
     def _on_tun(self) -> None:
         assert self.fastpath and self.tun and self.sock
@@ -300,6 +394,7 @@ class UdpBackend(Backend):
         return Kept(routes=routes, devices=frozenset({self.tun_name}), tun_names=(DEFAULT_TUN, self.tun_name))
 
     async def close(self) -> None:
+        self._stop_workers()
         if self._readers:
             loop = asyncio.get_running_loop()
             if self.tun:
@@ -307,6 +402,9 @@ class UdpBackend(Backend):
             if self.sock:
                 loop.remove_reader(self.sock.fileno())
             self._readers = False
+        for sock in self.socks:
+            sock.close()
+        self.socks = []
         if self.sock:
             self.sock.close()
             self.sock = None

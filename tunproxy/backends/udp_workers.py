@@ -1,0 +1,402 @@
+"""Several cores for the udp backend (``--workers N``, N > 1): a TUN queue, a socket and a thread each.
+
+The TUN is opened with IFF_MULTI_QUEUE, one fd per queue (linux/if_tun.h;
+Documentation/networking/tuntap.rst, "multiqueue tuntap"), and the UDP port
+is bound N times with SO_REUSEPORT. Worker ``i`` owns queue ``i``, socket
+``i`` and a ``FastPath`` of its own (its buffers, counters, drop ring and a
+copy of the routes); its thread waits in ``epoll`` and calls the C fast path,
+and both release the GIL, so the workers run on as many cores.
+
+Which worker sees a packet is the kernel's choice: the TUN picks a queue per
+flow (its flow table sends a flow's packets to the queue that last wrote the
+flow's other direction), and the socket group picks a socket per datagram.
+Between two hosts every datagram has the same outer addresses and ports, so
+the group's own hash would hand them all to one worker, and through the
+TUN's flow table every flow would follow. A classic BPF program on the group
+(SO_ATTACH_REUSEPORT_CBPF) picks the socket by a symmetric hash of the
+*inner* addresses and ports instead (``flow_steering_program``), so a flow
+and its replies stay on one worker on both hosts, and different flows
+spread. The wire format does not change.
+
+The rule for the shared state, so there is no data race: a worker's
+``FastPath`` is touched by its thread only inside ``Worker.lock``, held
+around each C call and never while waiting; the event-loop thread takes the
+same lock to change the routes (``update_routes``, ``set_routes``, which also
+grow the tables) or to read counters and the drop ring. Every worker gets
+every route change, one worker after the other; the fast path validates a
+change before making it, and all workers hold the same table, so a change
+that one refuses is refused by the first, before any has changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from ipaddress import IPv4Address, IPv4Network
+
+from ..counters import COUNTERS, Counters, PeerCounters
+from ..fastpath import FastPath
+from ..fastpath_memory import Drop
+
+log = logging.getLogger(__name__)
+
+# linux/if_tun.h
+TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
+IFF_VNET_HDR = 0x4000
+IFNAMSIZ = 16
+IFREQ_SIZE = 40  # struct ifreq: the name, then a 24-byte union (ifr_flags is its first short)
+# asm-generic/socket.h
+SO_ATTACH_REUSEPORT_CBPF = 51
+
+ErrorReport = Callable[[str, OSError], None]
+"""Called from a worker thread with ``("tun->udp" | "udp->tun", error)`` when a C call fails."""
+
+
+def ifreq(name: str, flags: int) -> bytes:
+    """``struct ifreq`` for TUNSETIFF: ``name`` (1 to 15 bytes, else ValueError) and ``ifr_flags``."""
+    raw = name.encode()
+    if not raw or len(raw) >= IFNAMSIZ:
+        raise ValueError(f"interface name {name!r} must be 1 to {IFNAMSIZ - 1} bytes")
+    return struct.pack(f"{IFNAMSIZ}sH", raw, flags).ljust(IFREQ_SIZE, b"\0")
+
+
+class MultiQueueRefused(OSError):
+    """The kernel would not open the TUN with IFF_MULTI_QUEUE (or it was refused with ``--refuse``)."""
+
+
+class MultiQueueTun:
+    """A TUN device opened as ``queues`` fds (IFF_MULTI_QUEUE), each non-blocking and close-on-exec.
+
+    ``fds[i]`` is queue ``i``; ``fileno()`` is queue 0, so code written for
+    one fd (the offload ioctls are applied to each fd by the caller) finds
+    one. The device is not persistent: closing every fd deletes it, with
+    its addresses and routes. Raises ``MultiQueueRefused`` if the first
+    TUNSETIFF fails with EINVAL (a kernel without multi-queue TUN), OSError
+    for anything else.
+    """
+
+    def __init__(self, name: str, queues: int, vnet_hdr: bool) -> None:
+        flags = IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE | (IFF_VNET_HDR if vnet_hdr else 0)
+        request = ifreq(name, flags)
+        self.name = name
+        self.fds: list[int] = []
+        try:
+            for _ in range(queues):
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+                self.fds.append(fd)
+                try:
+                    fcntl.ioctl(fd, TUNSETIFF, request)
+                except OSError as e:
+                    if e.errno == errno.EINVAL and len(self.fds) == 1:
+                        raise MultiQueueRefused(e.errno, f"IFF_MULTI_QUEUE refused: {e.strerror}") from None
+                    raise
+        except BaseException:
+            self.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.fds[0]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
+def bind_group(bind: Callable[[bool], socket.socket], count: int) -> list[socket.socket]:
+    """``count`` sockets on one address and port, with SO_REUSEPORT; ``bind(reuseport)`` makes one.
+
+    A first, plain bind proves the port is free (and raises the caller's
+    "already in use" error otherwise): without it a second tunproxy of the
+    same user would silently join the group and take a share of the
+    datagrams. Socket ``i`` is index ``i`` of the kernel's group (it keeps
+    bind order), which ``flow_steering_program`` returns.
+    """
+    bind(False).close()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            socks.append(bind(True))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+# Classic BPF (linux/filter.h, linux/bpf_common.h): (code, jt, jf, k).
+_LD_W_ABS, _LD_B_ABS, _LD_W_IND, _LD_MEM = 0x20, 0x30, 0x40, 0x60
+_LDX_MEM, _LDX_B_MSH, _ST = 0x61, 0xB1, 0x02
+_XOR_X, _RSH_K, _AND_K, _MUL_K, _MOD_K = 0xAC, 0x74, 0x54, 0x24, 0x94
+_JEQ_K, _JA, _TAX, _RET_A = 0x15, 0x05, 0x07, 0x16
+Insn = tuple[int, int, int, int]
+
+
+def flow_steering_program(workers: int) -> list[Insn]:
+    """The classic BPF program that hands a datagram to worker ``hash(inner flow) % workers``.
+
+    The kernel runs it on a datagram for the SO_REUSEPORT group with the
+    data starting after the UDP header (net/core/sock_reuseport.c
+    run_bpf_filter), so offset 0 is the inner IPv4 header; the value
+    returned is the socket's index in the group (an index past the end
+    falls back to the kernel's hash). The hash folds the inner source and
+    destination addresses, and for TCP and UDP the port pair, with XOR and
+    then its two 16-bit halves together, so a packet and its reply (source
+    and destination swapped) get the same worker on either host.
+    """
+    if not 1 <= workers <= 0xFFFF:
+        raise ValueError(f"workers must be in 1..65535, got {workers}")
+    return [
+        (_LD_W_ABS, 0, 0, 12),  # 0: A = inner source
+        (_ST, 0, 0, 0),  # 1: M[0] = A
+        (_LD_W_ABS, 0, 0, 16),  # 2: A = inner destination
+        (_LDX_MEM, 0, 0, 0),  # 3: X = M[0]
+        (_XOR_X, 0, 0, 0),  # 4: A ^= X
+        (_ST, 0, 0, 0),  # 5: M[0] = A
+        (_LD_B_ABS, 0, 0, 9),  # 6: A = protocol
+        (_JEQ_K, 1, 0, 6),  # 7: TCP -> 9
+        (_JEQ_K, 0, 5, 17),  # 8: UDP -> 9, else -> 14
+        (_LDX_B_MSH, 0, 0, 0),  # 9: X = 4 * IHL
+        (_LD_W_IND, 0, 0, 0),  # 10: A = source port << 16 | destination port
+        (_LDX_MEM, 0, 0, 0),  # 11: X = M[0]
+        (_XOR_X, 0, 0, 0),  # 12: A ^= X
+        (_ST, 0, 0, 0),  # 13: M[0] = A
+        (_LD_MEM, 0, 0, 0),  # 14: A = M[0]
+        (_TAX, 0, 0, 0),  # 15: X = A
+        (_RSH_K, 0, 0, 16),  # 16: A >>= 16
+        (_XOR_X, 0, 0, 0),  # 17: A ^= X
+        (_AND_K, 0, 0, 0xFFFF),  # 18: the low half is symmetric in source and destination
+        (_MUL_K, 0, 0, 0x9E3779B1),  # 19: mixed (Knuth's multiplicative hash): ports differ in
+        (_RSH_K, 0, 0, 16),  # 20: their high bits mostly (Linux picks even ephemeral ports)
+        (_MOD_K, 0, 0, workers),  # 21
+        (_RET_A, 0, 0, 0),  # 22
+    ]
+
+
+def attach_flow_steering(sock: socket.socket, workers: int) -> None:
+    """Attach ``flow_steering_program(workers)`` to ``sock``'s SO_REUSEPORT group; OSError if refused."""
+    insns = flow_steering_program(workers)
+    raw = b"".join(struct.pack("HBBI", *insn) for insn in insns)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    fprog = struct.pack("HxxxxxxQ", len(insns), ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def sum_counters(snapshots: Sequence[Counters]) -> Counters:
+    """The counters of several workers as one: totals add up, gauges (high-water marks) take the largest.
+
+    Per-peer counters add up by peer. ValueError for no snapshots.
+    """
+    if not snapshots:
+        raise ValueError("no counters to add up")
+    values: dict[str, int] = {}
+    for name in snapshots[0].values:
+        column = [s.values[name] for s in snapshots]
+        described = COUNTERS.get(name)
+        values[name] = max(column) if described is not None and described.gauge else sum(column)
+    peers: dict[IPv4Address, PeerCounters] = {}
+    for s in snapshots:
+        for addr, p in s.peers.items():
+            q = peers.get(addr)
+            peers[addr] = (
+                p
+                if q is None
+                else PeerCounters(
+                    q.tx_packets + p.tx_packets,
+                    q.tx_bytes + p.tx_bytes,
+                    q.rx_packets + p.rx_packets,
+                    q.rx_bytes + p.rx_bytes,
+                )
+            )
+    return Counters(values, peers)
+
+
+def merge_drops(rings: Iterable[list[Drop]]) -> list[Drop]:
+    """The drop rings of several workers as one list, oldest first (stable by ``time_ms``)."""
+    return sorted((d for ring in rings for d in ring), key=lambda d: d.time_ms)
+
+
+class Worker:
+    """One thread moving packets between TUN queue ``tun_fd`` and socket ``sock_fd`` with ``fastpath``.
+
+    ``lock`` guards ``fastpath`` (see the module docstring). ``report`` is
+    called, from the worker's thread, for each failed C call.
+    """
+
+    def __init__(
+        self, index: int, fastpath: FastPath, tun_fd: int, sock_fd: int, report: ErrorReport
+    ) -> None:
+        self.index = index
+        self.fastpath = fastpath
+        self.tun_fd, self.sock_fd = tun_fd, sock_fd
+        self.lock = threading.Lock()
+        self._report = report
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.thread = threading.Thread(target=self._run, name=f"tunproxy-worker-{index}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Wake the thread, wait for it to end, close the wake-up fd; idempotent."""
+        if self._wake < 0:
+            return
+        if self.thread.is_alive():
+            os.eventfd_write(self._wake, 1)
+            self.thread.join()
+        os.close(self._wake)
+        self._wake = -1
+
+    def _run(self) -> None:
+        tun, sock, wake, lock, fp = self.tun_fd, self.sock_fd, self._wake, self.lock, self.fastpath
+        poller = select.epoll()
+        try:
+            for fd in (tun, sock, wake):
+                poller.register(fd, select.EPOLLIN)
+            while True:
+                ready = {fd for fd, _ in poller.poll()}  # the GIL is released while waiting
+                if wake in ready:
+                    return
+                now = time.monotonic_ns() // 1_000_000
+                if tun in ready:
+                    try:
+                        with lock:
+                            fp.tun_to_udp(tun, sock, now)
+                    except OSError as e:  # UdpGsoDisabled too (raised once; the datagrams went out)
+                        self._report("tun->udp", e)
+                        if e.errno == errno.EBADFD:  # the device was deleted: readable for ever
+                            poller.unregister(tun)  # until the backend's check makes a new pool
+                if sock in ready:
+                    try:
+                        with lock:
+                            fp.udp_to_tun(sock, tun, now)
+                    except OSError as e:
+                        self._report("udp->tun", e)
+        except Exception:  # a bug: say so rather than die silently; the other workers go on
+            log.exception("worker %d stopped", self.index)
+        finally:
+            poller.close()
+
+
+class WorkerPool:
+    """The workers of one udp backend, with the face of one ``FastPath`` for the rest of tunproxy.
+
+    ``fastpaths``, ``tun_fds`` and ``sock_fds`` are parallel (one each per
+    worker, all alike in configuration and routes). ``counters()``,
+    ``drops()`` and ``drops_total`` add the workers up; route changes go to
+    every worker. ``start`` starts the threads, ``stop`` ends and joins them
+    (the fds stay the caller's to close).
+    """
+
+    def __init__(
+        self,
+        fastpaths: Sequence[FastPath],
+        tun_fds: Sequence[int],
+        sock_fds: Sequence[int],
+        report: ErrorReport,
+    ) -> None:
+        if not len(fastpaths) == len(tun_fds) == len(sock_fds) or not fastpaths:
+            raise ValueError("one fast path, TUN queue and socket per worker")
+        said = threading.Lock()
+
+        def locked_report(direction: str, error: OSError) -> None:
+            with said:  # the caller's rate limiter is not thread-safe
+                report(direction, error)
+
+        self.workers = [
+            Worker(i, fp, tun, sock, locked_report)
+            for i, (fp, tun, sock) in enumerate(zip(fastpaths, tun_fds, sock_fds, strict=True))
+        ]
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+    def threads(self) -> list[threading.Thread]:
+        return [w.thread for w in self.workers]
+
+    # ---- one FastPath's face ----
+
+    def set_routes(self, routes: Mapping[IPv4Network, IPv4Address]) -> None:
+        for w in self.workers:
+            with w.lock:
+                w.fastpath.set_routes(routes)
+
+    def update_routes(self, removed: Iterable[IPv4Network], added: Mapping[IPv4Network, IPv4Address]) -> None:
+        removed = list(removed)
+        for w in self.workers:
+            with w.lock:
+                w.fastpath.update_routes(removed, added)
+
+    def routes(self) -> dict[IPv4Network, IPv4Address]:
+        w = self.workers[0]
+        with w.lock:
+            return w.fastpath.routes()
+
+    def lookup(self, addr: IPv4Address | str) -> IPv4Address | None:
+        w = self.workers[0]
+        with w.lock:
+            return w.fastpath.lookup(addr)
+
+    @property
+    def udp_gso(self) -> bool:
+        return all(w.fastpath.udp_gso for w in self.workers)
+
+    def counters(self) -> Counters:
+        """The sum over the workers (see ``sum_counters``)."""
+        snapshots = []
+        for w in self.workers:
+            with w.lock:
+                snapshots.append(w.fastpath.counters())
+        return sum_counters(snapshots)
+
+    def drops(self) -> list[Drop]:
+        """Every worker's recent drops, oldest first (up to ``drop_ring`` per worker)."""
+        rings = []
+        for w in self.workers:
+            with w.lock:
+                rings.append(w.fastpath.drops())
+        return merge_drops(rings)
+
+    @property
+    def drops_total(self) -> int:
+        total = 0
+        for w in self.workers:
+            with w.lock:
+                total += w.fastpath.drops_total
+        return total
+
+    def __repr__(self) -> str:
+        return f"WorkerPool({len(self.workers)} x {self.workers[0].fastpath!r})"
+
+
+__all__ = [
+    "MultiQueueRefused",
+    "MultiQueueTun",
+    "Worker",
+    "WorkerPool",
+    "attach_flow_steering",
+    "bind_group",
+    "flow_steering_program",
+    "ifreq",
+    "merge_drops",
+    "sum_counters",
+]
