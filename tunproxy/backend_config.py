@@ -152,7 +152,9 @@ def parse_backend(backend_type: object, raw: Mapping[str, Any]) -> BackendOption
 
 # --- the udp backend's flags -------------------------------------------------------------------
 
-FEATURES: dict[str, str] = {}
+FEATURES: dict[str, str] = {
+    "uso": "UDP segmentation offload on the TUN (TUN_F_USO4/USO6, kernel 6.2+): UDP in trains both ways",
+}
 """The udp data path's optional speed-ups, by name: each is on by default where the kernel
 allows it, ``--without NAME`` turns it off (the bench's "off" rows), and ``--refuse NAME``
 makes tunproxy act as if the kernel had refused it, so the fallback path can be tested."""
