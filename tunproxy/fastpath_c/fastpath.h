@@ -23,8 +23,8 @@ enum {
     FP_GSO_MAX_BYTES = 65507,/* UDP payload per send: 65535 - 20 (IPv4) - 8 (UDP) */
     FP_CMSG_WORDS = 4,       /* uint64_t per message for one int-sized cmsg (CMSG_SPACE) */
     FP_GRO_MAX_SEGS = 128,   /* TCP segments coalesced into one TUN write, at most */
-    FP_USO_MAX_SEGS = 64,    /* UDP datagrams coalesced into one TUN write, at most (UDP_MAX_SEGMENTS
-                                of kernels before 6.11, which virtio_net_hdr_to_skb enforces) */
+    FP_USO_MAX_SEGS = 64,    /* UDP datagrams coalesced into one TUN write, at most: UDP_MAX_SEGMENTS,
+                                which virtio_net_hdr_to_skb enforces (64; later kernels raised it) */
     FP_DROP_SNAP = 96        /* bytes of a dropped packet kept in the drop ring */
 };
 
