@@ -42,6 +42,13 @@ VARIANTS: tuple[Variant, ...] = (
         kernel=False,
     ),
     Variant("udp-nooffload", "tunproxy udp --no-offload (batched only)", "udp", ("--no-offload",), False),
+    Variant(
+        "udp-no-uso",
+        "tunproxy udp --without uso (no UDP trains on the TUN)",
+        "udp",
+        ("--without", "uso"),
+        False,
+    ),
     # The cost of being observable: the drop ring on and /metrics scraped every second, against
     # neither. Not in the default run; `python -m bench --variants udp-observed,udp-unobserved`.
     Variant(

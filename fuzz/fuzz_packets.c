@@ -356,7 +356,15 @@ static void drain(const struct fp_ctx *c, int k_fd, const struct tally *t)
         struct virtio_net_hdr v = {0};
         memcpy(&v, buf, vnet);
         CHECK(ip_sound(p, len));
-        if (v.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+        if (v.gso_type == 5 /* VIRTIO_NET_HDR_GSO_UDP_L4 */) {
+            /* A coalesced UDP write (USO): only if the TUN took USO; UDP, no options, the UDP
+             * length the whole, a partial checksum, at most FP_USO_MAX_SEGS datagrams. */
+            CHECK(t->rx && (c->offload & FP_OFFLOAD_USO) && p[0] == 0x45 && p[9] == 17);
+            CHECK(v.flags == VIRTIO_NET_HDR_F_NEEDS_CSUM && v.csum_start == 20 && v.csum_offset == 6);
+            CHECK(v.hdr_len == 28 && v.gso_size > 0 && v.hdr_len + v.gso_size < len);
+            CHECK((len - 28 + v.gso_size - 1) / v.gso_size <= FP_USO_MAX_SEGS);
+            CHECK(get16(p + 24) == len - 20 && get16(p + 26) == sum16(p + 12, 8, 17 + (uint32_t)(len - 20)));
+        } else if (v.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
             /* A coalesced write: TCP, no options, a partial checksum, segments of gso_size. */
             CHECK(t->rx && v.gso_type == VIRTIO_NET_HDR_GSO_TCPV4 && p[0] == 0x45 && p[9] == 6);
             CHECK(v.flags == VIRTIO_NET_HDR_F_NEEDS_CSUM && v.csum_start == 20 && v.csum_offset == 16);
@@ -516,7 +524,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct in in = {data, size};
     struct fp_ctx *c = zalloc(sizeof *c);
     uint32_t flags = take(&in, 1);
-    c->offload = flags & 1 ? FP_OFFLOAD_VNET | (flags & 2 ? FP_OFFLOAD_UDP_GSO : 0) : 0;
+    c->offload = flags & 1 ? FP_OFFLOAD_VNET | (flags & 2 ? FP_OFFLOAD_UDP_GSO : 0) |
+                                 (flags & 32 ? FP_OFFLOAD_USO : 0)
+                           : 0;
     c->allow_any_source = (flags >> 2) & 1;
     c->mtu = 68 + take(&in, 2) % (FP_MAX_PACKET - 68 + 1);
     c->local_addr = LOCAL;

@@ -23,7 +23,7 @@ from tests.support import packets as h
 from tests.support.packets import VnetHdr
 
 HERE = Path(__file__).resolve().parent
-OFFLOAD, GSO, ANY_SOURCE, SMALL_TUN_BUFFER, SMALL_SLOTS = 1, 2, 4, 8, 16
+OFFLOAD, GSO, ANY_SOURCE, SMALL_TUN_BUFFER, SMALL_SLOTS, USO = 1, 2, 4, 8, 16, 32
 TX, RX, TIME, ROUTES, FAULT, GROW = range(6)
 FIX_LEN, FIX_VERSION, FIX_L4, FIX_IP, FIX_PARTIAL = 1, 2, 4, 8, 16
 P0, P1, P2, P3, STRANGER = range(5)  # 192.0.2.1 .. 192.0.2.4, and 198.51.100.1 (no peer)
@@ -64,6 +64,17 @@ def datagram(sender: int, *segments: bytes, gro: int = 0) -> bytes:
 
 def udp(src: str, dst: str, size: int = 16, **kw: object) -> bytes:
     return h.build_ipv4(src=src, dst=dst, payload=bytes(i % 256 for i in range(size)), **kw)  # type: ignore[arg-type]
+
+
+def udp_train(src: str, dst: str, size: int, count: int, last: int | None = None) -> list[bytes]:
+    """One flow's datagrams as a UDP_SEGMENT sender's train arrives (USO coalesces these)."""
+    out = []
+    for i in range(count):
+        n = size if i < count - 1 or last is None else last
+        header = struct.pack("!HHHH", 4000, 5300, 8 + n, 0)
+        packet = h.build_ipv4(src=src, dst=dst, ident=9 + i, df=True, payload=header + bytes([i]) * n)
+        out.append(h.with_partial_checksum(packet, 6, complete=True))
+    return out
 
 
 def tcp_train(src: str, dst: str, mss: int, count: int, last: int | None = None) -> list[bytes]:
@@ -164,6 +175,29 @@ def packets_seeds() -> dict[str, bytes]:
         + offload_tx
         + offload_rx
     )
+    # USO: UDP trains read from the TUN (GSO_UDP_L4; partial, complete or no checksum) and
+    # runs of one flow's datagrams received, in one UDP_GRO buffer or apart.
+    whole = udp_train(OURS, "10.1.0.5", 2400, 1)[0]
+    uso_vnet = VnetHdr(h.VNET_F_NEEDS_CSUM, h.GSO_UDP_L4, 28, 700, 20, 6).pack()
+    bare_vnet = VnetHdr(0, h.GSO_UDP_L4, 28, 500, 0, 0).pack()
+    no_sum = whole[:26] + b"\0\0" + whole[28:]
+    uso_tx = tx(
+        uso_vnet + packet(h.with_partial_checksum(whole, 6), FIX_PARTIAL | FIX_IP),
+        bare_vnet + packet(whole),
+        bare_vnet + packet(no_sum),
+        plain_vnet + packet(udp(OURS, "10.1.0.6")),
+        uso_vnet + packet(udp(OURS, "10.3.0.5", size=5000, df=True), FIX_PARTIAL | FIX_IP),  # too big
+    )
+    flow = udp_train("10.1.0.7", OURS, 600, 6, last=200)
+    uso_rx = rx(
+        datagram(P0, *(packet(d, FIX_L4 | FIX_IP) for d in flow), gro=len(flow[0])),
+        datagram(P0, packet(flow[0])),
+        datagram(P0, packet(flow[1])),
+        datagram(P0, *(packet(s, FIX_L4 | FIX_IP) for s in train), gro=len(train[0])),
+        datagram(P0, *(packet(d) for d in udp_train("10.2.0.7", OURS, 100, 4)), gro=128),  # spoofed
+    )
+    seeds["offload-uso"] = header(OFFLOAD | GSO | USO, MESH) + uso_tx + uso_rx + offload_rx + uso_tx
+    seeds["offload-no-uso"] = header(OFFLOAD | GSO, MESH) + uso_tx + uso_rx
     return seeds
 
 

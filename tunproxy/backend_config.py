@@ -157,6 +157,7 @@ FEATURES: dict[str, str] = {
     "socket and a thread per worker; off or refused, one worker on the event loop",
     "flow-steering": "with --workers N > 1: a classic BPF program on the SO_REUSEPORT group hands a "
     "datagram to the worker of its inner flow (off or refused: the kernel's hash of the outer ports)",
+    "uso": "UDP segmentation offload on the TUN (TUN_F_USO4/USO6, kernel 6.2+): UDP in trains both ways",
 }
 """The udp data path's optional speed-ups, by name: each is on by default where the kernel
 allows it, ``--without NAME`` turns it off (the bench's "off" rows), and ``--refuse NAME``

@@ -74,6 +74,10 @@ COUNTERS: dict[str, Counter] = {
     "gro_segments": Counter("Datagrams in those buffers.", "datagrams"),
     "tun_gso_writes": Counter("TUN writes of several coalesced TCP segments.", "writes"),
     "tun_gso_segments": Counter("TCP segments in those writes.", "segments"),
+    "uso_packets": Counter("UDP trains (USO, VIRTIO_NET_HDR_GSO_UDP_L4) read from the TUN.", "packets"),
+    "uso_segments": Counter("Datagrams cut from those trains.", "datagrams"),
+    "tun_uso_writes": Counter("TUN writes of several coalesced UDP datagrams (USO).", "writes"),
+    "tun_uso_segments": Counter("UDP datagrams in those writes.", "datagrams"),
 }
 
 DROP_REASONS: tuple[str, ...] = tuple(

@@ -16,7 +16,10 @@ packets into wire-sized ones and sends runs of datagrams with UDP_SEGMENT,
 and writes runs of received TCP segments to the TUN as one TSO packet.  The
 wire format does not change.  The extra memory (a send queue of copied
 datagrams, the cmsg buffers, the iovecs of a coalesced TUN write) is
-allocated here too, once.
+allocated here too, once.  With ``uso=True`` as well (the TUN took
+TUN_F_USO4|TUN_F_USO6), UDP trains read from the TUN are cut into their
+datagrams, and runs of one flow's received UDP datagrams are written to the
+TUN as one USO train.
 
 Arguments are checked here first, so a bad one is a ``TypeError`` or
 ``ValueError`` naming it. The C side checks them again (``fp_init`` the
@@ -127,6 +130,8 @@ class FastPath:
     must then carry virtio_net_hdrs.  ``udp_gso`` (offload mode only) says
     whether the socket may send with UDP_SEGMENT; ``gso_buffer`` is how many
     bytes of datagrams are queued before a sendmmsg (at least 65535).
+    ``uso`` (offload mode only) says the TUN accepted TUN_F_USO4|TUN_F_USO6
+    (kernel 6.2+), so UDP trains come in and may be written back.
     """
 
     def __init__(
@@ -143,6 +148,7 @@ class FastPath:
         slot_size: int | None = None,
         offload: bool = False,
         udp_gso: bool = True,
+        uso: bool = False,
         gso_buffer: int = GSO_BUFFER,
         drop_ring: int = DEFAULT_DROP_RING,
         allow_any_source: bool = False,
@@ -185,6 +191,7 @@ class FastPath:
         c.allow_any_source = bool(allow_any_source)
         if offload:
             c.offload = lib.FP_OFFLOAD_VNET | (lib.FP_OFFLOAD_UDP_GSO if udp_gso else 0)
+            c.offload |= lib.FP_OFFLOAD_USO if uso else 0
         self._offload = bool(offload)
         # The arrays the context points into; held here, as it does not keep them alive.
         self._memory = memory.wire_tables(c, self._capacity)
@@ -232,6 +239,11 @@ class FastPath:
     def udp_gso(self) -> bool:
         """Whether runs of datagrams still go out with UDP_SEGMENT (the kernel may refuse)."""
         return bool(self._ctx.offload & lib.FP_OFFLOAD_UDP_GSO)
+
+    @property
+    def uso(self) -> bool:
+        """Whether UDP trains (USO) are read from and written to the TUN."""
+        return bool(self._ctx.offload & lib.FP_OFFLOAD_USO)
 
     # ---- routes ----
 

@@ -24,6 +24,16 @@ IFF_VNET_HDR and TSO (``offload_forward``):
   mss per packet, FIN and PSH kept only on the last packet and CWR only on the
   first, IP header checksum recomputed and the TCP checksum completed.
 
+With USO on the TUN (TUN_F_USO4|TUN_F_USO6) it also takes UDP trains:
+
+* ``uso_split`` cuts a UDP train (VIRTIO_NET_HDR_GSO_UDP_L4) as
+  ``__udp_gso_segment`` does: ``size`` payload bytes per datagram, IP ID + 1,
+  total length, IP header checksum, UDP length and UDP checksum computed
+  afresh (a train without a checksum keeps none).
+* ``uso_coalesce`` is the receive side: the TUN writes the fast path makes of
+  one peer's received packets, runs of one UDP flow merged into one USO write
+  (wireguard-go's UDP GRO rules).
+
 It also builds packets for tests (``build_ipv4``, ``build_tcp``).
 """
 
@@ -64,7 +74,10 @@ VNET_HDR = struct.Struct("=BBHHHH")
 VNET_F_NEEDS_CSUM = 1
 GSO_NONE = 0
 GSO_TCPV4 = 1
+GSO_UDP_L4 = 5
 GSO_ECN = 0x80
+PROTO_UDP = 17
+USO_MAX_SEGS = 64
 
 Address = ipaddress.IPv4Address | str | int
 
@@ -330,12 +343,112 @@ def tso_split(packet: bytes, mss: int) -> list[bytes]:
     return out
 
 
-def offload_forward(vnet: VnetHdr, packet: bytes) -> list[bytes]:
+def uso_split(packet: bytes, size: int, *, no_checksum: bool = False) -> list[bytes]:
+    """The datagrams __udp_gso_segment makes of a UDP train (see the module docstring)."""
+    ihl = (packet[0] & 15) * 4
+    hlen = ihl + 8
+    total = int.from_bytes(packet[2:4], "big")
+    payload = packet[hlen:total]
+    chunks = [payload[i : i + size] for i in range(0, len(payload), size)] or [b""]
+    ident = int.from_bytes(packet[4:6], "big")
+    out = []
+    for n, chunk in enumerate(chunks):
+        seg = bytearray(packet[:hlen] + chunk)
+        seg[2:4] = len(seg).to_bytes(2, "big")
+        seg[4:6] = ((ident + n) & 0xFFFF).to_bytes(2, "big")
+        seg[10:12] = b"\0\0"
+        seg[10:12] = checksum(seg[:ihl]).to_bytes(2, "big")
+        seg[ihl + 4 : ihl + 6] = (len(seg) - ihl).to_bytes(2, "big")
+        if not no_checksum:
+            seg[ihl + 6 : ihl + 8] = pseudo_header_sum(seg, len(seg) - ihl).to_bytes(2, "big")
+            seg = bytearray(complete_checksum(bytes(seg), ihl, 6))
+        out.append(bytes(seg))
+    return out
+
+
+def uso_candidate(packet: bytes) -> bool:
+    """Whether a received (forwarded) packet may join a USO write: UDP, no IP
+    options or fragments, some payload, the UDP length the packet's, and a
+    checksum present and right."""
+    total = len(packet)
+    return (
+        packet[0] == 0x45
+        and packet[9] == PROTO_UDP
+        and not int.from_bytes(packet[6:8], "big") & (FLAG_MF | FRAG_OFFSET_MASK)
+        and total > 28
+        and int.from_bytes(packet[24:26], "big") == total - 20
+        and packet[26:28] != b"\0\0"
+        and l4_checksum_ok(packet)
+    )
+
+
+def uso_coalesce(packets: list[bytes]) -> list[tuple[VnetHdr, bytes]]:
+    """The TUN writes the fast path makes, with USO on, of one peer's received
+    packets (already forwarded: TTL - 1), in order; for UDP and anything that
+    is not TCP (whose coalescing this twin does not model).  A run of one UDP
+    flow (the same IP header but for length, ID and checksum, the same ports,
+    payloads no bigger than the first and nothing after a shorter one, at
+    most 64 datagrams and 65535 bytes) becomes one write, its first datagram's
+    headers made the train's, the UDP checksum left partial."""
+    writes: list[tuple[VnetHdr, bytes]] = []
+    run: list[bytes] = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            writes.append((VnetHdr(), run[0]))
+        elif run:
+            body = run[0] + b"".join(p[28:] for p in run[1:])
+            head = bytearray(body[:28])
+            head[2:4] = len(body).to_bytes(2, "big")
+            head[10:12] = b"\0\0"
+            head[10:12] = checksum(head[:20]).to_bytes(2, "big")
+            head[24:26] = (len(body) - 20).to_bytes(2, "big")
+            head[26:28] = pseudo_header_sum(head, len(body) - 20).to_bytes(2, "big")
+            vnet = VnetHdr(VNET_F_NEEDS_CSUM, GSO_UDP_L4, 28, len(run[0]) - 28, 20, 6)
+            writes.append((vnet, bytes(head) + body[28:]))
+        run.clear()
+
+    for p in packets:
+        if not uso_candidate(p):
+            flush()
+            writes.append((VnetHdr(), p))
+            continue
+        if run:
+            first, mss = run[0], len(run[0]) - 28
+            follows = (
+                len(run) < USO_MAX_SEGS
+                and len(run[-1]) - 28 == mss
+                and len(p) - 28 <= mss
+                and sum(len(q) - 28 for q in run) + 28 + len(p) - 28 <= 65535
+                and p[0:2] == first[0:2]
+                and p[6:10] == first[6:10]
+                and p[12:24] == first[12:24]
+            )
+            if not follows:
+                flush()
+        run.append(p)
+    flush()
+    return writes
+
+
+def offload_forward(vnet: VnetHdr, packet: bytes, *, uso: bool = False) -> list[bytes]:
     """What the fast path sends, one packet per datagram, for one TUN read in
-    offload mode; ``MalformedPacket`` if it drops the read as malformed."""
+    offload mode (``uso``: the TUN took USO); ``MalformedPacket`` if it drops
+    the read as malformed."""
     header = parse_ipv4(packet)
     ihl, total = header.header_length, header.total_length
     packet = packet[:total]
+    if vnet.gso_type == GSO_UDP_L4:
+        if (
+            not uso
+            or header.proto != PROTO_UDP
+            or not vnet.gso_size
+            or header.flags_frag & (FLAG_MF | FRAG_OFFSET_MASK)
+            or ihl + 8 > total
+        ):
+            raise MalformedPacket(f"not a UDP train we can cut: {vnet}")
+        no_checksum = not vnet.flags & VNET_F_NEEDS_CSUM and packet[ihl + 6 : ihl + 8] == b"\0\0"
+        return uso_split(decrement_ttl(packet), vnet.gso_size, no_checksum=no_checksum)
     if vnet.gso_type != GSO_NONE:
         if (
             vnet.gso_type & ~GSO_ECN != GSO_TCPV4

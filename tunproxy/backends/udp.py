@@ -7,7 +7,8 @@ Python cost is paid per wakeup, not per packet.
 
 Offload mode (the default; ``--no-offload`` turns it off) opens the TUN with
 IFF_VNET_HDR and TSO4/checksum offloads and the socket with UDP_GRO, and sends
-with UDP_SEGMENT, so one system call moves up to 64 KiB; the wire format stays
+with UDP_SEGMENT, so one system call moves up to 64 KiB; on kernels 6.2+ the
+TUN also takes USO, so UDP crosses it in trains too. The wire format stays
 the same. Whatever the kernel refuses falls back, with one line in the log.
 
 ``--workers N`` (N > 1) moves the packets on N threads instead, each with a
@@ -60,6 +61,8 @@ TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int); the argument is the 
 TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int); the argument points to it
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
+TUN_F_USO4 = 0x20  # since 6.2; drivers/net/tun.c takes USO4 only together with USO6
+TUN_F_USO6 = 0x40
 
 
 MIN_DEFAULT_ROUTES = 4096
@@ -100,6 +103,7 @@ class UdpBackend(Backend):
         self.max_routes = flags.max_routes or default_max_routes(ctx.network)
         self._routes: dict[IPv4Network, IPv4Address] = {}  # what the C table holds, by subnet
         self._udp_gso = self.offload
+        self._uso = False  # the TUN took TUN_F_USO4|TUN_F_USO6 (set by _create_tun)
         self._mtu = ctx.underlay.mtu - IP_UDP_OVERHEAD
         self.tun: pytun.TunTapDevice | MultiQueueTun | None = None
         self.sock: socket.socket | None = None
@@ -138,13 +142,18 @@ class UdpBackend(Backend):
         self.tun = self._open_tun()
         if self.offload:
             try:
-                for fd in self.tun.fds if isinstance(self.tun, MultiQueueTun) else [self.tun.fileno()]:
+                fds = self.tun.fds if isinstance(self.tun, MultiQueueTun) else [self.tun.fileno()]
+                for i, fd in enumerate(fds):  # every queue gets what the first one was granted
                     fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-                    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+                    if i == 0:
+                        self._uso = self._set_tun_offloads(fd)
+                    else:
+                        uso = TUN_F_USO4 | TUN_F_USO6 if self._uso else 0
+                        fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | uso)
             except OSError as e:
                 log.warning("TUN offloads refused (%s); offload mode off", e.strerror or e)
                 self.tun.close()
-                self.offload = self._udp_gso = False
+                self.offload = self._udp_gso = self._uso = False
                 self.tun = self._open_tun()
 
         def up(ipr):  # type: ignore[no-untyped-def]
@@ -174,6 +183,29 @@ class UdpBackend(Backend):
         await self._create_tun()
         await self._configure(self.subnet)
         asyncio.get_running_loop().add_reader(self.tun.fileno(), self._on_tun)
+
+    def _set_tun_offloads(self, fd: int) -> bool:
+        """TSO4 and checksum offload on TUN ``fd``, and USO too unless ``--without uso``; True if USO is on.
+
+        drivers/net/tun.c (set_offload) turns on NETIF_F_GSO_UDP_L4 only for
+        TUN_F_USO4 and TUN_F_USO6 together, and a kernel before 6.2 refuses
+        bits it does not know with EINVAL: then TSO4 and checksum alone, with
+        one line in the log (``--refuse uso`` takes that path on any kernel).
+        OSError if even TSO4 and checksum are refused.
+        """
+        base = TUN_F_CSUM | TUN_F_TSO4
+        flags = self.ctx.flags
+        if flags.wants("uso"):
+            reason = "--refuse uso" if "uso" in flags.refuse else None
+            if reason is None:
+                try:
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, base | TUN_F_USO4 | TUN_F_USO6)
+                    return True
+                except OSError as e:
+                    reason = e.strerror or str(e)
+            log.warning("TUN USO refused (%s); UDP crosses the TUN a datagram at a time", reason)
+        fcntl.ioctl(fd, TUNSETOFFLOAD, base)
+        return False
 
     def _open_tun(self) -> pytun.TunTapDevice | MultiQueueTun:
         if self.workers > 1:
@@ -210,7 +242,8 @@ class UdpBackend(Backend):
         except OSError as e:
             self._udp_gso = False
             gso = f"refused ({e.strerror})"
-        log.info("offload: TUN TSO4 and checksum on, UDP GSO %s, UDP GRO %s", gso, gro)
+        uso = "on" if self._uso else "off"
+        log.info("offload: TUN TSO4 and checksum on, UDP GSO %s, UDP GRO %s, TUN USO %s", gso, gro, uso)
 
     def _bind_socket(self, reuseport: bool = False) -> socket.socket:
         addr = str(self.ctx.underlay.address)
@@ -270,6 +303,7 @@ class UdpBackend(Backend):
             batch=self.batch,
             offload=self.offload,
             udp_gso=self._udp_gso,
+            uso=self._uso,
             max_routes=self.max_routes,
             drop_ring=self.ctx.flags.drop_ring,
             allow_any_source=self.allow_any_source,

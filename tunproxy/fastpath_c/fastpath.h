@@ -23,6 +23,8 @@ enum {
     FP_GSO_MAX_BYTES = 65507,/* UDP payload per send: 65535 - 20 (IPv4) - 8 (UDP) */
     FP_CMSG_WORDS = 4,       /* uint64_t per message for one int-sized cmsg (CMSG_SPACE) */
     FP_GRO_MAX_SEGS = 128,   /* TCP segments coalesced into one TUN write, at most */
+    FP_USO_MAX_SEGS = 64,    /* UDP datagrams coalesced into one TUN write, at most: UDP_MAX_SEGMENTS,
+                                which virtio_net_hdr_to_skb enforces (64; later kernels raised it) */
     FP_DROP_SNAP = 96        /* bytes of a dropped packet kept in the drop ring */
 };
 
@@ -47,7 +49,9 @@ enum {
 /* fp_ctx.offload bits, chosen at init. */
 enum {
     FP_OFFLOAD_VNET = 1,     /* the TUN has IFF_VNET_HDR with TSO4/CSUM offloads on */
-    FP_OFFLOAD_UDP_GSO = 2   /* send trains of datagrams with UDP_SEGMENT; cleared on refusal */
+    FP_OFFLOAD_UDP_GSO = 2,  /* send trains of datagrams with UDP_SEGMENT; cleared on refusal */
+    FP_OFFLOAD_USO = 4       /* the TUN took TUN_F_USO4|TUN_F_USO6: it hands over UDP trains
+                                (VIRTIO_NET_HDR_GSO_UDP_L4) and takes coalesced ones */
 };
 
 /* One route: prefix/len -> peer; a slot of an open-addressing hash table
@@ -119,6 +123,10 @@ struct fp_counters {
     uint64_t gro_segments;       /* ... and the datagrams in them */
     uint64_t tun_gso_writes;     /* TUN writes of several coalesced TCP segments ... */
     uint64_t tun_gso_segments;   /* ... and the segments in them */
+    uint64_t uso_packets;        /* UDP trains (USO) read from the TUN ... */
+    uint64_t uso_segments;       /* ... and the datagrams they were split into */
+    uint64_t tun_uso_writes;     /* TUN writes of several coalesced UDP datagrams (USO) ... */
+    uint64_t tun_uso_segments;   /* ... and the datagrams in them */
 };
 
 /* The packet ring.  Slot i's packet starts at data + i * slot_size + headroom
@@ -166,6 +174,7 @@ struct fp_gso {
     uint32_t gro_mss;            /* payload bytes of the first segment */
     uint32_t gro_seq;            /* the sequence number a next segment must have */
     uint32_t gro_closed;         /* a short or PSH segment ended it */
+    uint32_t gro_proto;          /* IPPROTO_TCP or, with FP_OFFLOAD_USO, IPPROTO_UDP */
 };
 
 struct fp_ctx {

@@ -45,6 +45,11 @@ _Static_assert(CMSG_SPACE(sizeof(int)) <= FP_CMSG_WORDS * sizeof(uint64_t), "cms
 
 enum { TCP_FIN = 0x01, TCP_PSH = 0x08, TCP_CWR = 0x80 };
 
+/* linux/virtio_net.h since 5.18; the build host's headers may be older. */
+#ifndef VIRTIO_NET_HDR_GSO_UDP_L4
+#define VIRTIO_NET_HDR_GSO_UDP_L4 5
+#endif
+
 static inline uint32_t min32(uint32_t a, uint32_t b) { return a < b ? a : b; }
 
 static inline uint32_t get16(const uint8_t *p) { return (uint32_t)p[0] << 8 | p[1]; }
@@ -151,6 +156,7 @@ int tun_to_udp_offload(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now);
 uint32_t gro_size(struct msghdr *h, uint32_t len);
 void gro_add(struct fp_ctx *c, int tun_fd, uint8_t *p, uint32_t tot, struct fp_peer *peer);
 void gro_flush(struct fp_ctx *c, int tun_fd);
+int uso_add(struct fp_ctx *c, int tun_fd, uint8_t *p, uint32_t tot, struct fp_peer *peer);
 
 #pragma GCC visibility pop
 

@@ -17,6 +17,10 @@
  *    UDP_SEGMENT: one system call sends ~45 datagrams, which the kernel (or
  *    the NIC) cuts apart.  Copying costs little next to the checksum we must
  *    compute anyway, and lets small packets (ACKs) be trained up too.
+ *  - With TUN_F_USO4|TUN_F_USO6 (kernel 6.2+) a read may also be a UDP
+ *    "train" (VIRTIO_NET_HDR_GSO_UDP_L4): one UDP header over gso_size-byte
+ *    datagrams, as a UDP_SEGMENT sender made it.  We cut it as the kernel's
+ *    __udp_gso_segment would (uso_split), one datagram per outer datagram.
  *  - The way back is offload_rx.c's.
  *
  * If the kernel refuses UDP_SEGMENT (EIO: no checksum offload on the route;
@@ -164,16 +168,62 @@ static void tso_split(struct fp_ctx *c, int fd, const uint8_t *p, uint32_t tot, 
     c->cnt.tso_segments += n;
 }
 
+/* Queue UDP train p (tot bytes, UDP header at ihl) as the datagrams the
+ * kernel's __udp_gso_segment would make of it: size payload bytes each (the
+ * last may be shorter), IP ID + 1 per datagram, IP header checksum, UDP
+ * length and UDP checksum computed afresh.  A train that says it has no UDP
+ * checksum (0 in the field, and no NEEDS_CSUM asking for one: RFC 768)
+ * keeps none; a computed 0 goes out as 0xFFFF (csum_finish). */
+static void uso_split(struct fp_ctx *c, int fd, const uint8_t *p, uint32_t tot, uint32_t size,
+                      uint32_t peer, int no_csum)
+{
+    uint32_t ihl = (p[0] & 15) * 4u, hlen = ihl + 8, id = get16(p + 4), n = 0;
+    for (uint32_t off = hlen; n == 0 || off < tot; off += size, n++) {
+        uint32_t len = hlen + min32(size, tot - off);
+        uint8_t *o = gso_add(c, fd, peer, len);
+        memcpy(o, p, hlen);
+        memcpy(o + hlen, p + off, len - hlen);
+        put16(o + 2, len);
+        put16(o + 4, id + n);
+        put16(o + 10, 0);
+        put16(o + 10, csum(o, ihl));
+        put16(o + ihl + 4, len - ihl);
+        if (!no_csum) {
+            put16(o + ihl + 6, pseudo_sum(o, len - ihl));
+            csum_finish(o, len, ihl, 6);
+        }
+    }
+    c->cnt.uso_packets++;
+    c->cnt.uso_segments += n;
+}
+
+/* The datagram size of UDP train p (tot bytes), 0 if it is not one we can
+ * cut: USO was asked for and granted, UDP, no fragment, a whole UDP header
+ * and a gso_size.  hdr_len and the UDP length field are not trusted. */
+static uint32_t uso_size(const struct fp_ctx *c, const uint8_t *p, uint32_t tot,
+                         const struct virtio_net_hdr *v)
+{
+    uint32_t ihl = (p[0] & 15) * 4u;
+    if (!(c->offload & FP_OFFLOAD_USO) || p[9] != IPPROTO_UDP || (get16(p + 6) & 0x3fff) ||
+        ihl + 8 > tot)
+        return 0;
+    return v->gso_size;
+}
+
 /* One read from the TUN in offload mode (v is zero without IFF_VNET_HDR):
  * checked, completed or cut up, routed, queued. */
 static void tx_packet(struct fp_ctx *c, int tun_fd, int udp_fd, uint8_t *p, size_t n,
                       const struct virtio_net_hdr *v, uint64_t now)
 {
-    uint32_t tot = ip_valid(p, n), ihl, hlen = 0, seg = tot, peer;
+    uint32_t tot = ip_valid(p, n), ihl, hlen = 0, seg = tot, peer, uso = 0;
     if (!tot)
         goto malformed;
     ihl = (p[0] & 15) * 4u;
-    if (v->gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+    if (v->gso_type == VIRTIO_NET_HDR_GSO_UDP_L4) {
+        if (!(uso = uso_size(c, p, tot, v)))
+            goto malformed;
+        seg = min32(tot, ihl + 8 + uso);
+    } else if (v->gso_type != VIRTIO_NET_HDR_GSO_NONE) {
         /* hdr_len is not trusted: on the forwarding path it can be a whole packet. */
         if ((v->gso_type & ~VIRTIO_NET_HDR_GSO_ECN) != VIRTIO_NET_HDR_GSO_TCPV4 || p[9] != 6 ||
             !v->gso_size || (get16(p + 6) & 0x3fff) || ihl + 20 > tot)
@@ -191,7 +241,10 @@ static void tx_packet(struct fp_ctx *c, int tun_fd, int udp_fd, uint8_t *p, size
     if (!(peer = next_hop(c, tun_fd, p, tot, seg, now)))
         return;
     ttl_dec(p);
-    if (hlen)
+    if (uso)
+        uso_split(c, udp_fd, p, tot, uso, peer,
+                  !(v->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && !get16(p + ihl + 6));
+    else if (hlen)
         tso_split(c, udp_fd, p, tot, hlen, v->gso_size, peer);
     else
         memcpy(gso_add(c, udp_fd, peer, tot), p, tot);
