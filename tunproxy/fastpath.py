@@ -127,6 +127,11 @@ class FastPath:
     must then carry virtio_net_hdrs.  ``udp_gso`` (offload mode only) says
     whether the socket may send with UDP_SEGMENT; ``gso_buffer`` is how many
     bytes of datagrams are queued before a sendmmsg (at least 65535).
+    ``fast_csum`` and ``sg_send`` (offload mode only; tunproxy's
+    ``--without fast-csum`` / ``--without sg-send``) pick the checksum code
+    (AVX2 where the CPU has it, summing while copying) and sending TSO
+    payloads from the read buffer without copying them; neither changes a
+    byte on the wire.
     """
 
     def __init__(
@@ -146,6 +151,8 @@ class FastPath:
         gso_buffer: int = GSO_BUFFER,
         drop_ring: int = DEFAULT_DROP_RING,
         allow_any_source: bool = False,
+        fast_csum: bool = True,
+        sg_send: bool = True,
     ) -> None:
         _check_int("mtu", mtu, 68, MAX_PACKET)
         _check_int("port", port, 1, 65535)
@@ -185,6 +192,7 @@ class FastPath:
         c.allow_any_source = bool(allow_any_source)
         if offload:
             c.offload = lib.FP_OFFLOAD_VNET | (lib.FP_OFFLOAD_UDP_GSO if udp_gso else 0)
+            c.features = (lib.FP_FEAT_FAST_CSUM if fast_csum else 0) | (lib.FP_FEAT_SG_SEND if sg_send else 0)
         self._offload = bool(offload)
         # The arrays the context points into; held here, as it does not keep them alive.
         self._memory = memory.wire_tables(c, self._capacity)
@@ -222,6 +230,16 @@ class FastPath:
     @property
     def offload(self) -> bool:
         return self._offload
+
+    @property
+    def fast_csum(self) -> bool:
+        """Whether offload mode uses the fast checksum code (``fast-csum``)."""
+        return bool(self._ctx.features & lib.FP_FEAT_FAST_CSUM)
+
+    @property
+    def sg_send(self) -> bool:
+        """Whether offload mode sends TSO payloads from the read buffer (``sg-send``)."""
+        return bool(self._ctx.features & lib.FP_FEAT_SG_SEND)
 
     @property
     def allow_any_source(self) -> bool:

@@ -50,6 +50,13 @@ enum {
     FP_OFFLOAD_UDP_GSO = 2   /* send trains of datagrams with UDP_SEGMENT; cleared on refusal */
 };
 
+/* fp_ctx.features bits: speed-ups of offload mode that change no byte on the
+ * wire, each on unless the caller turns it off (tunproxy's --without NAME). */
+enum {
+    FP_FEAT_FAST_CSUM = 1,   /* "fast-csum": AVX2 sum16 if the CPU has it, fused copy-and-sum */
+    FP_FEAT_SG_SEND = 2      /* "sg-send": TSO payloads sent from the read slot, not copied */
+};
+
 /* One route: prefix/len -> peer; a slot of an open-addressing hash table
  * keyed by (prefix, len), peer 0 meaning empty. */
 struct fp_route {
@@ -142,6 +149,12 @@ struct fp_ring {
  * iov[i], a run of segs[i] datagrams of seg_size[i] bytes (the last one may be
  * shorter) to addr[i], sent with a UDP_SEGMENT cmsg when it holds more than
  * one.  A full queue is flushed with one sendmmsg.
+ * With FP_FEAT_SG_SEND a TSO packet's datagrams are not copied: each is two
+ * iovecs in sg_iov, its headers (built in out) and its payload, left in the
+ * ring slot it was read into (each read of a call has its own slot, and the
+ * queue is sent before the call returns).  Such a message's msg_iov points
+ * into sg_iov, and iov[i] then only says where its first headers are and
+ * how many bytes it holds.
  * tun_iov[1..] point into the ring at the segments being coalesced (the first
  * whole, then only payloads); tun_iov[0] is for the virtio_net_hdr. */
 struct fp_gso {
@@ -154,8 +167,11 @@ struct fp_gso {
     uint64_t *cmsg;              /* nmsg * FP_CMSG_WORDS: UDP_SEGMENT */
     uint64_t *rx_cmsg;           /* ring.nslots * FP_CMSG_WORDS: UDP_GRO */
     struct iovec *tun_iov;       /* FP_GRO_MAX_SEGS + 1 */
+    struct iovec *sg_iov;        /* sg_niov: FP_FEAT_SG_SEND's messages' iovecs */
     uint32_t out_size;           /* >= FP_MAX_PACKET */
     uint32_t nmsg;
+    uint32_t sg_niov;            /* >= 2 * FP_GSO_MAX_SEGS when FP_FEAT_SG_SEND is set */
+    uint32_t sg_used;            /* state: sg_iov entries queued */
     /* State, owned by the C side. */
     uint32_t n;                  /* messages queued */
     uint32_t used;               /* bytes of out queued */
@@ -193,7 +209,7 @@ struct fp_ctx {
     struct fp_peer *peers_alt;   /* peer_cap entries, next */
     struct fp_drop *drops;       /* ndrops entries: the drop ring (may be NULL if ndrops is 0) */
     uint32_t ndrops;
-    uint32_t pad2;
+    uint32_t features;           /* FP_FEAT_* bits, chosen at init (offload mode only) */
     /* State, owned by the C side. */
     uint64_t drops_total;        /* records ever written; the next goes to drops_total % ndrops */
     uint64_t now_ms;             /* now_ms of the current fp_tun_to_udp/fp_udp_to_tun call */
@@ -242,5 +258,12 @@ int fp_tun_to_udp(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now_ms);
  * of receive buffers filled (a UDP_GRO buffer may hold many datagrams), or
  * -errno. */
 int fp_udp_to_tun(struct fp_ctx *c, int udp_fd, int tun_fd, uint64_t now_ms);
+
+/* The checksum code, for tests: sum16 (RFC 1071, folded, not complemented) of
+ * p[0..n) plus sum, by the fast path if fast, else the scalar one; the same
+ * while copying src to dst; whether this CPU has AVX2 (so fast uses it). */
+uint32_t fp_sum16(const uint8_t *p, size_t n, uint32_t sum, uint32_t fast);
+uint32_t fp_csum_copy(uint8_t *dst, const uint8_t *src, size_t n, uint32_t sum, uint32_t fast);
+int fp_have_avx2(void);
 
 #endif
