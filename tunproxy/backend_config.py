@@ -152,7 +152,10 @@ def parse_backend(backend_type: object, raw: Mapping[str, Any]) -> BackendOption
 
 # --- the udp backend's flags -------------------------------------------------------------------
 
-FEATURES: dict[str, str] = {}
+FEATURES: dict[str, str] = {
+    "fast-csum": "offload mode's checksums with AVX2 where the CPU has it, summed while copied (one pass)",
+    "sg-send": "offload mode sends TSO payloads from the TUN read buffer (scatter-gather), not copied",
+}
 """The udp data path's optional speed-ups, by name: each is on by default where the kernel
 allows it, ``--without NAME`` turns it off (the bench's "off" rows), and ``--refuse NAME``
 makes tunproxy act as if the kernel had refused it, so the fallback path can be tested."""

@@ -131,7 +131,8 @@ class FastPath:
     ``--without fast-csum`` / ``--without sg-send``) pick the checksum code
     (AVX2 where the CPU has it, summing while copying) and sending TSO
     payloads from the read buffer without copying them; neither changes a
-    byte on the wire.
+    byte on the wire. ``simd`` False keeps fast-csum off AVX2 even where the
+    CPU has it (the portable code; ``--refuse fast-csum``).
     """
 
     def __init__(
@@ -153,6 +154,7 @@ class FastPath:
         allow_any_source: bool = False,
         fast_csum: bool = True,
         sg_send: bool = True,
+        simd: bool = True,
     ) -> None:
         _check_int("mtu", mtu, 68, MAX_PACKET)
         _check_int("port", port, 1, 65535)
@@ -192,7 +194,11 @@ class FastPath:
         c.allow_any_source = bool(allow_any_source)
         if offload:
             c.offload = lib.FP_OFFLOAD_VNET | (lib.FP_OFFLOAD_UDP_GSO if udp_gso else 0)
-            c.features = (lib.FP_FEAT_FAST_CSUM if fast_csum else 0) | (lib.FP_FEAT_SG_SEND if sg_send else 0)
+            c.features = (
+                (lib.FP_FEAT_FAST_CSUM if fast_csum else 0)
+                | (lib.FP_FEAT_SG_SEND if sg_send else 0)
+                | (0 if simd else lib.FP_FEAT_CSUM_NO_SIMD)
+            )
         self._offload = bool(offload)
         # The arrays the context points into; held here, as it does not keep them alive.
         self._memory = memory.wire_tables(c, self._capacity)
@@ -235,6 +241,12 @@ class FastPath:
     def fast_csum(self) -> bool:
         """Whether offload mode uses the fast checksum code (``fast-csum``)."""
         return bool(self._ctx.features & lib.FP_FEAT_FAST_CSUM)
+
+    @property
+    def csum_simd(self) -> bool:
+        """Whether fast-csum runs the AVX2 code: asked for, and the CPU has it."""
+        k = self._ctx.features
+        return bool(k & lib.FP_FEAT_FAST_CSUM and not k & lib.FP_FEAT_CSUM_NO_SIMD and lib.fp_have_avx2())
 
     @property
     def sg_send(self) -> bool:

@@ -110,7 +110,7 @@ def wire_ring(c: Any, batch: int, slot_size: int, headroom: int, drop_ring: int)
 
 
 def sg_iovecs(batch: int) -> int:
-    """sg-send's iovecs for ``batch`` reads: two per datagram, a 64 KiB TSO read being at most 64 datagrams."""
+    """sg-send's iovecs for ``batch`` reads: two per datagram, a 64 KiB TSO read is at most 64."""
     return 2 * lib.FP_GSO_MAX_SEGS * (batch + 1)
 
 

@@ -20,13 +20,13 @@ from tests.support import packets as h
 from tunproxy.fastpath import UdpGsoDisabled, ffi, lib
 
 from .test_fastpath import HYPO, NET, P2, Env, receive
-from .test_offload import SO_NO_CHECK, SRC, DST, delta, inject, tso, tso_packets
+from .test_offload import DST, SO_NO_CHECK, SRC, delta, inject, tso, tso_packets
 
 COMBOS = [
     pytest.param({"fast_csum": f, "sg_send": s}, id=f"fast_csum={f:d},sg_send={s:d}")
     for f in (True, False)
     for s in (True, False)
-]
+] + [pytest.param({"fast_csum": True, "sg_send": False, "simd": False}, id="fast_csum=portable")]
 
 
 def twin_sum16(data: bytes, start: int) -> int:
@@ -37,7 +37,11 @@ def twin_sum16(data: bytes, start: int) -> int:
     return total
 
 
-@pytest.mark.parametrize("fast", [0, 1])
+FAST, PORTABLE = lib.FP_FEAT_FAST_CSUM, lib.FP_FEAT_FAST_CSUM | lib.FP_FEAT_CSUM_NO_SIMD
+CODES = [0, FAST, PORTABLE]  # scalar, AVX2 where the CPU has it, the portable fast code
+
+
+@pytest.mark.parametrize("fast", CODES)
 @HYPO
 @given(data=st.binary(max_size=2000), offset=st.integers(0, 63), start=st.integers(0, 0x1FFFE))
 def test_sum16_matches_the_twin_at_any_alignment(fast, data, offset, start):
@@ -45,7 +49,7 @@ def test_sum16_matches_the_twin_at_any_alignment(fast, data, offset, start):
     ffi.memmove(buf + offset, data, len(data))
     got = lib.fp_sum16(buf + offset, len(data), start, fast)
     assert got == twin_sum16(data, start)
-    assert got == lib.fp_sum16(buf + offset, len(data), start, 1 - fast)
+    assert got == lib.fp_sum16(buf + offset, len(data), start, 0)
 
 
 def test_sum16_every_length_of_all_ones_and_zeros():
@@ -57,11 +61,11 @@ def test_sum16_every_length_of_all_ones_and_zeros():
         for offset in (0, 1):
             for n in range(2001):
                 want = twin_sum16(data[offset : offset + n], 0)
-                assert lib.fp_sum16(buf + offset, n, 0, 1) == want, (fill, offset, n)
-                assert lib.fp_sum16(buf + offset, n, 0, 0) == want, (fill, offset, n)
+                for code in CODES:
+                    assert lib.fp_sum16(buf + offset, n, 0, code) == want, (fill, offset, n, code)
 
 
-@pytest.mark.parametrize("fast", [0, 1])
+@pytest.mark.parametrize("fast", CODES)
 @HYPO
 @given(
     data=st.binary(max_size=2000),
@@ -112,6 +116,8 @@ def make_env(features):
 def test_the_features_are_what_was_asked(make_env, features):
     env = make_env()
     assert (env.fp.fast_csum, env.fp.sg_send) == (features["fast_csum"], features["sg_send"])
+    simd = features["fast_csum"] and features.get("simd", True) and bool(lib.fp_have_avx2())
+    assert env.fp.csum_simd == simd
 
 
 @HYPO

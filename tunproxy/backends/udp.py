@@ -212,6 +212,10 @@ class UdpBackend(Backend):
                 max_routes=self.max_routes,
                 drop_ring=self.ctx.flags.drop_ring,
                 allow_any_source=self.allow_any_source,
+                fast_csum=self.ctx.flags.wants("fast-csum"),
+                # no kernel to refuse these: --refuse is --without, or fast-csum without AVX2
+                sg_send=self.ctx.flags.wants("sg-send") and "sg-send" not in self.ctx.flags.refuse,
+                simd="fast-csum" not in self.ctx.flags.refuse,
             )
             self.fastpath.set_routes(self._routes)
         self.subnet = subnet

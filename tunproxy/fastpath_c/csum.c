@@ -154,22 +154,29 @@ static int have_avx2(void) { return 0; }
 #define csum_copy_avx2 csum_copy_scalar
 #endif
 
-/* sum16, the fastest way this CPU has (AVX2, checked at run time, else the
- * portable one) if fast is set, else the scalar sum16. */
-uint32_t sum16_fast(const uint8_t *p, size_t n, uint32_t sum, uint32_t fast)
+/* Whether the FP_FEAT_* bits in fast ask for the AVX2 code and the CPU has it. */
+static int use_avx2(uint32_t fast)
 {
-    return fast && have_avx2() ? sum16_avx2(p, n, sum) : sum16(p, n, sum);
+    return (fast & FP_FEAT_FAST_CSUM) && !(fast & FP_FEAT_CSUM_NO_SIMD) && have_avx2();
 }
 
-/* Copy src[0..n) to dst and return its sum16 (plus sum): in one pass if fast
- * is set (as the kernel's csum_partial_copy), else memcpy then sum16. */
+/* sum16, the fastest way this CPU has (AVX2, checked at run time) if fast
+ * has FP_FEAT_FAST_CSUM, else the scalar (already wide, portable) sum16. */
+uint32_t sum16_fast(const uint8_t *p, size_t n, uint32_t sum, uint32_t fast)
+{
+    return use_avx2(fast) ? sum16_avx2(p, n, sum) : sum16(p, n, sum);
+}
+
+/* Copy src[0..n) to dst and return its sum16 (plus sum): with
+ * FP_FEAT_FAST_CSUM in one pass (as the kernel's csum_partial_copy, AVX2 if
+ * the CPU has it), else memcpy then sum16. */
 uint32_t csum_copy(uint8_t *dst, const uint8_t *src, size_t n, uint32_t sum, uint32_t fast)
 {
-    if (!fast) {
+    if (!(fast & FP_FEAT_FAST_CSUM)) {
         memcpy(dst, src, n);
         return sum16(dst, n, sum);
     }
-    return have_avx2() ? csum_copy_avx2(dst, src, n, sum) : csum_copy_scalar(dst, src, n, sum);
+    return use_avx2(fast) ? csum_copy_avx2(dst, src, n, sum) : csum_copy_scalar(dst, src, n, sum);
 }
 
 uint32_t fp_sum16(const uint8_t *p, size_t n, uint32_t sum, uint32_t fast)

@@ -54,7 +54,8 @@ enum {
  * wire, each on unless the caller turns it off (tunproxy's --without NAME). */
 enum {
     FP_FEAT_FAST_CSUM = 1,   /* "fast-csum": AVX2 sum16 if the CPU has it, fused copy-and-sum */
-    FP_FEAT_SG_SEND = 2      /* "sg-send": TSO payloads sent from the read slot, not copied */
+    FP_FEAT_SG_SEND = 2,     /* "sg-send": TSO payloads sent from the read slot, not copied */
+    FP_FEAT_CSUM_NO_SIMD = 4 /* fast-csum as on a CPU without AVX2: the portable code (--refuse) */
 };
 
 /* One route: prefix/len -> peer; a slot of an open-addressing hash table
@@ -260,8 +261,9 @@ int fp_tun_to_udp(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now_ms);
 int fp_udp_to_tun(struct fp_ctx *c, int udp_fd, int tun_fd, uint64_t now_ms);
 
 /* The checksum code, for tests: sum16 (RFC 1071, folded, not complemented) of
- * p[0..n) plus sum, by the fast path if fast, else the scalar one; the same
- * while copying src to dst; whether this CPU has AVX2 (so fast uses it). */
+ * p[0..n) plus sum, by the code the FP_FEAT_* bits in fast pick (0: the
+ * scalar one); the same while copying src to dst; whether this CPU has AVX2
+ * (so FP_FEAT_FAST_CSUM uses it). */
 uint32_t fp_sum16(const uint8_t *p, size_t n, uint32_t sum, uint32_t fast);
 uint32_t fp_csum_copy(uint8_t *dst, const uint8_t *src, size_t n, uint32_t sum, uint32_t fast);
 int fp_have_avx2(void);

@@ -109,7 +109,7 @@ static int gro_follows(const struct fp_gso *g, const uint8_t *p, uint32_t tot,
 void gro_add(struct fp_ctx *c, int tun_fd, uint8_t *p, uint32_t tot, struct fp_peer *peer)
 {
     struct fp_gso *g = &c->gso;
-    if (!gro_candidate(p, tot, c->features & FP_FEAT_FAST_CSUM)) {
+    if (!gro_candidate(p, tot, c->features)) {
         gro_flush(c, tun_fd);
         rx_write(c, tun_fd, p, tot, peer);
         return;

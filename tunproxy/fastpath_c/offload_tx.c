@@ -209,7 +209,7 @@ static void tso_split(struct fp_ctx *c, int fd, const uint8_t *p, uint32_t tot, 
                       uint32_t mss, uint32_t peer)
 {
     uint32_t ihl = (p[0] & 15) * 4u, seq = get32(p + ihl + 4), id = get16(p + 4), n = 0;
-    uint32_t fast = c->features & FP_FEAT_FAST_CSUM, sg = c->features & FP_FEAT_SG_SEND;
+    uint32_t fast = c->features & FP_FEAT_FAST_CSUM ? c->features : 0, sg = c->features & FP_FEAT_SG_SEND;
     for (uint32_t off = hlen; n == 0 || off < tot; off += mss, n++) {
         uint32_t plen = min32(mss, tot - off), len = hlen + plen, psum = 0;
         uint8_t *o;
@@ -268,7 +268,7 @@ static void tx_packet(struct fp_ctx *c, int tun_fd, int udp_fd, uint8_t *p, size
     } else if (v->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
         if ((uint32_t)v->csum_start + v->csum_offset + 2 > tot)
             goto malformed;
-        csum_finish(p, tot, v->csum_start, v->csum_offset, c->features & FP_FEAT_FAST_CSUM);
+        csum_finish(p, tot, v->csum_start, v->csum_offset, c->features);
         c->cnt.csum_completed++;
     }
     if (!(peer = next_hop(c, tun_fd, p, tot, seg, now)))

@@ -17,7 +17,7 @@ int fp_init(struct fp_ctx *c)
         c->max_routes < 1 || (uint64_t)c->route_cap < 2 * (uint64_t)c->max_routes ||
         (c->route_cap & (c->route_cap - 1)) || (uint64_t)c->peer_cap < 4 * (uint64_t)c->max_routes ||
         (c->peer_cap & (c->peer_cap - 1)) || (c->offload & ~(FP_OFFLOAD_VNET | FP_OFFLOAD_UDP_GSO)) ||
-        (c->features & ~(FP_FEAT_FAST_CSUM | FP_FEAT_SG_SEND)))
+        (c->features & ~(FP_FEAT_FAST_CSUM | FP_FEAT_SG_SEND | FP_FEAT_CSUM_NO_SIMD)))
         return -EINVAL;
     if (c->offload) {
         if (!g->out || !g->msg || !g->iov || !g->addr || !g->segs || !g->seg_size || !g->cmsg ||
