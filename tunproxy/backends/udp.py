@@ -218,6 +218,10 @@ class UdpBackend(Backend):
                 simd="fast-csum" not in self.ctx.flags.refuse,
             )
             self.fastpath.set_routes(self._routes)
+            if self.offload:
+                fp = self.fastpath
+                csum = ("on, AVX2" if fp.csum_simd else "on, portable") if fp.fast_csum else "off"
+                log.info("send path: fast-csum %s, sg-send %s", csum, "on" if fp.sg_send else "off")
         self.subnet = subnet
         await self._configure(subnet)
         if not self._readers:

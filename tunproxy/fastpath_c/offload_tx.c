@@ -25,6 +25,10 @@
  */
 #include "internal.h"
 
+#ifndef FP_SG_WINDOW
+#define FP_SG_WINDOW 4 /* reads whose payloads sg-send queues before it sends them */
+#endif
+
 /* Whether queued message i is FP_FEAT_SG_SEND's: its iovecs are in sg_iov,
  * two per datagram (headers, payload). */
 static int is_sg(const struct fp_gso *g, uint32_t i) { return g->msg[i].msg_hdr.msg_iov != &g->iov[i]; }
@@ -292,8 +296,12 @@ int tun_to_udp_offload(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now)
     int err = 0;
     while (taken < c->batch) {
         /* A packet is copied out before the next read, or with FP_FEAT_SG_SEND
-         * left in its own slot until the flush below (batch <= nslots). */
-        uint8_t *p = slot(r, sg ? taken : 0);
+         * left in its own slot until the queue is sent: every FP_SG_WINDOW
+         * reads, so the slots in use stay in cache for the kernel's copy. */
+        uint32_t k = sg ? taken % FP_SG_WINDOW : 0;
+        if (sg && taken && !k)
+            gso_flush(c, udp_fd);
+        uint8_t *p = slot(r, k);
         ssize_t got = read(tun_fd, p - vnet, cap + vnet);
         if (got < 0) {
             err = -errno;
