@@ -39,7 +39,6 @@ VARIANTS: tuple[Variant, ...] = (
         kernel=False,
     ),
     Variant("udp-no-fast-csum", "tunproxy udp --without fast-csum", "udp", ("--without", "fast-csum"), False),
-    Variant("udp-no-sg-send", "tunproxy udp --without sg-send", "udp", ("--without", "sg-send"), False),
     Variant("udp-nooffload", "tunproxy udp --no-offload (batched only)", "udp", ("--no-offload",), False),
     # The cost of being observable: the drop ring on and /metrics scraped every second, against
     # neither. Not in the default run; `python -m bench --variants udp-observed,udp-unobserved`.

@@ -154,7 +154,6 @@ def parse_backend(backend_type: object, raw: Mapping[str, Any]) -> BackendOption
 
 FEATURES: dict[str, str] = {
     "fast-csum": "offload mode's checksums with AVX2 where the CPU has it, summed while copied (one pass)",
-    "sg-send": "offload mode sends TSO payloads from the TUN read buffer (scatter-gather), not copied",
 }
 """The udp data path's optional speed-ups, by name: each is on by default where the kernel
 allows it, ``--without NAME`` turns it off (the bench's "off" rows), and ``--refuse NAME``

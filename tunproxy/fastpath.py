@@ -127,12 +127,11 @@ class FastPath:
     must then carry virtio_net_hdrs.  ``udp_gso`` (offload mode only) says
     whether the socket may send with UDP_SEGMENT; ``gso_buffer`` is how many
     bytes of datagrams are queued before a sendmmsg (at least 65535).
-    ``fast_csum`` and ``sg_send`` (offload mode only; tunproxy's
-    ``--without fast-csum`` / ``--without sg-send``) pick the checksum code
-    (AVX2 where the CPU has it, summing while copying) and sending TSO
-    payloads from the read buffer without copying them; neither changes a
-    byte on the wire. ``simd`` False keeps fast-csum off AVX2 even where the
-    CPU has it (the portable code; ``--refuse fast-csum``).
+    ``fast_csum`` (offload mode only; tunproxy's ``--without fast-csum``)
+    picks the checksum code: AVX2 where the CPU has it, summing each TSO
+    payload as it is copied, rather than the scalar sum after the copy; the
+    bytes on the wire are the same. ``simd`` False keeps it off AVX2 even
+    where the CPU has it (the portable code; ``--refuse fast-csum``).
     """
 
     def __init__(
@@ -153,7 +152,6 @@ class FastPath:
         drop_ring: int = DEFAULT_DROP_RING,
         allow_any_source: bool = False,
         fast_csum: bool = True,
-        sg_send: bool = True,
         simd: bool = True,
     ) -> None:
         _check_int("mtu", mtu, 68, MAX_PACKET)
@@ -194,11 +192,8 @@ class FastPath:
         c.allow_any_source = bool(allow_any_source)
         if offload:
             c.offload = lib.FP_OFFLOAD_VNET | (lib.FP_OFFLOAD_UDP_GSO if udp_gso else 0)
-            c.features = (
-                (lib.FP_FEAT_FAST_CSUM if fast_csum else 0)
-                | (lib.FP_FEAT_SG_SEND if sg_send else 0)
-                | (0 if simd else lib.FP_FEAT_CSUM_NO_SIMD)
-            )
+            c.features = lib.FP_FEAT_FAST_CSUM if fast_csum else 0
+            c.features |= 0 if simd else lib.FP_FEAT_CSUM_NO_SIMD
         self._offload = bool(offload)
         # The arrays the context points into; held here, as it does not keep them alive.
         self._memory = memory.wire_tables(c, self._capacity)
@@ -247,11 +242,6 @@ class FastPath:
         """Whether fast-csum runs the AVX2 code: asked for, and the CPU has it."""
         k = self._ctx.features
         return bool(k & lib.FP_FEAT_FAST_CSUM and not k & lib.FP_FEAT_CSUM_NO_SIMD and lib.fp_have_avx2())
-
-    @property
-    def sg_send(self) -> bool:
-        """Whether offload mode sends TSO payloads from the read buffer (``sg-send``)."""
-        return bool(self._ctx.features & lib.FP_FEAT_SG_SEND)
 
     @property
     def allow_any_source(self) -> bool:

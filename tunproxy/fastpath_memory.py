@@ -109,11 +109,6 @@ def wire_ring(c: Any, batch: int, slot_size: int, headroom: int, drop_ring: int)
     return arrays
 
 
-def sg_iovecs(batch: int) -> int:
-    """sg-send's iovecs for ``batch`` reads: two per datagram, a 64 KiB TSO read is at most 64."""
-    return 2 * lib.FP_GSO_MAX_SEGS * (batch + 1)
-
-
 def wire_gso(c: Any, batch: int, gso_buffer: int) -> Arrays:
     """Offload mode's send queue (``gso_buffer`` bytes of datagrams) and cmsg/iovec space."""
     # A 64 KiB TSO packet fills one or two messages, anything else at most one;
@@ -131,14 +126,11 @@ def wire_gso(c: Any, batch: int, gso_buffer: int) -> Arrays:
         "cmsg": ffi.new("uint64_t[]", nmsg * words),
         "rx_cmsg": ffi.new("uint64_t[]", batch * words),
         "tun_iov": ffi.new("struct iovec[]", lib.FP_GRO_MAX_SEGS + 1),
-        # sg-send: two iovecs (headers, payload) per datagram; a full array is just sent early.
-        "sg_iov": ffi.new("struct iovec[]", sg_iovecs(batch)),
     }
     g, m = c.gso, arrays
     g.out, g.msg, g.iov, g.addr = m["out"], m["gso_msg"], m["gso_iov"], m["gso_addr"]
     g.segs, g.seg_size, g.cmsg, g.rx_cmsg = m["segs"], m["seg_size"], m["cmsg"], m["rx_cmsg"]
     g.tun_iov = m["tun_iov"]
-    g.sg_iov, g.sg_niov = m["sg_iov"], sg_iovecs(batch)
     g.out_size = gso_buffer
     g.nmsg = nmsg
     return arrays

@@ -1,9 +1,9 @@
-"""fast-csum and sg-send: the checksum code and the send path of offload mode.
+"""fast-csum: the checksum code of offload mode.
 
 The C checksums (scalar, AVX2 where the CPU has it, and summing while
 copying) are held to the pure-Python twin over every length up to 2000 and
-any alignment; the TSO send path, with each combination of the two
-features, must put on the wire exactly what the twin's tcp_gso_segment
+any alignment; the TSO send path, with fast-csum on, off and as on a CPU
+without AVX2, must put on the wire exactly what the twin's tcp_gso_segment
 does, also when it has to flush early or the kernel refuses UDP_SEGMENT.
 """
 
@@ -23,10 +23,10 @@ from .test_fastpath import HYPO, NET, P2, Env, receive
 from .test_offload import DST, SO_NO_CHECK, SRC, delta, inject, tso, tso_packets
 
 COMBOS = [
-    pytest.param({"fast_csum": f, "sg_send": s}, id=f"fast_csum={f:d},sg_send={s:d}")
-    for f in (True, False)
-    for s in (True, False)
-] + [pytest.param({"fast_csum": True, "sg_send": False, "simd": False}, id="fast_csum=portable")]
+    pytest.param({"fast_csum": True}, id="fast-csum"),
+    pytest.param({"fast_csum": False}, id="scalar"),
+    pytest.param({"fast_csum": True, "simd": False}, id="fast-csum-refused"),
+]
 
 
 def twin_sum16(data: bytes, start: int) -> int:
@@ -115,7 +115,7 @@ def make_env(features):
 
 def test_the_features_are_what_was_asked(make_env, features):
     env = make_env()
-    assert (env.fp.fast_csum, env.fp.sg_send) == (features["fast_csum"], features["sg_send"])
+    assert env.fp.fast_csum == features["fast_csum"]
     simd = features["fast_csum"] and features.get("simd", True) and bool(lib.fp_have_avx2())
     assert env.fp.csum_simd == simd
 
@@ -135,8 +135,7 @@ def test_tso_split_matches_the_twin_with_each_feature_set(make_env, case):
 
 
 def test_a_batch_of_reads_mixed_with_small_packets(make_env):
-    """Several TSO reads in one call (sg-send: each in its own slot until the
-    send) between small packets, which are copied: all leave in order."""
+    """Several TSO reads in one call between small packets: all leave in order."""
     env = make_env(batch=8)
     reads = []
     for i in range(8):
@@ -181,20 +180,3 @@ def test_refused_gso_on_a_tso_read_sends_each_datagram(make_env):
     assert receive(env.peers[P2], len(expected)) == expected
     c = env.counters()
     assert (c.tx_packets, c.gso_sends, c.drops["send"]) == (len(expected), 0, 0)
-
-
-def test_datagrams_the_kernel_refuses_are_kept_whole_in_the_drop_ring(make_env):
-    """A socket bound to loopback cannot send to 192.0.2.1 (EINVAL): the
-    train is refused, then each datagram; each is one drop record holding
-    its own headers and payload, gathered from its two places by sg-send."""
-    env = make_env()
-    env.fp.set_routes({NET("0.0.0.0/0"): "192.0.2.1"})
-    vnet, read = tso(h.build_tcp(src=SRC, dst=DST, payload=os.urandom(5000), df=True), 1000)
-    inject(env, (vnet, read))
-    with pytest.raises(UdpGsoDisabled):
-        env.tx()
-    expected = h.offload_forward(vnet, read)
-    assert env.counters().drops["send"] == len(expected)
-    records = env.fp.drops()
-    assert [(r.reason, r.count, r.length) for r in records] == [("send", 1, len(p)) for p in expected]
-    assert [r.data for r in records] == [p[:96] for p in expected]

@@ -213,15 +213,13 @@ class UdpBackend(Backend):
                 drop_ring=self.ctx.flags.drop_ring,
                 allow_any_source=self.allow_any_source,
                 fast_csum=self.ctx.flags.wants("fast-csum"),
-                # no kernel to refuse these: --refuse is --without, or fast-csum without AVX2
-                sg_send=self.ctx.flags.wants("sg-send") and "sg-send" not in self.ctx.flags.refuse,
-                simd="fast-csum" not in self.ctx.flags.refuse,
+                simd="fast-csum" not in self.ctx.flags.refuse,  # refused: as on a CPU without AVX2
             )
             self.fastpath.set_routes(self._routes)
             if self.offload:
                 fp = self.fastpath
                 csum = ("on, AVX2" if fp.csum_simd else "on, portable") if fp.fast_csum else "off"
-                log.info("send path: fast-csum %s, sg-send %s", csum, "on" if fp.sg_send else "off")
+                log.info("send path: fast-csum %s", csum)
         self.subnet = subnet
         await self._configure(subnet)
         if not self._readers:

@@ -54,8 +54,7 @@ enum {
  * wire, each on unless the caller turns it off (tunproxy's --without NAME). */
 enum {
     FP_FEAT_FAST_CSUM = 1,   /* "fast-csum": AVX2 sum16 if the CPU has it, fused copy-and-sum */
-    FP_FEAT_SG_SEND = 2,     /* "sg-send": TSO payloads sent from the read slot, not copied */
-    FP_FEAT_CSUM_NO_SIMD = 4 /* fast-csum as on a CPU without AVX2: the portable code (--refuse) */
+    FP_FEAT_CSUM_NO_SIMD = 2 /* fast-csum as on a CPU without AVX2: the portable code (--refuse) */
 };
 
 /* One route: prefix/len -> peer; a slot of an open-addressing hash table
@@ -150,12 +149,6 @@ struct fp_ring {
  * iov[i], a run of segs[i] datagrams of seg_size[i] bytes (the last one may be
  * shorter) to addr[i], sent with a UDP_SEGMENT cmsg when it holds more than
  * one.  A full queue is flushed with one sendmmsg.
- * With FP_FEAT_SG_SEND a TSO packet's datagrams are not copied: each is two
- * iovecs in sg_iov, its headers (built in out) and its payload, left in the
- * ring slot it was read into (each read of a call has its own slot, and the
- * queue is sent before the call returns).  Such a message's msg_iov points
- * into sg_iov, and iov[i] then only says where its first headers are and
- * how many bytes it holds.
  * tun_iov[1..] point into the ring at the segments being coalesced (the first
  * whole, then only payloads); tun_iov[0] is for the virtio_net_hdr. */
 struct fp_gso {
@@ -168,11 +161,8 @@ struct fp_gso {
     uint64_t *cmsg;              /* nmsg * FP_CMSG_WORDS: UDP_SEGMENT */
     uint64_t *rx_cmsg;           /* ring.nslots * FP_CMSG_WORDS: UDP_GRO */
     struct iovec *tun_iov;       /* FP_GRO_MAX_SEGS + 1 */
-    struct iovec *sg_iov;        /* sg_niov: FP_FEAT_SG_SEND's messages' iovecs */
     uint32_t out_size;           /* >= FP_MAX_PACKET */
     uint32_t nmsg;
-    uint32_t sg_niov;            /* >= 2 * FP_GSO_MAX_SEGS when FP_FEAT_SG_SEND is set */
-    uint32_t sg_used;            /* state: sg_iov entries queued */
     /* State, owned by the C side. */
     uint32_t n;                  /* messages queued */
     uint32_t used;               /* bytes of out queued */

@@ -25,59 +25,19 @@
  */
 #include "internal.h"
 
-#ifndef FP_SG_WINDOW
-#define FP_SG_WINDOW 4 /* reads whose payloads sg-send queues before it sends them */
-#endif
-
-/* Whether queued message i is FP_FEAT_SG_SEND's: its iovecs are in sg_iov,
- * two per datagram (headers, payload). */
-static int is_sg(const struct fp_gso *g, uint32_t i) { return g->msg[i].msg_hdr.msg_iov != &g->iov[i]; }
-
-/* A datagram's first bytes, from its two iovecs, gathered in the scratch
- * space for the drop ring (which keeps at most FP_DROP_SNAP <= its size). */
-static const uint8_t *gather(struct fp_ctx *c, const struct iovec *v)
-{
-    uint32_t a = min32((uint32_t)v[0].iov_len, FP_SCRATCH_SIZE);
-    memcpy(c->scratch, v[0].iov_base, a);
-    memcpy(c->scratch + a, v[1].iov_base, min32((uint32_t)v[1].iov_len, FP_SCRATCH_SIZE - a));
-    return c->scratch;
-}
-
-/* Queued message i was not sent: count its datagrams, keep its first. */
-static void msg_dropped(struct fp_ctx *c, uint32_t i)
-{
-    struct fp_gso *g = &c->gso;
-    const uint8_t *p = is_sg(g, i) ? gather(c, g->msg[i].msg_hdr.msg_iov) : g->iov[i].iov_base;
-    send_dropped(c, &g->addr[i], p, g->seg_size[i], g->segs[i]);
-}
-
 /* Offload mode: send queued messages [from, n) a datagram at a time, because
  * the kernel just refused UDP_SEGMENT.  Happens once in a process's life. */
 static void send_singly(struct fp_ctx *c, int fd, uint32_t from)
 {
     struct fp_gso *g = &c->gso;
     for (uint32_t i = from; i < g->n; i++) {
-        struct msghdr h = {.msg_name = &g->addr[i], .msg_namelen = sizeof g->addr[i]};
         const uint8_t *p = g->iov[i].iov_base;
-        struct iovec one, *v = is_sg(g, i) ? g->msg[i].msg_hdr.msg_iov : &one;
         uint32_t left = (uint32_t)g->iov[i].iov_len;
-        for (uint32_t len; left; left -= len) {
-            if (v == &one) {
-                len = min32(left, g->seg_size[i]);
-                one = (struct iovec){.iov_base = (uint8_t *)p, .iov_len = len};
-                p += len;
-                h.msg_iovlen = 1;
-            } else {
-                len = (uint32_t)(v[0].iov_len + v[1].iov_len);
-                h.msg_iovlen = 2;
-            }
-            h.msg_iov = v;
-            ssize_t sent = sendmsg(fd, &h, MSG_DONTWAIT);
-            const uint8_t *first = v == &one ? (const uint8_t *)one.iov_base : NULL;
-            if (v != &one)
-                v += 2;
-            if (sent != (ssize_t)len) {
-                send_dropped(c, &g->addr[i], first ? first : gather(c, v - 2), len, 1);
+        for (uint32_t len; left; p += len, left -= len) {
+            len = min32(left, g->seg_size[i]);
+            if (sendto(fd, p, len, MSG_DONTWAIT, (struct sockaddr *)&g->addr[i],
+                       sizeof g->addr[i]) != (ssize_t)len) {
+                send_dropped(c, &g->addr[i], p, len, 1);
                 continue;
             }
             count_batch(&c->cnt.tx_batches, &c->cnt.tx_multi_batches, &c->cnt.tx_max_batch, 1);
@@ -114,7 +74,8 @@ static void gso_flush(struct fp_ctx *c, int fd)
                 continue;
             if (k == 0 || errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) {
                 for (; done < n; done++)
-                    msg_dropped(c, done);
+                    send_dropped(c, &g->addr[done], g->iov[done].iov_base, g->seg_size[done],
+                                 g->segs[done]);
                 break;
             }
             if ((errno == EIO || errno == EINVAL) && g->segs[done] > 1) {
@@ -123,7 +84,7 @@ static void gso_flush(struct fp_ctx *c, int fd)
                 send_singly(c, fd, done);
                 break;
             }
-            msg_dropped(c, done);
+            send_dropped(c, &g->addr[done], g->iov[done].iov_base, g->seg_size[done], g->segs[done]);
             done++;
             continue;
         }
@@ -139,28 +100,27 @@ static void gso_flush(struct fp_ctx *c, int fd)
         count_batch(&c->cnt.tx_batches, &c->cnt.tx_multi_batches, &c->cnt.tx_max_batch, sent);
         done += (uint32_t)k;
     }
-    g->n = g->used = g->sg_used = 0;
+    g->n = g->used = 0;
 }
 
-/* The queued message a len-byte datagram to peer goes in, needing out_bytes
- * of out and, if sg, two sg_iov entries: the last message if UDP_SEGMENT can
- * carry the two together (same peer and kind, that message's datagrams all
- * full-sized and no bigger than the MTU, so the kernel never has to fragment
- * one, and within the kernel's limits), else a new one. */
-static uint32_t gso_msg(struct fp_ctx *c, int fd, uint32_t peer, uint32_t len, uint32_t out_bytes, int sg)
+/* Room for one len-byte datagram to peer at the end of the queue: in the last
+ * message if UDP_SEGMENT can carry the two together (same peer, that message's
+ * datagrams all full-sized and no bigger than the MTU, so the kernel never has
+ * to fragment one, and within the kernel's limits), else in a new message. */
+static uint8_t *gso_add(struct fp_ctx *c, int fd, uint32_t peer, uint32_t len)
 {
     struct fp_gso *g = &c->gso;
-    uint32_t i = g->n - 1, iovs = sg ? 2 : 0;
-    if (g->n && (c->offload & FP_OFFLOAD_UDP_GSO) && is_sg(g, i) == sg &&
-        g->addr[i].sin_addr.s_addr == htonl(peer) && len <= g->seg_size[i] && g->seg_size[i] <= c->mtu &&
-        g->segs[i] < FP_GSO_MAX_SEGS && g->iov[i].iov_len == (size_t)g->segs[i] * g->seg_size[i] &&
-        g->iov[i].iov_len + len <= FP_GSO_MAX_BYTES && g->used + out_bytes <= g->out_size &&
-        g->sg_used + iovs <= g->sg_niov) {
+    uint32_t i = g->n - 1;
+    if (g->n && (c->offload & FP_OFFLOAD_UDP_GSO) && g->addr[i].sin_addr.s_addr == htonl(peer) &&
+        len <= g->seg_size[i] && g->seg_size[i] <= c->mtu && g->segs[i] < FP_GSO_MAX_SEGS &&
+        g->iov[i].iov_len == (size_t)g->segs[i] * g->seg_size[i] &&
+        g->iov[i].iov_len + len <= FP_GSO_MAX_BYTES && g->used + len <= g->out_size) {
         g->segs[i]++;
         g->iov[i].iov_len += len;
-        return i;
+        g->used += len;
+        return g->out + g->used - len;
     }
-    if (g->n == g->nmsg || g->used + out_bytes > g->out_size || g->sg_used + iovs > g->sg_niov)
+    if (g->n == g->nmsg || g->used + len > g->out_size)
         gso_flush(c, fd);
     i = g->n++;
     g->iov[i] = (struct iovec){.iov_base = g->out + g->used, .iov_len = len};
@@ -171,63 +131,29 @@ static uint32_t gso_msg(struct fp_ctx *c, int fd, uint32_t peer, uint32_t len, u
     };
     g->segs[i] = 1;
     g->seg_size[i] = len;
-    struct msghdr *h = &g->msg[i].msg_hdr;
-    h->msg_iov = sg ? g->sg_iov + g->sg_used : &g->iov[i];
-    h->msg_iovlen = sg ? 0 : 1;
-    return i;
-}
-
-/* Room for one len-byte datagram to peer at the end of the queue, copied in. */
-static uint8_t *gso_add(struct fp_ctx *c, int fd, uint32_t peer, uint32_t len)
-{
-    struct fp_gso *g = &c->gso;
-    gso_msg(c, fd, peer, len, len, 0);
     g->used += len;
-    return g->out + g->used - len;
-}
-
-/* Queue a datagram of hlen header bytes, built in the room returned, and
- * plen payload bytes left where they are (they must stay there until the
- * queue is sent). */
-static uint8_t *gso_add_sg(struct fp_ctx *c, int fd, uint32_t peer, uint32_t hlen, const uint8_t *payload,
-                           uint32_t plen)
-{
-    struct fp_gso *g = &c->gso;
-    struct msghdr *h = &g->msg[gso_msg(c, fd, peer, hlen + plen, hlen, 1)].msg_hdr;
-    uint8_t *o = g->out + g->used;
-    g->used += hlen;
-    g->sg_iov[g->sg_used++] = (struct iovec){.iov_base = o, .iov_len = hlen};
-    g->sg_iov[g->sg_used++] = (struct iovec){.iov_base = (uint8_t *)payload, .iov_len = plen};
-    h->msg_iovlen += 2;
-    return o;
+    return g->iov[i].iov_base;
 }
 
 /* Queue TSO packet p (tot bytes, TCP headers ending at hlen) as the packets
  * the kernel's tcp_gso_segment would make of it: mss payload bytes each, IP
  * ID + 1 and sequence number + mss per packet, FIN and PSH only on the last,
- * CWR only on the first, both checksums computed afresh.  Each payload byte
- * is read once for its checksum (and copy) where the features allow: with
- * FP_FEAT_SG_SEND not copied at all, with FP_FEAT_FAST_CSUM summed as it is
- * copied; else copied, then summed. */
+ * CWR only on the first, both checksums computed afresh.  With
+ * FP_FEAT_FAST_CSUM each payload byte is read once, summed as it is copied
+ * (csum_copy); else copied, then summed. */
 static void tso_split(struct fp_ctx *c, int fd, const uint8_t *p, uint32_t tot, uint32_t hlen,
                       uint32_t mss, uint32_t peer)
 {
     uint32_t ihl = (p[0] & 15) * 4u, seq = get32(p + ihl + 4), id = get16(p + 4), n = 0;
-    uint32_t fast = c->features & FP_FEAT_FAST_CSUM ? c->features : 0, sg = c->features & FP_FEAT_SG_SEND;
+    uint32_t fast = c->features & FP_FEAT_FAST_CSUM ? c->features : 0;
     for (uint32_t off = hlen; n == 0 || off < tot; off += mss, n++) {
         uint32_t plen = min32(mss, tot - off), len = hlen + plen, psum = 0;
-        uint8_t *o;
-        if (sg) {
-            o = gso_add_sg(c, fd, peer, hlen, p + off, plen);
-            psum = sum16_fast(p + off, plen, 0, fast);
-        } else {
-            o = gso_add(c, fd, peer, len);
-            if (fast)
-                psum = csum_copy(o + hlen, p + off, plen, 0, fast);
-            else
-                memcpy(o + hlen, p + off, plen);
-        }
+        uint8_t *o = gso_add(c, fd, peer, len);
         memcpy(o, p, hlen);
+        if (fast)
+            psum = csum_copy(o + hlen, p + off, plen, 0, fast);
+        else
+            memcpy(o + hlen, p + off, plen);
         put16(o + 2, len);
         put16(o + 4, id + n);
         put16(o + 10, 0);
@@ -237,8 +163,9 @@ static void tso_split(struct fp_ctx *c, int fd, const uint8_t *p, uint32_t tot, 
             o[ihl + 13] &= (uint8_t)~(TCP_FIN | TCP_PSH);
         if (n)
             o[ihl + 13] &= (uint8_t)~TCP_CWR;
-        if (sg || fast) {
-            /* the TCP header length is a multiple of 4, so psum lines up */
+        if (fast) {
+            /* the payload's sum, added to the headers': the TCP header length
+             * is a multiple of 4, so the payload starts on a 16-bit word */
             put16(o + ihl + 16, 0);
             uint32_t s = ~sum16(o + ihl, hlen - ihl, pseudo_sum(o, len - ihl) + psum) & 0xffff;
             put16(o + ihl + 16, s ? s : 0xffff);
@@ -291,17 +218,11 @@ int tun_to_udp_offload(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now)
 {
     struct fp_ring *r = &c->ring;
     uint32_t vnet = c->offload & FP_OFFLOAD_VNET ? FP_VNET_HDR_LEN : 0;
-    uint32_t cap = r->slot_size - r->headroom, taken = 0, sg = c->features & FP_FEAT_SG_SEND;
+    uint32_t cap = r->slot_size - r->headroom, taken = 0;
+    uint8_t *p = slot(r, 0); /* every packet is copied out before the next read */
     struct virtio_net_hdr v = {0};
     int err = 0;
     while (taken < c->batch) {
-        /* A packet is copied out before the next read, or with FP_FEAT_SG_SEND
-         * left in its own slot until the queue is sent: every FP_SG_WINDOW
-         * reads, so the slots in use stay in cache for the kernel's copy. */
-        uint32_t k = sg ? taken % FP_SG_WINDOW : 0;
-        if (sg && taken && !k)
-            gso_flush(c, udp_fd);
-        uint8_t *p = slot(r, k);
         ssize_t got = read(tun_fd, p - vnet, cap + vnet);
         if (got < 0) {
             err = -errno;

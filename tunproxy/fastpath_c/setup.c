@@ -17,16 +17,12 @@ int fp_init(struct fp_ctx *c)
         c->max_routes < 1 || (uint64_t)c->route_cap < 2 * (uint64_t)c->max_routes ||
         (c->route_cap & (c->route_cap - 1)) || (uint64_t)c->peer_cap < 4 * (uint64_t)c->max_routes ||
         (c->peer_cap & (c->peer_cap - 1)) || (c->offload & ~(FP_OFFLOAD_VNET | FP_OFFLOAD_UDP_GSO)) ||
-        (c->features & ~(FP_FEAT_FAST_CSUM | FP_FEAT_SG_SEND | FP_FEAT_CSUM_NO_SIMD)))
+        (c->features & ~(FP_FEAT_FAST_CSUM | FP_FEAT_CSUM_NO_SIMD)))
         return -EINVAL;
     if (c->offload) {
         if (!g->out || !g->msg || !g->iov || !g->addr || !g->segs || !g->seg_size || !g->cmsg ||
             !g->rx_cmsg || !g->tun_iov)
             return -EFAULT;
-        if ((c->features & FP_FEAT_SG_SEND) && !g->sg_iov)
-            return -EFAULT;
-        if ((c->features & FP_FEAT_SG_SEND) && g->sg_niov < 2 * FP_GSO_MAX_SEGS)
-            return -EINVAL;
         if (g->nmsg < 1 || g->out_size < FP_MAX_PACKET ||
             ((c->offload & FP_OFFLOAD_VNET) && r->headroom < FP_VNET_HDR_LEN))
             return -EINVAL;
@@ -37,7 +33,7 @@ int fp_init(struct fp_ctx *c)
             g->msg[i].msg_hdr.msg_iov = &g->iov[i];
             g->msg[i].msg_hdr.msg_iovlen = 1;
         }
-        g->n = g->used = g->sg_used = g->gro_segs = 0;
+        g->n = g->used = g->gro_segs = 0;
     }
     for (uint32_t i = 0; i < r->nslots; i++) {
         r->iov[i] = (struct iovec){.iov_base = slot(r, i), .iov_len = 0};
