@@ -41,6 +41,7 @@ VARIANTS: tuple[Variant, ...] = (
         ("--batch", "1", "--no-offload"),
         kernel=False,
     ),
+    Variant("udp-no-fast-csum", "tunproxy udp --without fast-csum", "udp", ("--without", "fast-csum"), False),
     Variant("udp-nooffload", "tunproxy udp --no-offload (batched only)", "udp", ("--no-offload",), False),
     Variant(
         "udp-no-uso",

@@ -2,7 +2,7 @@
  * libFuzzer target: packets through the fast path, both directions, plain and
  * offload, under AddressSanitizer and UndefinedBehaviorSanitizer.
  *
- * One input is a configuration (mode, MTU, batch, ICMP bucket, queue sizes,
+ * One input is a configuration (mode and fast-csum, MTU, batch, ICMP bucket, queue sizes,
  * a route table) and then a program of operations run in order on one
  * fp_ctx, so state carries between calls as it does in the daemon (token
  * bucket, peer counters, tables swapped and grown under the ring):
@@ -528,6 +528,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                                  (flags & 32 ? FP_OFFLOAD_USO : 0)
                            : 0;
     c->allow_any_source = (flags >> 2) & 1;
+    c->features = (flags & 64 ? FP_FEAT_FAST_CSUM : 0) | (flags & 128 ? FP_FEAT_CSUM_NO_SIMD : 0);
     c->mtu = 68 + take(&in, 2) % (FP_MAX_PACKET - 68 + 1);
     c->local_addr = LOCAL;
     c->port = PORT;

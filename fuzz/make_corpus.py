@@ -23,7 +23,7 @@ from tests.support import packets as h
 from tests.support.packets import VnetHdr
 
 HERE = Path(__file__).resolve().parent
-OFFLOAD, GSO, ANY_SOURCE, SMALL_TUN_BUFFER, SMALL_SLOTS, USO = 1, 2, 4, 8, 16, 32
+OFFLOAD, GSO, ANY_SOURCE, SMALL_TUN_BUFFER, SMALL_SLOTS, USO, FAST_CSUM, NO_SIMD = 1, 2, 4, 8, 16, 32, 64, 128
 TX, RX, TIME, ROUTES, FAULT, GROW = range(6)
 FIX_LEN, FIX_VERSION, FIX_L4, FIX_IP, FIX_PARTIAL = 1, 2, 4, 8, 16
 P0, P1, P2, P3, STRANGER = range(5)  # 192.0.2.1 .. 192.0.2.4, and 198.51.100.1 (no peer)
@@ -156,6 +156,10 @@ def packets_seeds() -> dict[str, bytes]:
         )
     )
     seeds["offload"] = header(OFFLOAD | GSO, MESH) + offload_tx + offload_rx
+    seeds["offload-fast-csum"] = header(OFFLOAD | GSO | FAST_CSUM, MESH) + offload_tx + offload_rx
+    seeds["offload-fast-csum-portable"] = (
+        header(OFFLOAD | GSO | FAST_CSUM | NO_SIMD, MESH) + offload_tx + offload_rx
+    )
     seeds["offload-faults"] = (
         header(OFFLOAD | GSO | SMALL_TUN_BUFFER, MESH, batch=8)
         + bytes([FAULT, 2])  # EIO: UDP GSO refused

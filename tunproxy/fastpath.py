@@ -132,6 +132,11 @@ class FastPath:
     bytes of datagrams are queued before a sendmmsg (at least 65535).
     ``uso`` (offload mode only) says the TUN accepted TUN_F_USO4|TUN_F_USO6
     (kernel 6.2+), so UDP trains come in and may be written back.
+    ``fast_csum`` (offload mode only; tunproxy's ``--without fast-csum``)
+    picks the checksum code: AVX2 where the CPU has it, summing each TSO
+    payload as it is copied, rather than the scalar sum after the copy; the
+    bytes on the wire are the same. ``simd`` False keeps it off AVX2 even
+    where the CPU has it (the portable code; ``--refuse fast-csum``).
     """
 
     def __init__(
@@ -152,6 +157,8 @@ class FastPath:
         gso_buffer: int = GSO_BUFFER,
         drop_ring: int = DEFAULT_DROP_RING,
         allow_any_source: bool = False,
+        fast_csum: bool = True,
+        simd: bool = True,
     ) -> None:
         _check_int("mtu", mtu, 68, MAX_PACKET)
         _check_int("port", port, 1, 65535)
@@ -192,6 +199,8 @@ class FastPath:
         if offload:
             c.offload = lib.FP_OFFLOAD_VNET | (lib.FP_OFFLOAD_UDP_GSO if udp_gso else 0)
             c.offload |= lib.FP_OFFLOAD_USO if uso else 0
+            c.features = lib.FP_FEAT_FAST_CSUM if fast_csum else 0
+            c.features |= 0 if simd else lib.FP_FEAT_CSUM_NO_SIMD
         self._offload = bool(offload)
         # The arrays the context points into; held here, as it does not keep them alive.
         self._memory = memory.wire_tables(c, self._capacity)
@@ -229,6 +238,17 @@ class FastPath:
     @property
     def offload(self) -> bool:
         return self._offload
+
+    @property
+    def fast_csum(self) -> bool:
+        """Whether offload mode uses the fast checksum code (``fast-csum``)."""
+        return bool(self._ctx.features & lib.FP_FEAT_FAST_CSUM)
+
+    @property
+    def csum_simd(self) -> bool:
+        """Whether fast-csum runs the AVX2 code: asked for, and the CPU has it."""
+        k = self._ctx.features
+        return bool(k & lib.FP_FEAT_FAST_CSUM and not k & lib.FP_FEAT_CSUM_NO_SIMD and lib.fp_have_avx2())
 
     @property
     def allow_any_source(self) -> bool:

@@ -274,6 +274,10 @@ class UdpBackend(Backend):
             for fastpath in paths:
                 fastpath.set_routes(self._routes)
             self.fastpath = paths[0]
+            if self.offload:
+                fp = paths[0]
+                csum = ("on, AVX2" if fp.csum_simd else "on, portable") if fp.fast_csum else "off"
+                log.info("send path: fast-csum %s", csum)
             if self.workers > 1:
                 assert isinstance(self.tun, MultiQueueTun)
                 self._start_workers(paths, self.tun.fds)
@@ -307,6 +311,8 @@ class UdpBackend(Backend):
             max_routes=self.max_routes,
             drop_ring=self.ctx.flags.drop_ring,
             allow_any_source=self.allow_any_source,
+            fast_csum=self.ctx.flags.wants("fast-csum"),
+            simd="fast-csum" not in self.ctx.flags.refuse,  # refused: as on a CPU without AVX2
         )
 
     # ---- --workers N > 1 (tunproxy.backends.udp_workers); the readers below are --workers 1 ----

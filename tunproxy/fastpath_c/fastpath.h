@@ -54,6 +54,13 @@ enum {
                                 (VIRTIO_NET_HDR_GSO_UDP_L4) and takes coalesced ones */
 };
 
+/* fp_ctx.features bits: speed-ups of offload mode that change no byte on the
+ * wire, each on unless the caller turns it off (tunproxy's --without NAME). */
+enum {
+    FP_FEAT_FAST_CSUM = 1,   /* "fast-csum": AVX2 sum16 if the CPU has it, fused copy-and-sum */
+    FP_FEAT_CSUM_NO_SIMD = 2 /* fast-csum as on a CPU without AVX2: the portable code (--refuse) */
+};
+
 /* One route: prefix/len -> peer; a slot of an open-addressing hash table
  * keyed by (prefix, len), peer 0 meaning empty. */
 struct fp_route {
@@ -202,7 +209,7 @@ struct fp_ctx {
     struct fp_peer *peers_alt;   /* peer_cap entries, next */
     struct fp_drop *drops;       /* ndrops entries: the drop ring (may be NULL if ndrops is 0) */
     uint32_t ndrops;
-    uint32_t pad2;
+    uint32_t features;           /* FP_FEAT_* bits, chosen at init (offload mode only) */
     /* State, owned by the C side. */
     uint64_t drops_total;        /* records ever written; the next goes to drops_total % ndrops */
     uint64_t now_ms;             /* now_ms of the current fp_tun_to_udp/fp_udp_to_tun call */
@@ -251,5 +258,13 @@ int fp_tun_to_udp(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now_ms);
  * of receive buffers filled (a UDP_GRO buffer may hold many datagrams), or
  * -errno. */
 int fp_udp_to_tun(struct fp_ctx *c, int udp_fd, int tun_fd, uint64_t now_ms);
+
+/* The checksum code, for tests: sum16 (RFC 1071, folded, not complemented) of
+ * p[0..n) plus sum, by the code the FP_FEAT_* bits in fast pick (0: the
+ * scalar one); the same while copying src to dst; whether this CPU has AVX2
+ * (so FP_FEAT_FAST_CSUM uses it). */
+uint32_t fp_sum16(const uint8_t *p, size_t n, uint32_t sum, uint32_t fast);
+uint32_t fp_csum_copy(uint8_t *dst, const uint8_t *src, size_t n, uint32_t sum, uint32_t fast);
+int fp_have_avx2(void);
 
 #endif

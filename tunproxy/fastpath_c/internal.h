@@ -128,7 +128,9 @@ static inline struct fp_route *route_slot(struct fp_route *t, uint32_t cap, uint
 
 /* csum.c */
 uint32_t sum16(const uint8_t *p, size_t n, uint32_t sum);
-void csum_finish(uint8_t *p, uint32_t len, uint32_t start, uint32_t off);
+uint32_t sum16_fast(const uint8_t *p, size_t n, uint32_t sum, uint32_t fast);
+uint32_t csum_copy(uint8_t *dst, const uint8_t *src, size_t n, uint32_t sum, uint32_t fast);
+void csum_finish(uint8_t *p, uint32_t len, uint32_t start, uint32_t off, uint32_t fast);
 uint32_t ip_valid(const uint8_t *p, size_t n);
 void ttl_dec(uint8_t *p);
 

@@ -118,13 +118,13 @@ void gro_flush(struct fp_ctx *c, int tun_fd)
 /* Whether p (tot bytes, TTL already decremented) is a TCP segment we may
  * coalesce: no IP options or fragments, ACK with at most PSH, some payload,
  * and a correct checksum, since the kernel will not check it again. */
-static int gro_candidate(const uint8_t *p, uint32_t tot)
+static int gro_candidate(const uint8_t *p, uint32_t tot, uint32_t fast)
 {
     if (p[0] != 0x45 || p[9] != 6 || (get16(p + 6) & 0x3fff) || tot < 40)
         return 0;
     uint32_t hlen = 20 + (p[32] >> 4) * 4u;
     return hlen >= 40 && hlen < tot && (p[33] & ~TCP_PSH) == 0x10 &&
-           sum16(p + 20, tot - 20, pseudo_sum(p, tot - 20)) == 0xffff;
+           sum16_fast(p + 20, tot - 20, pseudo_sum(p, tot - 20), fast) == 0xffff;
 }
 
 /* Whether candidate p continues the coalesced segments, as the kernel's GRO
@@ -152,7 +152,7 @@ void gro_add(struct fp_ctx *c, int tun_fd, uint8_t *p, uint32_t tot, struct fp_p
     struct fp_gso *g = &c->gso;
     if (uso_add(c, tun_fd, p, tot, peer))
         return;
-    if (!gro_candidate(p, tot)) {
+    if (!gro_candidate(p, tot, c->features)) {
         gro_flush(c, tun_fd);
         rx_write(c, tun_fd, p, tot, peer);
         return;

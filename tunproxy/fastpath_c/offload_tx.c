@@ -142,16 +142,22 @@ static uint8_t *gso_add(struct fp_ctx *c, int fd, uint32_t peer, uint32_t len)
 /* Queue TSO packet p (tot bytes, TCP headers ending at hlen) as the packets
  * the kernel's tcp_gso_segment would make of it: mss payload bytes each, IP
  * ID + 1 and sequence number + mss per packet, FIN and PSH only on the last,
- * CWR only on the first, both checksums computed afresh. */
+ * CWR only on the first, both checksums computed afresh.  With
+ * FP_FEAT_FAST_CSUM each payload byte is read once, summed as it is copied
+ * (csum_copy); else copied, then summed. */
 static void tso_split(struct fp_ctx *c, int fd, const uint8_t *p, uint32_t tot, uint32_t hlen,
                       uint32_t mss, uint32_t peer)
 {
     uint32_t ihl = (p[0] & 15) * 4u, seq = get32(p + ihl + 4), id = get16(p + 4), n = 0;
+    uint32_t fast = c->features & FP_FEAT_FAST_CSUM ? c->features : 0;
     for (uint32_t off = hlen; n == 0 || off < tot; off += mss, n++) {
-        uint32_t len = hlen + min32(mss, tot - off);
+        uint32_t plen = min32(mss, tot - off), len = hlen + plen, psum = 0;
         uint8_t *o = gso_add(c, fd, peer, len);
         memcpy(o, p, hlen);
-        memcpy(o + hlen, p + off, len - hlen);
+        if (fast)
+            psum = csum_copy(o + hlen, p + off, plen, 0, fast);
+        else
+            memcpy(o + hlen, p + off, plen);
         put16(o + 2, len);
         put16(o + 4, id + n);
         put16(o + 10, 0);
@@ -161,8 +167,16 @@ static void tso_split(struct fp_ctx *c, int fd, const uint8_t *p, uint32_t tot, 
             o[ihl + 13] &= (uint8_t)~(TCP_FIN | TCP_PSH);
         if (n)
             o[ihl + 13] &= (uint8_t)~TCP_CWR;
-        put16(o + ihl + 16, pseudo_sum(o, len - ihl));
-        csum_finish(o, len, ihl, 16);
+        if (fast) {
+            /* the payload's sum, added to the headers': the TCP header length
+             * is a multiple of 4, so the payload starts on a 16-bit word */
+            put16(o + ihl + 16, 0);
+            uint32_t s = ~sum16(o + ihl, hlen - ihl, pseudo_sum(o, len - ihl) + psum) & 0xffff;
+            put16(o + ihl + 16, s ? s : 0xffff);
+        } else {
+            put16(o + ihl + 16, pseudo_sum(o, len - ihl));
+            csum_finish(o, len, ihl, 16, 0);
+        }
     }
     c->cnt.tso_packets++;
     c->cnt.tso_segments += n;
@@ -190,7 +204,7 @@ static void uso_split(struct fp_ctx *c, int fd, const uint8_t *p, uint32_t tot, 
         put16(o + ihl + 4, len - ihl);
         if (!no_csum) {
             put16(o + ihl + 6, pseudo_sum(o, len - ihl));
-            csum_finish(o, len, ihl, 6);
+            csum_finish(o, len, ihl, 6, c->features);
         }
     }
     c->cnt.uso_packets++;
@@ -235,7 +249,7 @@ static void tx_packet(struct fp_ctx *c, int tun_fd, int udp_fd, uint8_t *p, size
     } else if (v->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
         if ((uint32_t)v->csum_start + v->csum_offset + 2 > tot)
             goto malformed;
-        csum_finish(p, tot, v->csum_start, v->csum_offset);
+        csum_finish(p, tot, v->csum_start, v->csum_offset, c->features);
         c->cnt.csum_completed++;
     }
     if (!(peer = next_hop(c, tun_fd, p, tot, seg, now)))

@@ -16,8 +16,10 @@ int fp_init(struct fp_ctx *c)
         r->slot_size - r->headroom > FP_MAX_PACKET || c->mtu < 68 || c->mtu > FP_MAX_PACKET ||
         c->max_routes < 1 || (uint64_t)c->route_cap < 2 * (uint64_t)c->max_routes ||
         (c->route_cap & (c->route_cap - 1)) || (uint64_t)c->peer_cap < 4 * (uint64_t)c->max_routes ||
-        (c->peer_cap & (c->peer_cap - 1)) || (c->offload & ~(FP_OFFLOAD_VNET | FP_OFFLOAD_UDP_GSO | FP_OFFLOAD_USO)) ||
-        ((c->offload & FP_OFFLOAD_USO) && !(c->offload & FP_OFFLOAD_VNET)))
+        (c->peer_cap & (c->peer_cap - 1)) ||
+        (c->offload & ~(FP_OFFLOAD_VNET | FP_OFFLOAD_UDP_GSO | FP_OFFLOAD_USO)) ||
+        ((c->offload & FP_OFFLOAD_USO) && !(c->offload & FP_OFFLOAD_VNET)) ||
+        (c->features & ~(FP_FEAT_FAST_CSUM | FP_FEAT_CSUM_NO_SIMD)))
         return -EINVAL;
     if (c->offload) {
         if (!g->out || !g->msg || !g->iov || !g->addr || !g->segs || !g->seg_size || !g->cmsg ||
