@@ -247,7 +247,8 @@ static void tx_packet(struct fp_ctx *c, int tun_fd, int udp_fd, uint8_t *p, size
             goto malformed;
         seg = min32(tot, hlen + v->gso_size);
     } else if (v->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
-        if ((uint32_t)v->csum_start + v->csum_offset + 2 > tot)
+        /* The checksum is a transport header's: never inside the IP header we route by. */
+        if (v->csum_start < ihl || (uint32_t)v->csum_start + v->csum_offset + 2 > tot)
             goto malformed;
         csum_finish(p, tot, v->csum_start, v->csum_offset, c->features);
         c->cnt.csum_completed++;
