@@ -79,6 +79,7 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        """Binds the socket with mode 0600 (creating its directory) and starts answering."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
             if not stat.S_ISSOCK(self.path.lstat().st_mode):
@@ -128,6 +129,7 @@ class ControlServer:
                 await writer.wait_closed()
 
     async def close(self) -> None:
+        """Stops answering and removes the socket file."""
         if self._server is not None:
             self._server.close()
             self._server = None

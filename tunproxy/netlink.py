@@ -40,6 +40,7 @@ class Underlay:
 
     @property
     def network(self) -> IPv4Network:
+        """The underlay's IPv4 subnet: its address and prefix length, host bits cleared."""
         return IPv4Network((self.address, self.prefixlen), strict=False)
 
 
@@ -62,6 +63,7 @@ async def run_netlink(fn: Callable[[IPRoute], T]) -> T:
 
 
 def link_index(ipr: IPRoute, name: str) -> int | None:
+    """The index of the link called ``name``, or None if there is none."""
     found = ipr.link_lookup(ifname=name)
     return found[0] if found else None
 
@@ -88,6 +90,7 @@ class InterfaceChoice:
 
     @property
     def empty(self) -> bool:
+        """True if no name, regex or ``can_reach`` was given."""
         return not (self.names or self.regexes or self.can_reach)
 
 
@@ -311,6 +314,8 @@ def ensure_address(ipr: IPRoute, index: int, address: IPv4Address, prefixlen: in
 
 
 def delete_link(name: str) -> None:
+    """Delete the link ``name`` of any kind if it exists; blocking, OSError if netlink refuses."""
+
     def drop(ipr: IPRoute) -> None:
         index = link_index(ipr, name)
         if index is not None:
