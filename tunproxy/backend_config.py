@@ -86,6 +86,7 @@ class UdpOptions(BackendOptions):
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> UdpOptions:
+        """ConfigError if ``Port`` is not an integer from 0 to 65535; 0 or absent is 8285."""
         port = int_option(raw, "Port", UDP_DEFAULT_PORT, 0, 65535) or UDP_DEFAULT_PORT
         return cls(dict(raw), tuple(cls._unknown(raw)), port, "Port" in raw)
 
@@ -110,6 +111,7 @@ class VxlanOptions(BackendOptions):
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> VxlanOptions:
+        """ConfigError naming the option for a bad value; ``Learning`` and ``MacPrefix`` only warn."""
         warnings = []
         if bool_option(raw, "Learning"):
             warnings.append(

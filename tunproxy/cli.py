@@ -301,6 +301,7 @@ def describe_os_error(error: OSError) -> str:
 
 
 def first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """The first exception at the bottom of nested exception groups (a TaskGroup wraps its tasks' errors)."""
     first = group.exceptions[0]
     return first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
 
 def entry() -> None:
+    """The ``tunproxy`` console script: exits with ``main()``'s status."""
     sys.exit(main())
 
 

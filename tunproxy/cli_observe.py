@@ -106,6 +106,11 @@ def observe_options(args: argparse.Namespace, environ: dict[str, str] | None = N
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """``tunproxy status``: the daemon's status as text or ``--json``; 0.
+
+    ``--watch`` redraws every second until interrupted. NoDaemon when no daemon
+    answers, PermissionError when not root, OSError for a bad answer.
+    """
     from .control import query, resolve
     from .observe import format_status
 
@@ -125,6 +130,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_drops(args: argparse.Namespace) -> int:
+    """``tunproxy drops``: the daemon's recently dropped packets as text, ``--json`` or a ``--pcap`` file; 0.
+
+    ConfigError if the pcapng file cannot be written; NoDaemon, PermissionError
+    and OSError as ``cmd_status``.
+    """
     from .control import query, resolve
     from .drops import format_drops, write_pcapng
 

@@ -20,6 +20,7 @@ from .model import ConfigError, NetworkConfig
 
 if TYPE_CHECKING:
     from .etcd.connection import EtcdSettings
+    from .peers.base import Registry
 
 
 def static_network_config(args: argparse.Namespace) -> NetworkConfig:
@@ -87,7 +88,13 @@ def etcd_settings(args: argparse.Namespace) -> EtcdSettings:
     )
 
 
-def make_registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def make_registry(args: argparse.Namespace) -> Registry:
+    """The etcd registry when ``--etcd-endpoints`` is given, else the static one from the flags.
+
+    The lease TTL and renew margin flags are minutes; the registry takes
+    seconds. UsageError without ``--subnet`` in static mode, ConfigError for a
+    peer subnet given twice or a bad ``--net-config``/peers file.
+    """
     if args.etcd_endpoints:
         from .etcd.registry import EtcdRegistry
 
@@ -149,6 +156,11 @@ def udp_flags(args: argparse.Namespace) -> UdpFlags:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """``tunproxy run``: the daemon until a signal stops it; 0 after a clean stop.
+
+    Bad flags are reported before the root check (UsageError when not root);
+    the daemon runs on a uvloop event loop.
+    """
     from .daemon import Daemon, DaemonOptions, serve
     from .netlink import InterfaceChoice
 
@@ -178,6 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_leases(args: argparse.Namespace) -> int:
+    """``tunproxy leases``: etcd's leases, a table or ``--json``; UsageError without ``--etcd-endpoints``."""
     if not args.etcd_endpoints:
         raise UsageError("tunproxy leases needs --etcd-endpoints")
     import uvloop

@@ -79,6 +79,7 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        """Binds the socket with mode 0600 (creating its directory) and starts answering."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
             if not stat.S_ISSOCK(self.path.lstat().st_mode):
@@ -110,7 +111,10 @@ class ControlServer:
             if sock is not None and _peer_uid(sock) not in (0, self.allowed_uid):
                 writer.write(b'{"error": "permission denied: only root may ask tunproxy"}\n')
                 return
-            line = await asyncio.wait_for(reader.readline(), 5)
+            try:
+                line = await asyncio.wait_for(reader.readline(), 5)
+            except ValueError:  # longer than the stream's limit: a bad request, not a traceback
+                line = b"\x00"
             try:
                 request = json.loads(line[:MAX_REQUEST] or b"{}")
                 if not isinstance(request, dict):
@@ -128,8 +132,11 @@ class ControlServer:
                 await writer.wait_closed()
 
     async def close(self) -> None:
+        """Stops answering and removes the socket file."""
         if self._server is not None:
             self._server.close()
+            with contextlib.suppress(OSError):
+                await self._server.wait_closed()
             self._server = None
             with contextlib.suppress(OSError):
                 self.path.unlink()

@@ -43,6 +43,19 @@ log = logging.getLogger("tunproxy")
 
 @dataclass
 class DaemonOptions:
+    """What ``tunproxy run`` gives the daemon besides the registry.
+
+    ``iface``: how to pick the underlay (a str is one ``--iface``; None: as
+    ``find_underlay`` does with nothing given). ``public_ip``: the address
+    peers send to (None: the underlay's). ``subnet_file``: where subnet.env
+    goes, locked against a second daemon (None: not written).
+    ``stats_interval``: seconds between counter summaries in the log (0: only
+    at exit). ``check_interval``: seconds between the checks that restore
+    state removed behind our back (> 0). ``ipmasq``: subnet.env's
+    ``FLANNEL_IPMASQ`` (the rules are ``observe.ipmasq``'s). ``udp``: the udp
+    backend's flags. ``observe``: control socket, HTTP, systemd notify, ip-masq.
+    """
+
     iface: InterfaceChoice | str | None
     public_ip: IPv4Address | None
     subnet_file: Path | None
@@ -92,6 +105,7 @@ class Daemon:
         self.observer = Observer(self, options.observe)
 
     async def run(self) -> None:
+        """Run until cancelled, holding the subnet file's lock (ConfigError if another daemon has it)."""
         if self._lock is not None:
             self._lock.acquire()
         try:

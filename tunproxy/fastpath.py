@@ -217,26 +217,32 @@ class FastPath:
 
     @property
     def mtu(self) -> int:
+        """The TUN's MTU in bytes; a larger packet with DF set gets ICMP fragmentation needed (RFC 1191)."""
         return self._mtu
 
     @property
     def port(self) -> int:
+        """The UDP port peers listen on."""
         return self._port
 
     @property
     def batch(self) -> int:
+        """Packets read per call at most."""
         return self._batch
 
     @property
     def local_addr(self) -> IPv4Address:
+        """Our TUN's address: the source of the ICMP errors the fast path writes."""
         return self._local_addr
 
     @property
     def max_routes(self) -> int:
+        """The most routes (peer subnets) the table holds."""
         return self._max_routes
 
     @property
     def offload(self) -> bool:
+        """Whether the TUN has a virtio-net header (TSO4 and checksum offload)."""
         return self._offload
 
     @property

@@ -22,7 +22,7 @@ from .backend_config import FEATURES
 from .model import ConfigError, parse_address, parse_network
 
 ENV_PREFIXES = ("TUNPROXY_", "FLANNELD_")  # the first set wins; the command line wins over both
-IFNAMSIZ = 15
+MAX_IFNAME_LEN = 15  # the kernel's IFNAMSIZ (16) less the NUL
 
 
 class UsageError(Exception):
@@ -33,6 +33,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad command line is one line (``tunproxy: error: ...``), not usage plus error."""
 
     def error(self, message: str) -> NoReturn:
+        """Raise UsageError(message) instead of printing the usage and exiting."""
         raise UsageError(message)
 
 
@@ -45,10 +46,13 @@ Converter = Callable[[str, str], Any]
 
 
 def text(raw: str, what: str) -> str:
+    """The raw text, unchanged."""
     return raw
 
 
 def integer(low: int, high: int, unit: str = "") -> Converter:
+    """A converter to an int from ``low`` to ``high`` inclusive; ``unit`` follows the bound in the message."""
+
     def convert(raw: str, what: str) -> int:
         try:
             value = int(raw.strip())
@@ -78,6 +82,8 @@ def number(minimum: float, inclusive: bool, unit: str) -> Converter:
 
 
 def port_of(protocol: str) -> Converter:
+    """A converter to a ``protocol`` port number, 1 to 65535."""
+
     def convert(raw: str, what: str) -> int:
         try:
             value = int(raw.strip())
@@ -100,6 +106,11 @@ _FALSE = ("0", "f", "false", "no", "n", "off")
 
 
 def boolean(raw: str, what: str) -> bool:
+    """Go's strconv.ParseBool spellings, as flannel's flags take (1 t true / 0 f false).
+
+    Any case is accepted (Go takes only lower, Title and UPPER), and so are
+    yes, y, on / no, n, off.
+    """
     word = raw.strip().lower()
     if word in _TRUE:
         return True
@@ -109,19 +120,23 @@ def boolean(raw: str, what: str) -> bool:
 
 
 def choice(*choices: str) -> Converter:
+    """A converter accepting exactly one of ``choices`` (case matters; spaces around are ignored)."""
+
     def convert(raw: str, what: str) -> str:
-        if raw not in choices:
+        if raw.strip() not in choices:
             raise ConfigError(f"{what} {raw!r} is not one of {', '.join(choices)}")
-        return raw
+        return raw.strip()
 
     return convert
 
 
 def cidr(raw: str, what: str) -> IPv4Network:
+    """An IPv4 network with a prefix length and no host bits set (``parse_network``)."""
     return parse_network(raw, what)
 
 
 def feature(raw: str, what: str) -> str:
+    """The name of a data path feature (``backend_config.FEATURES``), for ``--without``/``--refuse``."""
     name = raw.strip()
     if name not in FEATURES:
         known = ", ".join(FEATURES) or "none"
@@ -130,22 +145,26 @@ def feature(raw: str, what: str) -> str:
 
 
 def address(raw: str, what: str) -> IPv4Address:
+    """An IPv4 address (``parse_address``)."""
     return parse_address(raw, what)
 
 
 def peer(raw: str, what: str) -> tuple[IPv4Network, IPv4Address]:
+    """``PUBLICIP=SUBNET`` (``192.0.2.12=10.100.18.0/24``) -> (subnet, public ip)."""
     from .peers.static import parse_peer_flag
 
     return parse_peer_flag(raw.strip(), what)
 
 
 def iface(raw: str, what: str) -> str:
+    """A non-empty interface name or IPv4 address, stripped; ``find_underlay`` resolves it."""
     if not raw.strip():
         raise ConfigError(f"{what} is empty; give an interface name or an IPv4 address")
     return raw.strip()
 
 
 def regex(raw: str, what: str) -> str:
+    """A regular expression that compiles: Python's ``re`` syntax (flannel: Go's RE2; simple ones agree)."""
     try:
         re.compile(raw)
     except re.error as e:
@@ -154,13 +173,19 @@ def regex(raw: str, what: str) -> str:
 
 
 def ifname(raw: str, what: str) -> str:
-    if not raw or len(raw) > IFNAMSIZ or raw in (".", "..") or any(c in raw for c in "/:" + " \t\n"):
-        rule = f"1-{IFNAMSIZ} characters, no '/', ':' or space"
+    """A device name: 1 to 15 bytes (IFNAMSIZ less the NUL), not ``.``/``..``, no ``/``, ``:`` or space.
+
+    The rule of the kernel's ``dev_valid_name`` (net/core/dev.c).
+    """
+    too_long = len(raw.encode(errors="surrogateescape")) > MAX_IFNAME_LEN  # bytes, as the kernel counts
+    if not raw or too_long or raw in (".", "..") or any(c in "/:" or c.isspace() for c in raw):
+        rule = f"1-{MAX_IFNAME_LEN} characters, no '/', ':' or space"
         raise ConfigError(f"{what} {raw!r} is not a device name ({rule})")
     return raw
 
 
 def endpoints(raw: str, what: str) -> str:
+    """The text unchanged, once ``parse_endpoints`` accepts it."""
     from .etcd.endpoints import parse_endpoints
 
     try:
@@ -171,6 +196,7 @@ def endpoints(raw: str, what: str) -> str:
 
 
 def kube(raw: str, what: str) -> bool:
+    """``--kube-subnet-mgr``: false is accepted and ignored; true is a ConfigError (no Kubernetes mode)."""
     if boolean(raw, what):
         raise ConfigError(
             f"{what}: tunproxy has no Kubernetes subnet manager; "

@@ -98,6 +98,7 @@ class IpMasq:
         await self.apply(subnet)
 
     async def remove(self) -> None:
+        """Delete the table if we wrote it; a failure is logged, not raised (we are stopping)."""
         if self.subnet is None:
             return
         rc, err = await nft("delete", "table", "ip", self.table)

@@ -54,6 +54,7 @@ class Collector:
         self.observer = observer
 
     def collect(self) -> Iterator[Metric]:
+        """The metrics now, per scrape: build info, readiness, peers, lease, store, fast path counters."""
         o = self.observer
         o.refresh()
         state = o.state
@@ -135,6 +136,7 @@ class HttpServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
 
     async def start(self) -> None:
+        """Bind ``host:port`` and serve; ConfigError if it cannot bind."""
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         try:
@@ -146,9 +148,11 @@ class HttpServer:
         log.info("serving /healthz, /readyz and /metrics on %s:%d", self.host, self.port)
 
     async def close(self) -> None:
+        """Stop serving and release the port."""
         await self._runner.cleanup()
 
     async def healthz(self, request: web.Request) -> web.Response:
+        """200 ``ok``; 503 while stopping or once the observer's loop has not run for ``STUCK_AFTER`` s."""
         stuck = self.observer.stuck_for(asyncio.get_running_loop().time())
         if self.observer.state.stopping:
             return web.Response(status=503, text="stopping\n")
@@ -157,6 +161,7 @@ class HttpServer:
         return web.Response(text="ok\n")
 
     async def readyz(self, request: web.Request) -> web.Response:
+        """200 ``ready``, else 503 with the phase and why (``DaemonState.readiness``)."""
         self.observer.refresh()
         phase, reason = self.observer.state.readiness()
         if phase == READY:
@@ -164,5 +169,6 @@ class HttpServer:
         return web.Response(status=503, text=f"{phase}: {reason}\n")
 
     async def metrics(self, request: web.Request) -> web.Response:
+        """The Prometheus text exposition of ``Collector``."""
         body: Any = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -85,6 +85,7 @@ def parse_network(text: str, what: str = "network") -> IPv4Network:
 
 
 def parse_address(text: str, what: str = "address") -> IPv4Address:
+    """``text`` (stripped) as an IPv4 address; ConfigError naming ``what`` if it is not one, or is IPv6."""
     try:
         addr = ipaddress.ip_address(str(text).strip())
     except ValueError:
@@ -194,6 +195,7 @@ class NetworkConfig:
         return cls(network, subnet_len, subnet_min, subnet_max, backend_type, options, tuple(warnings))
 
     def to_json(self) -> str:
+        """flannel's config JSON: Network, SubnetLen, SubnetMin, SubnetMax, Backend (options as given)."""
         backend = {"Type": self.backend_type, **self.backend.raw}
         return json.dumps(
             {
@@ -303,6 +305,7 @@ class Lease:
         return cls(subnet, public_ip, backend_type, doc.get("BackendData"))
 
     def to_json(self) -> str:
+        """flannel's lease value: PublicIP, BackendType and BackendData (left out when None), keys sorted."""
         doc: dict[str, Any] = {"PublicIP": str(self.public_ip), "BackendType": self.backend_type}
         if self.backend_data is not None:
             doc["BackendData"] = self.backend_data
@@ -317,6 +320,7 @@ class LeaseAdded:
 
     @property
     def subnet(self) -> IPv4Network:
+        """The lease's subnet, as ``LeaseRemoved`` has one."""
         return self.lease.subnet
 
 

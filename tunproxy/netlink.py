@@ -40,6 +40,7 @@ class Underlay:
 
     @property
     def network(self) -> IPv4Network:
+        """The underlay's IPv4 subnet: its address and prefix length, host bits cleared."""
         return IPv4Network((self.address, self.prefixlen), strict=False)
 
 
@@ -62,6 +63,7 @@ async def run_netlink(fn: Callable[[IPRoute], T]) -> T:
 
 
 def link_index(ipr: IPRoute, name: str) -> int | None:
+    """The index of the link called ``name``, or None if there is none."""
     found = ipr.link_lookup(ifname=name)
     return found[0] if found else None
 
@@ -88,6 +90,7 @@ class InterfaceChoice:
 
     @property
     def empty(self) -> bool:
+        """True if no name, regex or ``can_reach`` was given."""
         return not (self.names or self.regexes or self.can_reach)
 
 
@@ -310,15 +313,30 @@ def ensure_address(ipr: IPRoute, index: int, address: IPv4Address, prefixlen: in
             raise
 
 
-def delete_link(name: str) -> None:
+def delete_tun(name: str) -> None:
+    """Delete the TUN ``name`` (a killed run's) if it exists; blocking.
+
+    A link of that name that is not a TUN (``--tun-name eth0``) is never
+    touched: ConfigError naming it and its kind. OSError if netlink refuses.
+    """
+
     def drop(ipr: IPRoute) -> None:
         index = link_index(ipr, name)
-        if index is not None:
-            try:
-                ipr.link("del", index=index)
-            except NetlinkError as e:
-                if e.code != errno.ENODEV:
-                    raise
+        if index is None:
+            return
+        links = ipr.get_links(index)
+        info = links[0].get_attr("IFLA_LINKINFO") if links else None
+        kind = info.get_attr("IFLA_INFO_KIND") if info else None
+        if kind != "tun":
+            raise ConfigError(
+                f"--tun-name {name} is an existing {kind or 'physical'} device, not a TUN; "
+                "tunproxy will not delete it (choose another --tun-name)"
+            )
+        try:
+            ipr.link("del", index=index)
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise
 
     with_ipr(drop)
 

@@ -111,6 +111,10 @@ class Sampler:
         self.last_rx: dict[IPv4Address, float] = {}  # peer -> when its rx_packets last grew
 
     def add(self, sample: Sample) -> None:
+        """Make ``sample`` the latest and the old latest ``previous``.
+
+        A peer whose ``rx_packets`` grew since the latest was last seen at ``sample.at``.
+        """
         prev = self.latest
         for addr, peer in sample.peers.items():
             before = prev.peers.get(addr) if prev else None
@@ -130,9 +134,11 @@ class Sampler:
             return None  # the peer (or counter) was not in the older sample
 
     def peer_rates(self, addr: IPv4Address) -> dict[str, float | None]:
+        """Per-second rates of each per-peer counter over the last interval; None if there is none yet."""
         return {n: self._rate(lambda s, n=n: getattr(s.peers[addr], n)) for n in PEER_COUNTERS}
 
     def drop_rate(self, reason: str) -> float | None:
+        """Drops per second for ``reason`` over the last interval; None without one."""
         return self._rate(lambda s: s.drops[reason])
 
     def last_seen(self, addr: IPv4Address, now: float) -> float | None:

@@ -130,22 +130,26 @@ class Observer:
         return None if fastpath is None else sample_of(fastpath.counters(), time.monotonic())
 
     def sample(self) -> None:
+        """Feed the fast path's counters now to the sampler (nothing for a backend without a fast path)."""
         if (snap := self.snapshot()) is not None:
             self.sampler.add(snap)
 
     def status(self) -> dict[str, Any]:
+        """The ``status`` document, with version, pid and ``started`` (Unix time)."""
         self.refresh()
         doc = status_document(self.state, self.sampler, time.monotonic(), time.time(), self.snapshot())
         doc |= {"version": __version__, "pid": os.getpid(), "started": self.started_at}
         return doc
 
     def drops(self) -> dict[str, Any]:
+        """The ``drops`` document: the fast path's ring of recently dropped packets."""
         from .drops import drop_document
 
         fastpath = getattr(self.daemon.backend, "fastpath", None)
         return drop_document(fastpath, time.monotonic(), time.time())
 
     def handle(self, request: dict[str, Any]) -> Any:
+        """Answer a control request ``{"command": "status" | "drops"}``; ``{"error": ...}`` otherwise."""
         command = request.get("command")
         if command == "status":
             return self.status()
@@ -223,11 +227,13 @@ class Observer:
         return None if self._tick is None else now - self._tick
 
     async def stopping(self) -> None:
+        """Mark us stopping (/healthz answers 503) and tell systemd ``STOPPING=1``."""
         self.state.stopping = True
         if self._notifier is not None:
             self._notifier.send("STOPPING=1\nSTATUS=shutting down")
 
     async def close(self) -> None:
+        """Close what ``start`` opened, in reverse order, ignoring errors: we are stopping."""
         closers, self._closers = self._closers[::-1], []
         for close in closers:
             with contextlib.suppress(Exception):

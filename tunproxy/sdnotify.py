@@ -49,6 +49,7 @@ class Notifier:
         return True
 
     def close(self) -> None:
+        """Close the socket; later sends return False."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None

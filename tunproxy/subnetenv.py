@@ -158,6 +158,7 @@ class SubnetFileLock:
         return None
 
     def release(self) -> None:
+        """Drop the lock, if held; the lock file stays for the next daemon."""
         if self._fd is not None:
             os.close(self._fd)  # closing drops the lock; the file stays for the next daemon
             self._fd = None

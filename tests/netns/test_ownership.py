@@ -110,6 +110,20 @@ def test_a_network_route_tunproxy_did_not_make_is_refused_and_kept(lab):
     assert overlay_routes(h1) == ["10.100.0.0/16 via 192.0.2.1 dev eth1 "]  # ip prints no "proto boot"
 
 
+def test_a_tun_name_that_is_another_kind_of_device_is_never_deleted(lab):
+    """--tun-name eth1 (a typo, or a copied command line) must not take the underlay away."""
+    lab.segment(SEGMENT, UNDERLAY)
+    h1 = lab.add_host("h1", SEGMENT, HOSTS["h1"][0])
+    argv = ("--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--tun-name", "eth1")
+    code, lines = run_once(h1, *argv)
+    assert code == 2 and "Traceback" not in "\n".join(lines)
+    assert lines[-1] == (
+        "tunproxy: error: --tun-name eth1 is an existing veth device, not a TUN; "
+        "tunproxy will not delete it (choose another --tun-name)"
+    )
+    assert "192.0.2.11/24" in h1.ns.run("ip", "-4", "addr", "show", "eth1").stdout
+
+
 @pytest.mark.parametrize(
     "network, subnet, fragment",
     [

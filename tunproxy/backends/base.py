@@ -43,6 +43,12 @@ class BackendContext:
 
 
 class Backend(abc.ABC):
+    """Turns leases into forwarding state on this host; driven in the order the module docstring gives.
+
+    ``name`` is the backend's ``Backend.Type`` in the network config and
+    ``BackendType`` in a lease (flannel's names: ``udp``, ``vxlan``, ``host-gw``).
+    """
+
     name: ClassVar[str]
 
     def __init__(self, ctx: BackendContext) -> None:

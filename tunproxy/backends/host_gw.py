@@ -48,6 +48,8 @@ def refusal(public_ip: IPv4Address, underlay: Underlay) -> str | None:
 
 
 class HostGwBackend(Backend):
+    """flannel's host-gw: a route per peer subnet via the peer's PublicIP on the underlay; no device."""
+
     name = "host-gw"
 
     def __init__(self, ctx: BackendContext) -> None:
@@ -59,6 +61,7 @@ class HostGwBackend(Backend):
 
     @property
     def mtu(self) -> int:
+        """The underlay's MTU: nothing is encapsulated."""
         return self.ctx.underlay.mtu
 
     def _route(self, lease: Lease) -> dict[str, object]:
@@ -86,14 +89,17 @@ class HostGwBackend(Backend):
                     raise
 
     async def open(self) -> None:
+        """Nothing to create: only says which underlay carries the routes."""
         log.info("host-gw: peers routed via their public IPs on %s", self.ctx.underlay.name)
 
     async def set_subnet(self, subnet: IPv4Network) -> None:
+        """Puts the subnet's first address on ``lo`` as a /32, label ``lo:tunproxy``, the only one of ours."""
         self.subnet = subnet
         async with self._lock:
             await run_netlink(lambda ipr: self._set_loopback(ipr, subnet.network_address))
 
     async def add_peer(self, lease: Lease) -> None:
+        """PeerRefused for a peer off our underlay subnet, for our own address, or for a route not ours."""
         reason = refusal(lease.public_ip, self.ctx.underlay)
         if reason:
             raise PeerRefused(reason)
@@ -118,6 +124,7 @@ class HostGwBackend(Backend):
                 await run_netlink(lambda ipr: delete_route(ipr, **self._route(old)))
 
     async def check(self) -> None:
+        """Restores missing peer routes and the ``lo`` address; deletes our routes no peer owns."""
         network = self.ctx.network.network
         oif = self.ctx.underlay.index
 
@@ -151,6 +158,7 @@ class HostGwBackend(Backend):
             log.info("removed stale route to %s (no such peer)", dst)
 
     def kept(self) -> Kept:
+        """The peers' routes on the underlay and our address on ``lo``."""
         name = self.ctx.underlay.name
         routes = frozenset((subnet, name) for subnet in self.peers)
         loopback = str(self.subnet.network_address) if self.subnet else None

@@ -46,7 +46,7 @@ from ..fastpath import (
 from ..leftovers import DEFAULT_TUN, Kept
 from ..logonce import Said
 from ..model import ConfigError, Lease, NetworkConfig
-from ..netlink import delete_link, ensure_address, link_index, replace_route, run_netlink
+from ..netlink import delete_tun, ensure_address, link_index, replace_route, run_netlink
 from .base import Backend, RouteTableFull
 from .udp_workers import MultiQueueRefused, MultiQueueTun, WorkerPool, attach_flow_steering, bind_group
 
@@ -69,6 +69,7 @@ MIN_DEFAULT_ROUTES = 4096
 
 
 def now_ms() -> int:
+    """The monotonic clock in milliseconds, the fast path's time (its ICMP rate limit, drop timestamps)."""
     return time.monotonic_ns() // 1_000_000
 
 
@@ -86,6 +87,8 @@ def default_max_routes(config: NetworkConfig) -> int:
 
 
 class UdpBackend(Backend):
+    """flannel's udp backend: a TUN device whose packets the C fast path sends to peers in UDP (port 8285)."""
+
     name = "udp"
 
     def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
@@ -120,12 +123,18 @@ class UdpBackend(Backend):
 
     @property
     def mtu(self) -> int:
+        """The underlay's MTU less 28 (IPv4 and UDP headers), as flannel's udp backend."""
         return self._mtu
 
     async def open(self) -> None:
+        """Makes the TUN (deleting any link of that name first) and binds UDP on the underlay address.
+
+        ConfigError if /dev/net/tun is missing, the TUN cannot be created or the
+        port cannot be bound.
+        """
         if not os.path.exists("/dev/net/tun"):
             raise ConfigError("/dev/net/tun is missing (modprobe tun, or give the container the device)")
-        await asyncio.to_thread(delete_link, self.tun_name)  # a leftover from a killed run
+        await asyncio.to_thread(delete_tun, self.tun_name)  # a leftover from a killed run
         await self._create_tun()
         if self.workers > 1:
             self._bind_workers()
@@ -266,6 +275,7 @@ class UdpBackend(Backend):
         return sock
 
     async def set_subnet(self, subnet: IPv4Network) -> None:
+        """Builds the fast path for ``subnet`` (its first address on the TUN, as flannel) and starts it."""
         assert self.tun and self.sock
         local = subnet.network_address  # flannel's choice: the subnet's first address on the tun
         if self.fastpath is None or self.subnet != subnet:
@@ -395,6 +405,7 @@ class UdpBackend(Backend):
             log.error("%s: %s", self._path(direction), error)
 
     async def add_peer(self, lease: Lease) -> None:
+        """``apply`` with one lease: RouteTableFull when ``max_routes`` routes are in use."""
         for _, error in await self.apply((), (lease,)):
             raise error
 
@@ -427,13 +438,17 @@ class UdpBackend(Backend):
         return failures
 
     def stats(self) -> str | None:
+        """The fast path's counter summary; None before ``set_subnet``."""
         return self.fastpath.counters().summary() if self.fastpath else None
 
     def kept(self) -> Kept:
+        """Our TUN and the network's route through it."""
         routes = frozenset({(self.ctx.network.network, self.tun_name)})
         return Kept(routes=routes, devices=frozenset({self.tun_name}), tun_names=(DEFAULT_TUN, self.tun_name))
 
     async def close(self) -> None:
+        """Stops the workers, closes the sockets and the TUN; the kernel then deletes the TUN with
+        its address and route."""
         self._stop_workers()
         if self._readers:
             loop = asyncio.get_running_loop()

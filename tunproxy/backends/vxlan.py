@@ -80,6 +80,8 @@ class _Peer:
 
 
 class VxlanBackend(Backend):
+    """flannel's vxlan: a kernel VXLAN device, with a neighbour, FDB entry and route per peer."""
+
     name = "vxlan"
 
     def __init__(self, ctx: BackendContext) -> None:
@@ -105,10 +107,12 @@ class VxlanBackend(Backend):
 
     @property
     def mtu(self) -> int:
+        """The device MTU: ``Backend.MTU`` (else the underlay's, and never above it) less VXLAN's 50 bytes."""
         return self.options.mtu
 
     @property
     def backend_data(self) -> Any:
+        """flannel's vxlan BackendData: ``{"VNI": int, "VtepMAC": "xx:xx:xx:xx:xx:xx"}``."""
         return {"VNI": self.options.vni, "VtepMAC": self.mac}
 
     @classmethod
@@ -292,6 +296,7 @@ class VxlanBackend(Backend):
     # -- the Backend interface ------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Creates ``tunproxy.<VNI>`` or reuses a fitting leftover (flannel's ensureLink), or ConfigError."""
         async with self._lock:
             _, created = await run_netlink(self._ensure_link)
         o = self.options
@@ -308,6 +313,7 @@ class VxlanBackend(Backend):
         )
 
     async def set_subnet(self, subnet: IPv4Network) -> None:
+        """Puts the subnet's first address on the device as a /32 (flannel's choice); recreates a lost one."""
         self.subnet = subnet
 
         def configure(ipr: IPRoute) -> None:
@@ -320,6 +326,11 @@ class VxlanBackend(Backend):
             await run_netlink(configure)
 
     async def add_peer(self, lease: Lease) -> None:
+        """PeerRefused for a lease without a unicast VtepMAC, or when the route is someone else's.
+
+        With ``DirectRouting`` a peer on our underlay subnet gets a plain route via
+        its PublicIP instead of the three VXLAN entries.
+        """
         mac = peer_vtep_mac(lease)
         direct = self.options.direct_routing and routes_directly(lease.public_ip, self.ctx.underlay)
         peer = _Peer(lease, None if direct else mac)
@@ -356,6 +367,12 @@ class VxlanBackend(Backend):
             await run_netlink(lambda ipr: self._erase_peer(ipr, link_index(ipr, self.device), peer))
 
     async def check(self) -> None:
+        """Recreates a missing or changed device, rewrites every peer, prunes entries of ours no peer owns.
+
+        A device that cannot be restored (ConfigError) is logged once a minute and
+        retried at the next check.
+        """
+
         def repair(ipr: IPRoute) -> tuple[bool, list[IPv4Network], list[str]]:
             index, created = self._ensure_link(ipr)
             self._configure_subnet(ipr, index)
@@ -387,6 +404,7 @@ class VxlanBackend(Backend):
             log.info("removed stale %s (no such peer)", what)
 
     def kept(self) -> Kept:
+        """Our device and the peers' routes (on the underlay for directly routed peers)."""
         underlay = self.ctx.underlay.name
         routes = frozenset(
             (p.lease.subnet, underlay if p.mac is None else self.device) for p in self.peers.values()
@@ -394,6 +412,8 @@ class VxlanBackend(Backend):
         return Kept(routes=routes, devices=frozenset({self.device}))
 
     async def close(self) -> None:
+        """Deletes the device, which takes its address, entries and routes, and any direct routes."""
+
         def teardown(ipr: IPRoute) -> None:
             for peer in self.peers.values():
                 if peer.mac is None:

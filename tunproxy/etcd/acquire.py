@@ -52,10 +52,13 @@ class Entry:
 
     @property
     def reservation(self) -> bool:
+        """True for a key with no etcd lease: an operator's reservation, never expired or deleted by us."""
         return self.etcd_lease == 0
 
 
 class PlanKind(Enum):
+    """How a ``Plan`` writes our key."""
+
     CREATE = "create"  # a new key, only if it does not exist
     RENEW = "renew"  # our existing key, re-put with a fresh etcd lease
     RESERVED = "reserved"  # a reservation naming us: used as is, no etcd lease
@@ -63,6 +66,8 @@ class PlanKind(Enum):
 
 @dataclass(frozen=True)
 class Plan:
+    """What ``plan_acquisition`` decided: the key to write, under which condition, and what to clean up."""
+
     kind: PlanKind
     subnet: IPv4Network
     mod_revision: int = 0  # for RENEW/RESERVED: the key must still be at this revision
@@ -72,6 +77,7 @@ class Plan:
 
 
 def same_attributes(a: Lease, b: Lease) -> bool:
+    """True if ``a`` and ``b`` advertise the same PublicIP, BackendType and BackendData (subnets aside)."""
     return (a.public_ip, a.backend_type, a.backend_data) == (b.public_ip, b.backend_type, b.backend_data)
 
 

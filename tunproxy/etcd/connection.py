@@ -172,6 +172,7 @@ class EtcdSettings:
         )
 
     def urls(self) -> str:
+        """The endpoints as ``http://host:port, ...``, for messages."""
         return ", ".join(e.url for e in self.endpoints)
 
 
@@ -223,6 +224,7 @@ def unreachable(error: BaseException) -> bool:
 
 
 def token_expired(error: BaseException) -> bool:
+    """An etcd auth token that is no longer valid (UNAUTHENTICATED): log in again on the same endpoint."""
     if isinstance(error, rpc.AioRpcError):
         return error.code() == rpc.StatusCode.UNAUTHENTICATED
     return isinstance(error, aetcd.exceptions.UnauthenticatedError)
@@ -246,6 +248,7 @@ class Client(aetcd.Client):
             self._credentials = grpc.ssl_channel_credentials(settings.ca, settings.key, settings.cert)
 
     async def connect(self) -> None:
+        """Opens the channel (TLS for https) and logs in if a user is set; a failed login raises."""
         if self._connected.is_set():
             return
         target = self.endpoint.target
@@ -275,6 +278,7 @@ class Client(aetcd.Client):
 
 
 async def close_client(client: aetcd.Client | None) -> None:
+    """Close ``client`` (None: nothing), waiting at most 5 s and ignoring every error: it is being dropped."""
     if client is None:
         return
     with contextlib.suppress(Exception, asyncio.TimeoutError):
@@ -295,9 +299,11 @@ class Connection:
 
     @property
     def endpoint(self) -> Endpoint:
+        """The endpoint the next client connects to."""
         return self.settings.endpoints[self.index]
 
     async def client(self) -> Client:
+        """The current client, connecting (and logging in) first if there is none; connect errors raise."""
         async with self._lock:
             if self._client is None:
                 client = Client(self.endpoint, self.settings)
@@ -331,6 +337,7 @@ class Connection:
         return was_down
 
     async def close(self) -> None:
+        """Close the current client, if any."""
         old, self._client = self._client, None
         await close_client(old)
 

@@ -31,6 +31,8 @@ WATCH_IDLE = 30.0  # seconds of watch silence before asking etcd for progress
 
 
 class Step(Enum):
+    """What to do with the watch after one response (table in the module docstring)."""
+
     APPLY = "apply"  # hand the events on (if any); the watch goes on
     COMPACTED = "compacted"  # history we need is gone: back off, list again
     FAIL = "fail"  # the watch ended or was refused: restart it (listing again if the cursor says so)
@@ -51,6 +53,8 @@ class Response:
 
 @dataclass(frozen=True)
 class Verdict:
+    """The cursor's judgement of one response: the step, and why for the log."""
+
     step: Step
     message: str = ""  # why, for the log (empty for APPLY)
 

@@ -10,16 +10,20 @@ from ..model import ConfigError
 
 @dataclass(frozen=True)
 class Endpoint:
+    """One etcd endpoint: ``scheme`` http or https, ``host`` (IPv6 without brackets), ``port``."""
+
     scheme: str
     host: str
     port: int
 
     @property
     def tls(self) -> bool:
+        """True for https: the channel is TLS."""
         return self.scheme == "https"
 
     @property
     def url(self) -> str:
+        """``scheme://host:port``, IPv6 in brackets."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
 

@@ -168,6 +168,8 @@ class Say:
 
 
 class State(Enum):
+    """Where the keeper is in keeping our lease; ``*ING`` states have a call out."""
+
     IDLE = "idle"  # nothing acquired yet
     HOLDING = "holding"  # waiting for renew time or an observation
     RENEWING = "renewing"  # Renew sent

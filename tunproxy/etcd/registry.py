@@ -127,6 +127,7 @@ class EtcdRegistry(Registry):
         return self.keeper.problem
 
     def lease_expiry(self) -> float | None:
+        """From the keeper's deadline, which follows the TTL etcd granted."""
         left = self.keeper.remaining(self._clock())
         return None if left is None else time.time() + left
 
@@ -174,6 +175,10 @@ class EtcdRegistry(Registry):
             await asyncio.sleep(backoff.next())
 
     async def acquire(self, public_ip: IPv4Address, backend_type: str, backend_data: Any) -> Lease:
+        """Takes a subnet as flannel's tryAcquireLease (etcd.acquire) and starts the keeper that renews it.
+
+        ConfigError when no subnet is free; retries etcd until it answers.
+        """
         config = await self.network_config()
         self._desired = Lease(config.network, public_ip, backend_type, backend_data)
         at, held = await self._acquire(self._previous_subnet())
@@ -187,6 +192,10 @@ class EtcdRegistry(Registry):
         return held.lease
 
     async def updates(self) -> AsyncIterator[Update]:
+        """Peers' leases from a listing, then a watch, of ``<prefix>/subnets/``; OwnLease when ours moved.
+
+        TaskDied if the watch, the config check or the keeper ends on its own.
+        """
         config = await self.network_config()
         self._watch = WatchLoop(
             self._conn, self.subnets_key, config.network, self._decoder, self._updates,

@@ -16,9 +16,11 @@ class Backoff:
         self._next = initial
 
     def next(self) -> float:
+        """The delay to wait now, in ``initial``'s unit; the next is ``factor`` times it, at most ``cap``."""
         delay = self._next
         self._next = min(self.cap, self._next * self.factor)
         return delay
 
     def reset(self) -> None:
+        """The next delay is ``initial`` again."""
         self._next = self.initial

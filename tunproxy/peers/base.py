@@ -19,16 +19,22 @@ from ..model import Lease, LeaseEvent, NetworkConfig
 
 @dataclass(frozen=True)
 class Snapshot:
+    """Every peer lease as of now: the daemon's table becomes exactly this."""
+
     leases: tuple[Lease, ...]
 
 
 @dataclass(frozen=True)
 class Changes:
+    """Lease events since the previous update, in the order they happened."""
+
     events: tuple[LeaseEvent, ...]
 
 
 @dataclass(frozen=True)
 class OwnLease:
+    """Our own lease was acquired again (perhaps another subnet): the daemon reconfigures for it."""
+
     lease: Lease
 
 
@@ -36,6 +42,8 @@ Update = Snapshot | Changes | OwnLease
 
 
 class Registry(abc.ABC):
+    """Where leases come from (etcd, or a static list); the module docstring gives the update stream."""
+
     @abc.abstractmethod
     async def network_config(self) -> NetworkConfig:
         """The network config; may wait (and log) until a valid one exists."""

@@ -31,6 +31,7 @@ def parse_peer_flag(text: str, what: str = "--peer") -> tuple[IPv4Network, IPv4A
 
 
 def parse_peers_file(text: str, source: str = "peers file") -> list[Lease]:
+    """A peers file's text -> leases; ConfigError naming ``source`` and the entry if it is malformed."""
     try:
         doc = json.loads(text)
     except ValueError as e:
@@ -107,12 +108,15 @@ class StaticRegistry(Registry):
         return Lease(lease.subnet, lease.public_ip, backend_type, data)
 
     async def network_config(self) -> NetworkConfig:
+        """The config given at construction; never waits."""
         return self.config
 
     async def acquire(self, public_ip: IPv4Address, backend_type: str, backend_data: Any) -> Lease:
+        """Our ``--subnet`` as given; nothing is stored anywhere."""
         return Lease(self.own_subnet, public_ip, backend_type, backend_data)
 
     def reload(self) -> None:
+        """Re-read the peers file; one that does not parse is logged and the previous peers stay."""
         try:
             self.current = self._load()
         except ConfigError as e:
@@ -122,6 +126,7 @@ class StaticRegistry(Registry):
         self._reloaded.set()
 
     async def updates(self) -> AsyncIterator[Update]:
+        """A Snapshot at start and another after each reload that parsed; never Changes."""
         yield Snapshot(self.current)
         while True:
             await self._reloaded.wait()
