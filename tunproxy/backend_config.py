@@ -152,7 +152,10 @@ def parse_backend(backend_type: object, raw: Mapping[str, Any]) -> BackendOption
 
 # --- the udp backend's flags -------------------------------------------------------------------
 
-FEATURES: dict[str, str] = {}
+FEATURES: dict[str, str] = {
+    "drain": "per wake-up, read the TUN for replies after writing to it, and go on over both "
+    "directions while a batch comes back full (bounded)",
+}
 """The udp data path's optional speed-ups, by name: each is on by default where the kernel
 allows it, ``--without NAME`` turns it off (the bench's "off" rows), and ``--refuse NAME``
 makes tunproxy act as if the kernel had refused it, so the fallback path can be tested."""
