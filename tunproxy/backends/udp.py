@@ -62,6 +62,11 @@ MIN_DEFAULT_ROUTES = 4096
 # drain: the passes one readiness callback makes over both directions, at most, so the loop's
 # other work (leases, HTTP, signals) waits no longer than that under a flood.
 MAX_PASSES = 16
+# The TUN is read for replies straight after a write only while that finds some: after
+# REPLY_MISSES wake-ups in a row without one (the peer is an application, which answers later,
+# not the kernel), once in REPLY_PROBE wake-ups, to notice when replies come back.
+REPLY_MISSES = 4
+REPLY_PROBE = 64
 
 
 def now_ms() -> int:
@@ -93,6 +98,20 @@ def drain_again(tx: int, rx: int, batch: int, passes: int) -> bool:
     return passes < MAX_PASSES and (tx >= batch or rx >= batch)
 
 
+def read_replies(misses: int) -> bool:
+    """Whether to read the TUN straight after writing to it, given the wake-ups in a row (``misses``,
+    from ``next_misses``) whose read found no reply or that did not read."""
+    return misses < REPLY_MISSES or misses == REPLY_MISSES + REPLY_PROBE - 1
+
+
+def next_misses(misses: int, found: bool) -> int:
+    """``misses`` after one more wake-up: 0 once a reply was found, else one more, cycling through
+    ``REPLY_MISSES .. REPLY_MISSES + REPLY_PROBE - 1`` so it stays small (no allocation)."""
+    if found:
+        return 0
+    return misses + 1 if misses < REPLY_MISSES + REPLY_PROBE - 1 else REPLY_MISSES
+
+
 class UdpBackend(Backend):
     name = "udp"
 
@@ -119,6 +138,7 @@ class UdpBackend(Backend):
         self._readers = False
         self._errors_said = Said(repeat=ERROR_LOG_INTERVAL)
         self._drain = flags.wants("drain")
+        self._reply_misses = 0
 
     @property
     def mtu(self) -> int:
@@ -264,9 +284,15 @@ class UdpBackend(Backend):
         tun_fd, udp_fd, now = tun.fileno(), sock.fileno(), now_ms()
         rx = self._udp_to_tun(fp, udp_fd, tun_fd, now)
         if self._drain and rx:
-            # The kernel handles a packet written to the TUN within the write, so a reply (an ACK,
-            # an echo reply) is often queued on the TUN already: read it now rather than after epoll.
-            self._drain_both(fp, tun_fd, udp_fd, now, self._tun_to_udp(fp, tun_fd, udp_fd, now), rx)
+            # The kernel handles a packet written to the TUN within the write, so a reply it makes
+            # itself (a TCP ACK, an echo reply) is queued on the TUN already: read it now, not after
+            # epoll. An application's reply comes later, so that read is skipped while it finds none.
+            misses, tx = self._reply_misses, 0
+            if read_replies(misses):
+                tx = self._tun_to_udp(fp, tun_fd, udp_fd, now)
+            self._reply_misses = next_misses(misses, tx > 0)
+            if tx >= self.batch or rx >= self.batch:
+                self._drain_both(fp, tun_fd, udp_fd, now, tx, rx)
 
     def _drain_both(self, fp: FastPath, tun_fd: int, udp_fd: int, now: int, tx: int, rx: int) -> None:
         """More passes over both directions while a batch comes back full (see ``drain_again``)."""
