@@ -153,8 +153,8 @@ def parse_backend(backend_type: object, raw: Mapping[str, Any]) -> BackendOption
 # --- the udp backend's flags -------------------------------------------------------------------
 
 FEATURES: dict[str, str] = {
-    "drain": "per wake-up, read the TUN for replies after writing to it, and go on over both "
-    "directions while a batch comes back full (bounded)",
+    "drain": "after writing to the TUN, read it at once for the replies the kernel made (ACKs, echo "
+    "replies) rather than after an epoll round trip; skipped while it finds none",
 }
 """The udp data path's optional speed-ups, by name: each is on by default where the kernel
 allows it, ``--without NAME`` turns it off (the bench's "off" rows), and ``--refuse NAME``

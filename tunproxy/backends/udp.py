@@ -59,10 +59,7 @@ TUN_F_TSO4 = 0x02
 MIN_DEFAULT_ROUTES = 4096
 
 
-# drain: the passes one readiness callback makes over both directions, at most, so the loop's
-# other work (leases, HTTP, signals) waits no longer than that under a flood.
-MAX_PASSES = 16
-# The TUN is read for replies straight after a write only while that finds some: after
+# drain: the TUN is read for replies straight after a write, while that finds some; after
 # REPLY_MISSES wake-ups in a row without one (the peer is an application, which answers later,
 # not the kernel), once in REPLY_PROBE wake-ups, to notice when replies come back.
 REPLY_MISSES = 4
@@ -84,18 +81,6 @@ def default_max_routes(config: NetworkConfig) -> int:
     """
     subnets = 1 << (config.subnet_len - config.network.prefixlen)
     return min(MAX_ROUTES, max(MIN_DEFAULT_ROUTES, subnets))
-
-
-def drain_again(tx: int, rx: int, batch: int, passes: int) -> bool:
-    """Whether a wake-up makes one more pass over both directions (tun->udp, then udp->tun).
-
-    ``tx``/``rx`` are what the last pass moved (packets read from the TUN,
-    buffers received from the socket), ``passes`` the passes made so far.
-    A direction that came back with a full ``batch`` has more waiting, which
-    another pass picks up without an epoll round trip; never more than
-    ``MAX_PASSES``, so one busy direction cannot starve the event loop.
-    """
-    return passes < MAX_PASSES and (tx >= batch or rx >= batch)
 
 
 def read_replies(misses: int) -> bool:
@@ -273,34 +258,19 @@ class UdpBackend(Backend):
     def _on_tun(self) -> None:
         fp, tun, sock = self.fastpath, self.tun, self.sock
         assert fp and tun and sock
-        tun_fd, udp_fd, now = tun.fileno(), sock.fileno(), now_ms()
-        tx = self._tun_to_udp(fp, tun_fd, udp_fd, now)
-        if self._drain and tx >= self.batch:
-            self._drain_both(fp, tun_fd, udp_fd, now, tx, 0)
+        self._tun_to_udp(fp, tun.fileno(), sock.fileno(), now_ms())
 
     def _on_udp(self) -> None:
         fp, tun, sock = self.fastpath, self.tun, self.sock
         assert fp and tun and sock
         tun_fd, udp_fd, now = tun.fileno(), sock.fileno(), now_ms()
-        rx = self._udp_to_tun(fp, udp_fd, tun_fd, now)
-        if self._drain and rx:
+        if self._udp_to_tun(fp, udp_fd, tun_fd, now) and self._drain:
             # The kernel handles a packet written to the TUN within the write, so a reply it makes
-            # itself (a TCP ACK, an echo reply) is queued on the TUN already: read it now, not after
-            # epoll. An application's reply comes later, so that read is skipped while it finds none.
-            misses, tx = self._reply_misses, 0
-            if read_replies(misses):
-                tx = self._tun_to_udp(fp, tun_fd, udp_fd, now)
-            self._reply_misses = next_misses(misses, tx > 0)
-            if tx >= self.batch or rx >= self.batch:
-                self._drain_both(fp, tun_fd, udp_fd, now, tx, rx)
-
-    def _drain_both(self, fp: FastPath, tun_fd: int, udp_fd: int, now: int, tx: int, rx: int) -> None:
-        """More passes over both directions while a batch comes back full (see ``drain_again``)."""
-        batch, passes = self.batch, 1
-        while drain_again(tx, rx, batch, passes):
-            tx = self._tun_to_udp(fp, tun_fd, udp_fd, now)
-            rx = self._udp_to_tun(fp, udp_fd, tun_fd, now)
-            passes += 1
+            # itself (a TCP ACK, an echo reply) is queued on the TUN already: send it now, without
+            # an epoll round trip. An application's reply comes later: skip the read while it finds none.
+            misses = self._reply_misses
+            found = read_replies(misses) and self._tun_to_udp(fp, tun_fd, udp_fd, now) > 0
+            self._reply_misses = next_misses(misses, found)
 
     def _tun_to_udp(self, fp: FastPath, tun_fd: int, udp_fd: int, now: int) -> int:
         """One batch from the TUN to the peers: the packets read (0 after an error, which is logged)."""
