@@ -264,7 +264,12 @@ class UdpBackend(Backend):
         fp, tun, sock = self.fastpath, self.tun, self.sock
         assert fp and tun and sock
         tun_fd, udp_fd, now = tun.fileno(), sock.fileno(), now_ms()
-        if self._udp_to_tun(fp, udp_fd, tun_fd, now) and self._drain:
+        try:
+            received = fp.udp_to_tun(udp_fd, tun_fd, now)
+        except OSError as e:
+            self._log_error("udp->tun", e)
+            return
+        if received and self._drain:
             # The kernel handles a packet written to the TUN within the write, so a reply it makes
             # itself (a TCP ACK, an echo reply) is queued on the TUN already: send it now, without
             # an epoll round trip. An application's reply comes later: skip the read while it finds none.
@@ -282,14 +287,6 @@ class UdpBackend(Backend):
             return e.count
         except OSError as e:  # the data path must not die; the counters say what was lost
             self._log_error("tun->udp", e)
-            return 0
-
-    def _udp_to_tun(self, fp: FastPath, udp_fd: int, tun_fd: int, now: int) -> int:
-        """One batch from the socket to the TUN: the receive buffers filled (0 after an error, logged)."""
-        try:
-            return fp.udp_to_tun(udp_fd, tun_fd, now)
-        except OSError as e:
-            self._log_error("udp->tun", e)
             return 0
 
     def _path(self, direction: str) -> str:
