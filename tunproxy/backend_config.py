@@ -161,6 +161,8 @@ FEATURES: dict[str, str] = {
     "datagram to the worker of its inner flow (off or refused: the kernel's hash of the outer ports)",
     "uso": "UDP segmentation offload on the TUN (TUN_F_USO4/USO6, kernel 6.2+): UDP in trains both ways",
     "fast-csum": "offload mode's checksums with AVX2 where the CPU has it, summed while copied (one pass)",
+    "drain": "after writing to the TUN, read it at once for the replies the kernel made (ACKs, echo "
+    "replies) rather than after an epoll round trip; skipped while it finds none",
 }
 """The udp data path's optional speed-ups, by name: each is on by default where the kernel
 allows it, ``--without NAME`` turns it off (the bench's "off" rows), and ``--refuse NAME``

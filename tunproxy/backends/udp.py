@@ -68,6 +68,13 @@ TUN_F_USO6 = 0x40
 MIN_DEFAULT_ROUTES = 4096
 
 
+# drain: the TUN is read for replies straight after a write, while that finds some; after
+# REPLY_MISSES wake-ups in a row without one (the peer is an application, which answers later,
+# not the kernel), once in REPLY_PROBE wake-ups, to notice when replies come back.
+REPLY_MISSES = 4
+REPLY_PROBE = 64
+
+
 def now_ms() -> int:
     """The monotonic clock in milliseconds, the fast path's time (its ICMP rate limit, drop timestamps)."""
     return time.monotonic_ns() // 1_000_000
@@ -84,6 +91,20 @@ def default_max_routes(config: NetworkConfig) -> int:
     """
     subnets = 1 << (config.subnet_len - config.network.prefixlen)
     return min(MAX_ROUTES, max(MIN_DEFAULT_ROUTES, subnets))
+
+
+def read_replies(misses: int) -> bool:
+    """Whether to read the TUN straight after writing to it, given the wake-ups in a row (``misses``,
+    from ``next_misses``) whose read found no reply or that did not read."""
+    return misses < REPLY_MISSES or misses == REPLY_MISSES + REPLY_PROBE - 1
+
+
+def next_misses(misses: int, found: bool) -> int:
+    """``misses`` after one more wake-up: 0 once a reply was found, else one more, cycling through
+    ``REPLY_MISSES .. REPLY_MISSES + REPLY_PROBE - 1`` so it stays small (no allocation)."""
+    if found:
+        return 0
+    return misses + 1 if misses < REPLY_MISSES + REPLY_PROBE - 1 else REPLY_MISSES
 
 
 class UdpBackend(Backend):
@@ -120,6 +141,8 @@ class UdpBackend(Backend):
         self.subnet: IPv4Network | None = None
         self._readers = False
         self._errors_said = Said(repeat=ERROR_LOG_INTERVAL)
+        self._drain = flags.wants("drain")
+        self._reply_misses = 0
 
     @property
     def mtu(self) -> int:
@@ -377,21 +400,38 @@ class UdpBackend(Backend):
             self._log_error(direction, error)
 
     def _on_tun(self) -> None:
-        assert self.fastpath and self.tun and self.sock
+        fp, tun, sock = self.fastpath, self.tun, self.sock
+        assert fp and tun and sock
+        self._tun_to_udp(fp, tun.fileno(), sock.fileno(), now_ms())
+
+    def _on_udp(self) -> None:
+        fp, tun, sock = self.fastpath, self.tun, self.sock
+        assert fp and tun and sock
+        tun_fd, udp_fd, now = tun.fileno(), sock.fileno(), now_ms()
         try:
-            self.fastpath.tun_to_udp(self.tun.fileno(), self.sock.fileno(), now_ms())
+            received = fp.udp_to_tun(udp_fd, tun_fd, now)
+        except OSError as e:
+            self._log_error("udp->tun", e)
+            return
+        if received and self._drain:
+            # The kernel handles a packet written to the TUN within the write, so a reply it makes
+            # itself (a TCP ACK, an echo reply) is queued on the TUN already: send it now, without
+            # an epoll round trip. An application's reply comes later: skip the read while it finds none.
+            misses = self._reply_misses
+            found = read_replies(misses) and self._tun_to_udp(fp, tun_fd, udp_fd, now) > 0
+            self._reply_misses = next_misses(misses, found)
+
+    def _tun_to_udp(self, fp: FastPath, tun_fd: int, udp_fd: int, now: int) -> int:
+        """One batch from the TUN to the peers: the packets read (0 after an error, which is logged)."""
+        try:
+            return fp.tun_to_udp(tun_fd, udp_fd, now)
         except UdpGsoDisabled as e:  # raised once; the datagrams went out one by one
             self._udp_gso = False
             log.warning("%s: %s", self._path("tun->udp"), e.strerror)
+            return e.count
         except OSError as e:  # the data path must not die; the counters say what was lost
             self._log_error("tun->udp", e)
-
-    def _on_udp(self) -> None:
-        assert self.fastpath and self.tun and self.sock
-        try:
-            self.fastpath.udp_to_tun(self.sock.fileno(), self.tun.fileno(), now_ms())
-        except OSError as e:
-            self._log_error("udp->tun", e)
+            return 0
 
     def _path(self, direction: str) -> str:
         """``tun->udp (tunproxy0 -> UDP 192.0.2.11:8285)``: a data path error names its device and socket."""
