@@ -463,6 +463,8 @@ def offload_forward(vnet: VnetHdr, packet: bytes, *, uso: bool = False) -> list[
             raise MalformedPacket(f"TCP header ends at {hlen}, outside {ihl + 20}..{total}")
         return tso_split(decrement_ttl(packet), vnet.gso_size)
     if vnet.flags & VNET_F_NEEDS_CSUM:
+        if vnet.csum_start < ihl:  # a transport checksum never lies in the IP header
+            raise MalformedPacket(f"checksum starts inside the IP header: {vnet}")
         if vnet.csum_start + vnet.csum_offset + 2 > total:
             raise MalformedPacket(f"checksum field past the end: {vnet}")
         packet = complete_checksum(packet, vnet.csum_start, vnet.csum_offset)

@@ -191,7 +191,7 @@ def partial_reads(draw) -> tuple[VnetHdr, bytes]:
     if kind == "udp":
         return VnetHdr(h.VNET_F_NEEDS_CSUM, 0, 0, 0, ihl, 6), h.with_partial_checksum(packet, 6)
     if kind == "anywhere":
-        start = draw(st.integers(0, len(packet) - 2))
+        start = draw(st.integers(ihl, len(packet) - 2))  # anywhere past the IP header
         return VnetHdr(
             h.VNET_F_NEEDS_CSUM, 0, 0, 0, start, draw(st.integers(0, len(packet) - start - 2))
         ), packet
