@@ -76,7 +76,19 @@ VARIANTS: tuple[Variant, ...] = (
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 # What `python -m bench` runs unless --variants says otherwise.
-DEFAULT_VARIANTS = ("raw", "vxlan", "host-gw", "udp", "udp-nooffload", "udp-batch1")
+DEFAULT_VARIANTS = (
+    "raw",
+    "vxlan",
+    "host-gw",
+    "udp",
+    "udp-nooffload",
+    "udp-batch1",
+    # Issue 14's speed-ups, each off against "udp" (on), and two workers against one.
+    "udp-no-fast-csum",
+    "udp-no-uso",
+    "udp-no-drain",
+    "udp-workers2",
+)
 
 # The ratio columns: everything against kernel VXLAN, and against one packet per system call.
 BASELINES = ("vxlan", "udp-batch1")

@@ -58,6 +58,7 @@ LAYERS: dict[str, list[str]] = {
         "backends",
         "backends.base",
         "backends.udp",
+        "backends.udp_devices",
         "backends.udp_workers",
         "backends.vxlan",
         "backends.vxlan_rules",

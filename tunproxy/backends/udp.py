@@ -22,15 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import socket
-import struct
 import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network
-from pathlib import Path
 
 import pytun
 
@@ -38,8 +35,6 @@ from ..backend_config import UdpOptions, default_workers
 from ..fastpath import (
     MAX_ROUTES,
     UDP_GRO,
-    UDP_SEGMENT,
-    VNET_HDR_LEN,
     FastPath,
     UdpGsoDisabled,
 )
@@ -48,21 +43,13 @@ from ..logonce import Said
 from ..model import ConfigError, Lease, NetworkConfig
 from ..netlink import delete_tun, ensure_address, link_index, replace_route, run_netlink
 from .base import Backend, RouteTableFull
-from .udp_workers import MultiQueueRefused, MultiQueueTun, WorkerPool, attach_flow_steering, bind_group
+from .udp_devices import bind_socket, bring_up, open_tun, set_tun_offloads, tun_fds, udp_offloads
+from .udp_workers import MultiQueueTun, WorkerPool, attach_flow_steering, bind_group
 
 log = logging.getLogger(__name__)
 
 IP_UDP_OVERHEAD = 20 + 8
-SOCKET_BUFFER = 4 << 20  # cuts drops at the receiving socket; see bench/ and REFERENCE.md
-TUN_TXQUEUELEN = 4096
 ERROR_LOG_INTERVAL = 60.0
-# linux/if_tun.h
-TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int); the argument is the value
-TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int); the argument points to it
-TUN_F_CSUM = 0x01
-TUN_F_TSO4 = 0x02
-TUN_F_USO4 = 0x20  # since 6.2; drivers/net/tun.c takes USO4 only together with USO6
-TUN_F_USO6 = 0x40
 
 
 MIN_DEFAULT_ROUTES = 4096
@@ -171,34 +158,17 @@ class UdpBackend(Backend):
                     sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
 
     async def _create_tun(self) -> None:
-        self.tun = self._open_tun()
+        flags = self.ctx.flags
+        self.tun, self.workers = open_tun(self.tun_name, self.offload, self.workers, flags.refuse)
         if self.offload:
             try:
-                fds = self.tun.fds if isinstance(self.tun, MultiQueueTun) else [self.tun.fileno()]
-                for i, fd in enumerate(fds):  # every queue gets what the first one was granted
-                    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-                    if i == 0:
-                        self._uso = self._set_tun_offloads(fd)
-                    else:
-                        uso = TUN_F_USO4 | TUN_F_USO6 if self._uso else 0
-                        fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | uso)
+                self._uso = set_tun_offloads(tun_fds(self.tun), flags.wants("uso"), "uso" in flags.refuse)
             except OSError as e:
                 log.warning("TUN offloads refused (%s); offload mode off", e.strerror or e)
                 self.tun.close()
                 self.offload = self._udp_gso = self._uso = False
-                self.tun = self._open_tun()
-
-        def up(ipr):  # type: ignore[no-untyped-def]
-            index = link_index(ipr, self.tun_name)
-            ipr.link("set", index=index, mtu=self._mtu, txqlen=TUN_TXQUEUELEN, state="up")
-
-        # IPv4 only, or the kernel sends IPv6 solicitations into the TUN. accept_local: the
-        # ICMP errors the fast path writes come from the TUN's own address, which the kernel
-        # would otherwise drop as a martian source.
-        for knob in ("ipv6/conf/{}/disable_ipv6", "ipv4/conf/{}/accept_local"):
-            with contextlib.suppress(OSError):
-                Path("/proc/sys/net/" + knob.format(self.tun_name)).write_text("1")
-        await run_netlink(up)
+                self.tun, self.workers = open_tun(self.tun_name, False, self.workers, flags.refuse)
+        await bring_up(self.tun_name, self._mtu)
 
     async def check(self) -> None:
         """A TUN deleted behind our back (``ip link del``) is made again, with its address and route."""
@@ -216,86 +186,13 @@ class UdpBackend(Backend):
         await self._configure(self.subnet)
         asyncio.get_running_loop().add_reader(self.tun.fileno(), self._on_tun)
 
-    def _set_tun_offloads(self, fd: int) -> bool:
-        """TSO4 and checksum offload on TUN ``fd``, and USO too unless ``--without uso``; True if USO is on.
-
-        drivers/net/tun.c (set_offload) turns on NETIF_F_GSO_UDP_L4 only for
-        TUN_F_USO4 and TUN_F_USO6 together, and a kernel before 6.2 refuses
-        bits it does not know with EINVAL: then TSO4 and checksum alone, with
-        one line in the log (``--refuse uso`` takes that path on any kernel).
-        OSError if even TSO4 and checksum are refused.
-        """
-        base = TUN_F_CSUM | TUN_F_TSO4
-        flags = self.ctx.flags
-        if flags.wants("uso"):
-            reason = "--refuse uso" if "uso" in flags.refuse else None
-            if reason is None:
-                try:
-                    fcntl.ioctl(fd, TUNSETOFFLOAD, base | TUN_F_USO4 | TUN_F_USO6)
-                    return True
-                except OSError as e:
-                    reason = e.strerror or str(e)
-            log.warning("TUN USO refused (%s); UDP crosses the TUN a datagram at a time", reason)
-        fcntl.ioctl(fd, TUNSETOFFLOAD, base)
-        return False
-
-    def _open_tun(self) -> pytun.TunTapDevice | MultiQueueTun:
-        if self.workers > 1:
-            try:
-                if "multiqueue" in self.ctx.flags.refuse:
-                    raise MultiQueueRefused(errno.EINVAL, "IFF_MULTI_QUEUE refused (--refuse multiqueue)")
-                return MultiQueueTun(self.tun_name, self.workers, self.offload)
-            except MultiQueueRefused as e:
-                log.warning("%s; one worker, on the event loop", e.strerror)
-                self.workers = 1
-            except OSError as e:
-                raise ConfigError(f"cannot create TUN device {self.tun_name!r}: {e.strerror}") from None
-        flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if self.offload else 0)
-        try:
-            tun = pytun.TunTapDevice(name=self.tun_name, flags=flags)
-        except pytun.Error as e:
-            raise ConfigError(f"cannot create TUN device {self.tun_name!r}: {e}") from None
-        # pytun opens without O_CLOEXEC and blocking; the C path needs EAGAIN, children need nothing.
-        fd = tun.fileno()
-        fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
-        os.set_blocking(fd, False)
-        return tun
-
     def _udp_offloads(self, sock: socket.socket) -> None:
-        """UDP_GRO on; UDP_SEGMENT only if the kernel knows it (else it would send one huge datagram)."""
-        gro = "on"
-        try:
-            sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
-        except OSError as e:
-            gro = f"refused ({e.strerror})"
-        try:
-            sock.getsockopt(socket.SOL_UDP, UDP_SEGMENT)
-            gso = "on"
-        except OSError as e:
-            self._udp_gso = False
-            gso = f"refused ({e.strerror})"
-        uso = "on" if self._uso else "off"
-        log.info("offload: TUN TSO4 and checksum on, UDP GSO %s, UDP GRO %s, TUN USO %s", gso, gro, uso)
+        gso, said = udp_offloads(sock)
+        self._udp_gso = self._udp_gso and gso
+        log.info("offload: TUN TSO4 and checksum on, %s, TUN USO %s", said, "on" if self._uso else "off")
 
     def _bind_socket(self, reuseport: bool = False) -> socket.socket:
-        addr = str(self.ctx.underlay.address)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            if reuseport:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((addr, self.port))
-        except OSError as e:
-            sock.close()
-            if e.errno == errno.EADDRINUSE:
-                raise ConfigError(f"UDP port {self.port} on {addr} is already in use") from None
-            raise ConfigError(f"cannot bind UDP {addr}:{self.port}: {e.strerror}") from None
-        sock.setblocking(False)
-        for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
-        return sock
+        return bind_socket(self.ctx.underlay.address, self.port, reuseport)
 
     async def set_subnet(self, subnet: IPv4Network) -> None:
         """Builds the fast path for ``subnet`` (its first address on the TUN, as flannel) and starts it."""
