@@ -2,13 +2,17 @@
 # make test: the whole suite (unit tests; as root also TUN, namespaces, etcd).
 # make fuzz FUZZ_SECONDS=600: each libFuzzer target (fuzz/) for that long, under ASan and UBSan.
 PY ?= python3
-APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping containernetworking-plugins openssl nftables tshark clang sockperf
+APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping procps containernetworking-plugins openssl nftables tshark clang sockperf
 STAMP := build/.setup-stamp
 FUZZ_SECONDS ?= 60
 
-.PHONY: setup build demo demo-etcd demo-pods test test-unit lint bench bench-quick bench-control bench-lookup fuzz soak scale clean
+.PHONY: apt-packages setup build demo demo-etcd demo-pods test test-unit lint bench bench-quick bench-control bench-lookup fuzz soak scale clean
 
 setup: $(STAMP)
+
+# The one list of what the tests need from apt; .ci/run installs it too.
+apt-packages:
+	@echo $(APT_PACKAGES)
 
 $(STAMP): pyproject.toml setup.py
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -187,8 +187,8 @@ class Daemon:
         """Hand a fold's changes to the backend in chunks of CHUNK, yielding to the loop between.
 
         Removals go first, so a full table has room for the additions.
-        Leases refused earlier are offered again with each burst: a table
-        that was full may have room now.
+        Leases refused before this burst are offered again first, once: a
+        table that was full may have room now.
         """
         assert self.backend
         for lease in changes.foreign:
@@ -200,7 +200,8 @@ class Daemon:
                 self.backend.name,
             )
         removed = self.waiting.settle(changes)
-        added = list(changes.added)
+        # Leases refused before this burst go first (they waited longest), each tried once per burst.
+        added = self.waiting.take() + list(changes.added)
         done: list[Lease] = []
         for start in range(0, len(removed), CHUNK):
             if start:
@@ -210,8 +211,6 @@ class Daemon:
             if start or removed:
                 await asyncio.sleep(0)
             done += await self._add(added[start : start + CHUNK])
-        if self.waiting:  # once per burst, after its removals: room may have freed
-            done += await self._add(self.waiting.take())
         self._log_changes(removed, done)
 
     async def _add(self, leases: Sequence[Lease]) -> list[Lease]:

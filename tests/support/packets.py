@@ -1,4 +1,4 @@
-"""IPv4 header arithmetic in pure Python: the reference twin of ``_fastpath.c``.
+"""IPv4 header arithmetic in pure Python: the reference twin of the C fast path (``tunproxy/fastpath_c/``).
 
 Every rule the C fast path applies per packet is written here once more, slowly
 and plainly, so tests can compare the two byte for byte:

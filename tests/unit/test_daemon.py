@@ -280,3 +280,30 @@ def test_a_burst_larger_than_a_chunk_is_applied_whole(tmp_path: Path) -> None:
         return h
 
     asyncio.run(main())
+
+
+def test_each_refused_lease_is_tried_once_per_burst(tmp_path: Path) -> None:
+    """With a full table, a burst must not offer what it just saw refused a second time."""
+
+    async def main() -> dict[IPv4Network, int]:
+        h = Harness(tmp_path)
+        await h.start()
+        tries: dict[IPv4Network, int] = {}
+        backend = h.backend
+        plain_add = backend.add_peer
+
+        async def counted(lease: Lease) -> None:
+            tries[lease.subnet] = tries.get(lease.subnet, 0) + 1
+            await plain_add(lease)
+
+        backend.add_peer = counted  # type: ignore[method-assign]
+        for third in (1, 2, 3):
+            backend.refuse[net(third)] = RouteTableFull("route table full (0 routes)")
+        await h.send(Snapshot((lease(1), lease(2))))
+        assert tries == {net(1): 1, net(2): 1}
+        await h.send(Changes((LeaseAdded(lease(3)),)))  # the two waiting, and the new one: once each
+        assert tries == {net(1): 2, net(2): 2, net(3): 1}
+        await h.stop()
+        return tries
+
+    asyncio.run(main())

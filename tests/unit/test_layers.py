@@ -147,8 +147,7 @@ def test_imports_go_downhill(name):
             pytest.fail(f"{name} imports {target}: the package must run without the lab")
         if target in LAYER_OF:
             above = ORDER.index(LAYER_OF[target])
-            same_package = target.split(".")[0] == name.split(".")[0]
-            assert above <= layer or (above == layer and same_package), (
+            assert above <= layer, (  # its own layer or one above it
                 f"{name} ({LAYER_OF[name]}) imports {target} ({LAYER_OF[target]})"
             )
             for prefix in FORBIDDEN.get(name, ()):

@@ -202,6 +202,39 @@ def test_route_changes_reach_every_worker_and_stop_joins_every_thread():
             os.close(w)
 
 
+def test_a_worker_that_died_is_started_again_by_revive(caplog):
+    """A bug that ends a worker's thread must not leave its queue unread for ever."""
+    paths = [FastPath(mtu=1472, local_addr="10.100.5.0") for _ in range(2)]
+    pipes = [os.pipe() for _ in range(4)]
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("a bug")
+
+    try:
+        pool = WorkerPool(paths, [r for r, _ in pipes[:2]], [r for r, _ in pipes[2:]], lambda d, e: None)
+        paths[1].tun_to_udp = broken  # type: ignore[method-assign]
+        pool.start()
+        assert pool.revive() == []  # nothing died yet
+        os.write(pipes[1][1], b"x")  # worker 1's "TUN queue" becomes readable: its call raises
+        for _ in range(200):
+            if pool.workers[1].died:
+                break
+            threading.Event().wait(0.01)
+        assert pool.workers[1].died and not pool.workers[0].died
+        assert "worker 1 stopped" in caplog.text
+        os.read(pipes[1][0], 1)  # drained, so the restarted thread waits again
+        assert pool.revive() == [1]
+        assert all(t.is_alive() for t in pool.threads()) and len(calls) == 1
+        pool.stop()
+        assert not any(t.is_alive() for t in pool.threads())
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+
+
 @pytest.mark.parametrize("flag", ["--workers=0", "--workers=65", "--workers=two"])
 def test_workers_is_range_checked(flag, capsys):
     base = ["run", "--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--subnet-file", ""]

@@ -118,6 +118,7 @@ class HostGwBackend(Backend):
             self.peers[lease.subnet] = lease
 
     async def remove_peer(self, lease: Lease) -> None:
+        """The route via the peer goes; a peer never added is no error."""
         async with self._lock:
             old = self.peers.pop(lease.subnet, None)
             if old is not None:
@@ -165,6 +166,7 @@ class HostGwBackend(Backend):
         return Kept(routes=routes, loopback=loopback)
 
     async def close(self) -> None:
+        """Every route this backend added goes (the lo address too)."""
         def teardown(ipr: IPRoute) -> None:
             for lease in self.peers.values():
                 delete_route(ipr, **self._route(lease))

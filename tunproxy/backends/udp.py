@@ -42,7 +42,7 @@ from ..leftovers import DEFAULT_TUN, Kept
 from ..logonce import Said
 from ..model import ConfigError, Lease, NetworkConfig
 from ..netlink import delete_tun, ensure_address, link_index, replace_route, run_netlink
-from .base import Backend, RouteTableFull
+from .base import Backend, BackendContext, RouteTableFull
 from .udp_devices import bind_socket, bring_up, open_tun, set_tun_offloads, tun_fds, udp_offloads
 from .udp_workers import MultiQueueTun, WorkerPool, attach_flow_steering, bind_group
 
@@ -99,7 +99,7 @@ class UdpBackend(Backend):
 
     name = "udp"
 
-    def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
         flags = ctx.flags
         options = ctx.network.backend
@@ -171,9 +171,13 @@ class UdpBackend(Backend):
         await bring_up(self.tun_name, self._mtu)
 
     async def check(self) -> None:
-        """A TUN deleted behind our back (``ip link del``) is made again, with its address and route."""
+        """A TUN deleted behind our back (``ip link del``) is made again, with its address and route;
+        a worker thread that died is started again."""
         if self.tun is None or self.subnet is None:
             return
+        if self.pool is not None:
+            for index in self.pool.revive():
+                log.error("worker %d had stopped; started it again", index)
         if await run_netlink(lambda ipr: link_index(ipr, self.tun_name)) is not None:
             return
         log.warning("TUN device %s was deleted; creating it again", self.tun_name)
@@ -347,10 +351,11 @@ class UdpBackend(Backend):
             raise error
 
     async def remove_peer(self, lease: Lease) -> None:
+        """One-lease ``apply``: the route goes from the C table, and its peer with its last route."""
         await self.apply((lease,), ())
 
     async def apply(self, removed: Sequence[Lease], added: Sequence[Lease]) -> list[tuple[Lease, Exception]]:
-        """One replacement of the C route table for the whole burst: O(table + burst) in C, O(burst) here.
+        """One ``fp_update_routes`` call for the whole burst: it costs the burst, not the table.
 
         Additions past ``max_routes`` come back as ``RouteTableFull``; the
         daemon retries them when a later change or the periodic check runs.

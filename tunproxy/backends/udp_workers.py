@@ -108,9 +108,11 @@ class MultiQueueTun:
             raise
 
     def fileno(self) -> int:
+        """The first queue's fd, for code that expects one TUN."""
         return self.fds[0]
 
     def close(self) -> None:
+        """Close every queue; the kernel deletes the device with the last one."""
         for fd in self.fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -249,6 +251,17 @@ class Worker:
         self.thread = threading.Thread(target=self._run, name=f"tunproxy-worker-{index}", daemon=True)
 
     def start(self) -> None:
+        """Start the thread (once)."""
+        self.thread.start()
+
+    @property
+    def died(self) -> bool:
+        """True if the thread ended while it should be running (a bug; it logged why)."""
+        return self._wake >= 0 and self.thread.ident is not None and not self.thread.is_alive()
+
+    def restart(self) -> None:
+        """A new thread on the same queue, socket and fast path, after ``died``."""
+        self.thread = threading.Thread(target=self._run, name=self.thread.name, daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
@@ -323,41 +336,57 @@ class WorkerPool:
         ]
 
     def start(self) -> None:
+        """Start every worker's thread."""
         for w in self.workers:
             w.start()
 
+    def revive(self) -> list[int]:
+        """Restart the workers whose thread died (a bug, logged by it); their indexes. The
+        periodic check calls this, so a dead worker is a short gap, not a queue never read again."""
+        dead = [w.index for w in self.workers if w.died]
+        for i in dead:
+            self.workers[i].restart()
+        return dead
+
     def stop(self) -> None:
+        """Stop and join every thread (the fds stay the caller's)."""
         for w in self.workers:
             w.stop()
 
     def threads(self) -> list[threading.Thread]:
+        """The workers' threads, in worker order."""
         return [w.thread for w in self.workers]
 
     # ---- one FastPath's face ----
 
     def set_routes(self, routes: Mapping[IPv4Network, IPv4Address]) -> None:
+        """The whole table, on every worker (see FastPath.set_routes)."""
         for w in self.workers:
             with w.lock:
                 w.fastpath.set_routes(routes)
 
     def update_routes(self, removed: Iterable[IPv4Network], added: Mapping[IPv4Network, IPv4Address]) -> None:
+        """One batch of changes on every worker, under each one's lock (see FastPath.update_routes)."""
         removed = list(removed)
         for w in self.workers:
             with w.lock:
                 w.fastpath.update_routes(removed, added)
 
     def routes(self) -> dict[IPv4Network, IPv4Address]:
+        """The table, as worker 0 holds it (every worker holds the same)."""
         w = self.workers[0]
         with w.lock:
             return w.fastpath.routes()
 
     def lookup(self, addr: IPv4Address | str) -> IPv4Address | None:
+        """The peer ``addr`` routes to, by worker 0's table; None if none."""
         w = self.workers[0]
         with w.lock:
             return w.fastpath.lookup(addr)
 
     @property
     def udp_gso(self) -> bool:
+        """True while every worker may still send with UDP_SEGMENT."""
         return all(w.fastpath.udp_gso for w in self.workers)
 
     def counters(self) -> Counters:
@@ -378,6 +407,7 @@ class WorkerPool:
 
     @property
     def drops_total(self) -> int:
+        """Records ever written to the workers' drop rings, together."""
         total = 0
         for w in self.workers:
             with w.lock:

@@ -360,6 +360,7 @@ class VxlanBackend(Backend):
             )
 
     async def remove_peer(self, lease: Lease) -> None:
+        """The route, neighbour and FDB entries go, in the reverse of the order they came."""
         async with self._lock:
             peer = self.peers.pop(lease.subnet, None)
             if peer is None:

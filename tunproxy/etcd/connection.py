@@ -25,7 +25,7 @@ import aetcd
 import grpc
 from aetcd import rpc
 
-from ..logonce import Said
+from ..logonce import REPEAT_EVERY, Said
 from ..model import ConfigError
 from ..supervise import own_cancellation
 from .endpoints import Endpoint, parse_endpoints
@@ -295,7 +295,7 @@ class Connection:
         self._failed_in_row = 0
         self._lock = asyncio.Lock()  # one connect at a time: authenticating awaits
         self.down = False  # we logged "unreachable" and have not logged "reachable again"
-        self._said = Said(repeat=60.0)  # one line per failure, again only if it changes or a minute passes
+        self._said = Said(repeat=REPEAT_EVERY)  # a failure once, again if it changes or lasts
 
     @property
     def endpoint(self) -> Endpoint:

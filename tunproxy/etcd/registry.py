@@ -38,7 +38,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from ..logonce import Said
+from ..logonce import REPEAT_EVERY, Said
 from ..model import ConfigError, Lease, NetworkConfig, subnet_key
 from ..peers.base import OwnLease, Registry, Update
 from ..supervise import TaskDied, own_cancellation
@@ -96,6 +96,7 @@ class EtcdRegistry(Registry):
         self.config_key = f"{settings.prefix}/config".encode()
         self.subnets_key = f"{settings.prefix}/subnets/".encode()
         self._conn = Connection(settings)
+        self._failures = Said(repeat=REPEAT_EVERY)  # unexpected errors: the traceback once a minute
         self._rng = rng or random.Random()
         self._clock = clock
         self._config: NetworkConfig | None = None
@@ -390,8 +391,9 @@ class EtcdRegistry(Registry):
                 raise
             log.warning("keeping our lease: a call was cancelled; retrying")
             keeper.failed(self._clock())
-        except Exception:
-            log.exception("keeping our lease failed; retrying")
+        except Exception as e:  # a bug: the traceback once, then one line a minute while it lasts
+            if self._failures.due("keep", repr(e), time.monotonic()):
+                log.exception("keeping our lease failed; retrying")
             keeper.failed(self._clock())
 
     async def _revoke(self, action: RevokeUnused) -> None:
@@ -416,8 +418,9 @@ class EtcdRegistry(Registry):
                 log.debug("revoking etcd lease %x failed (%s); trying again later", lease_id, describe(e))
                 self.keeper.revoke_failed(self._clock())
                 return
-            except Exception:
-                log.exception("revoking etcd lease %x failed; trying again later", lease_id)
+            except Exception as e:
+                if self._failures.due("revoke", repr(e), time.monotonic()):
+                    log.exception("revoking etcd lease %x failed; trying again later", lease_id)
                 self.keeper.revoke_failed(self._clock())
                 return
             self.keeper.revoked(lease_id)
@@ -431,14 +434,16 @@ class EtcdRegistry(Registry):
     async def _config_loop(self) -> None:
         """Re-read the config now and then, to say (once per change) that a change is not applied."""
         assert self._config is not None
-        said = Said()
+        said = Said(repeat=REPEAT_EVERY)
         while True:
             await asyncio.sleep(self.config_poll)
             try:
                 kv = await self._conn.call(lambda c: c.get(self.config_key))
             except Exception as e:  # never end the loop over one bad look
-                log.warning("checking the network config in etcd failed: %s", describe(e))
+                if said.due("check", describe(e), time.monotonic()):
+                    log.warning("checking the network config in etcd failed: %s", describe(e))
                 continue
+            said.forget("check")
             drift = config_drift(self._config, kv.value if kv is not None else None)
             if drift is None:
                 said.forget("drift")

@@ -1,6 +1,6 @@
 """The watch on ``<prefix>/subnets/``: list, then follow, resuming after failures; asyncio and gRPC.
 
-The decisions are ``watch.WatchCursor``'s (where to resume, when to list
+The decisions are ``cursor.WatchCursor``'s (where to resume, when to list
 again); this module reads and writes the stream. aetcd's own watcher hides
 the watch responses (their revisions, progress notifications and
 cancellations), so the stream is driven directly through aetcd's gRPC stubs.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from ipaddress import IPv4Network
 from typing import Any
 
@@ -18,6 +19,7 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
+from ..logonce import REPEAT_EVERY, Said
 from ..model import Lease, LeaseAdded, LeaseError, LeaseEvent, LeaseRemoved, parse_subnet_key
 from ..peers.base import Changes, Snapshot, Update
 from ..supervise import own_cancellation
@@ -74,6 +76,7 @@ class WatchLoop:
         self.idle = idle
         self.cursor = WatchCursor()
         self.timeout = conn.settings.timeout
+        self._failures = Said(repeat=REPEAT_EVERY)
 
     async def run(self) -> None:
         """List and follow until cancelled; every failure is retried."""
@@ -105,8 +108,9 @@ class WatchLoop:
                     log.debug("the watch's connection was replaced; resuming the watch")
                     continue
                 await self.conn.retry_after(client, CallCancelled("the watch call was cancelled"), backoff)
-            except Exception:
-                log.exception("the etcd watch failed; restarting it")
+            except Exception as e:  # a bug: the traceback once, then one line a minute while it lasts
+                if self._failures.due("watch", repr(e), time.monotonic()):
+                    log.exception("the etcd watch failed; restarting it")
                 cursor.compacted()
                 await asyncio.sleep(backoff.next())
 

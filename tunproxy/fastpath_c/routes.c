@@ -22,8 +22,9 @@
 
 /* ---- peers ----
  *
- * Open addressing with linear probing, keyed by address (0: empty), at most
- * half full.  refs counts the routes pointing at a peer; a peer goes when
+ * Open addressing with linear probing, keyed by address (0: empty): four
+ * slots per route, so at most a quarter full between calls and half during a
+ * batch, when the peers of routes going and coming coexist.  refs counts the routes pointing at a peer; a peer goes when
  * its last route goes, and its counters with it. */
 
 /* One more route points at peer a (new peers start with zero counters). */
