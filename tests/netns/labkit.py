@@ -6,12 +6,13 @@ The hosts and addresses are lab/hosts.py's; ``HOSTS`` here is its table as
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -181,3 +182,34 @@ def routed_lab(lab: Lab) -> dict[str, Host]:
         segment = SEGMENT if IPv4Address(ip) in IPv4Network(UNDERLAY) else plan.ROUTED_SEGMENT
         nodes[name] = lab.add_host(name, segment, ip, gateway=plan.ROUTER[segment])
     return nodes
+
+
+@contextlib.contextmanager
+def udp_mesh(
+    extra: Mapping[str, Sequence[str]] | None = None, stats: str = "0.3"
+) -> Iterator[tuple[dict[str, Host], dict[str, Process]]]:
+    """h1, h2 and h3 running the udp backend, each with its ``extra`` flags, every pair
+    already reaching every other over the overlay; yields (hosts, procs)."""
+    from lab.netns import Lab
+
+    with Lab() as lab:
+        hosts = build_udp(lab)
+        procs = {
+            name: start_udp(hosts[name], "--stats-interval", stats, *(extra or {}).get(name, ()))
+            for name in HOSTS
+        }
+        for a, b in itertools.permutations(HOSTS, 2):
+            hosts[a].wait_ping(overlay_of(b), timeout=10)
+        yield hosts, procs
+
+
+def start_socat_peer(host: Host) -> Process:
+    """``host`` (h2) as a peer that is nothing but socat moving raw IP packets in UDP datagrams:
+    flannel's wire format, no tunproxy; its peer is h1."""
+    return host.start(
+        "socat",
+        "TUN:10.100.18.0/16,tun-name=socat0,iff-no-pi,iff-up",
+        "UDP-DATAGRAM:192.0.2.11:8285,bind=192.0.2.12:8285",
+        name="socat",
+    )
+

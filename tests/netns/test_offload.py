@@ -11,7 +11,7 @@ import pytest
 
 from lab.netns import transfer
 
-from .labkit import HOSTS, build_udp, counter, start_udp
+from .labkit import counter, udp_mesh
 from .labkit import overlay_of as overlay
 
 pytestmark = pytest.mark.root
@@ -22,19 +22,7 @@ RECEIVE = ("gro_receives", "gro_segments", "tun_gso_writes", "tun_gso_segments",
 
 @pytest.fixture(scope="module")
 def mixed():
-    from lab.netns import Lab
-
-    with Lab() as lab:
-        hosts = build_udp(lab)
-        procs = {
-            "h1": start_udp(hosts["h1"], "--stats-interval", "0.3"),
-            "h2": start_udp(hosts["h2"], "--stats-interval", "0.3", "--no-offload"),
-            "h3": start_udp(hosts["h3"], "--stats-interval", "0.3"),
-        }
-        for a in HOSTS:
-            for b in HOSTS:
-                if a != b:
-                    hosts[a].wait_ping(overlay(b), timeout=10)
+    with udp_mesh({"h2": ("--no-offload",)}) as (hosts, procs):
         yield hosts, procs
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from lab.netns import Lab, transfer
 
-from .labkit import HOSTS, build_udp, counter, start_udp
+from .labkit import build_udp, counter, start_socat_peer, start_udp, udp_mesh
 from .labkit import overlay_of as overlay
 
 pytestmark = pytest.mark.root
@@ -20,17 +20,7 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture(scope="module")
 def mixed():
-    with Lab() as lab:
-        hosts = build_udp(lab)
-        procs = {
-            "h1": start_udp(hosts["h1"], "--stats-interval", "0.3"),
-            "h2": start_udp(hosts["h2"], "--stats-interval", "0.3", "--no-offload"),
-            "h3": start_udp(hosts["h3"], "--stats-interval", "0.3", "--refuse", "fast-csum"),
-        }
-        for a in HOSTS:
-            for b in HOSTS:
-                if a != b:
-                    hosts[a].wait_ping(overlay(b), timeout=10)
+    with udp_mesh({"h2": ("--no-offload",), "h3": ("--refuse", "fast-csum")}) as (hosts, procs):
         yield hosts, procs
 
 
@@ -71,12 +61,7 @@ def test_socat_peer_both_ways(extra):
         hosts = build_udp(lab, names=("h1", "h2"))
         proc = start_udp(hosts["h1"], "--stats-interval", "0.3", *extra, peers=("h2",))
         assert ("send path: fast-csum off" in proc.output()) == bool(extra)
-        socat = hosts["h2"].start(
-            "socat",
-            "TUN:10.100.18.0/16,tun-name=socat0,iff-no-pi,iff-up",
-            "UDP-DATAGRAM:192.0.2.11:8285,bind=192.0.2.12:8285",
-            name="socat",
-        )
+        socat = start_socat_peer(hosts["h2"])
         hosts["h1"].wait_ping(overlay("h2"), timeout=10)
         for src, dst in (("h1", "h2"), ("h2", "h1")):
             sent, received = transfer(hosts[src], hosts[dst], overlay(dst), 8 << 20)

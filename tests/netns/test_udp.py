@@ -13,7 +13,7 @@ import pytest
 from lab.netns import Lab, transfer
 from tests.support import packets
 
-from .labkit import HOSTS, build_udp, counter, eventually, start_udp
+from .labkit import HOSTS, build_udp, counter, eventually, start_socat_peer, start_udp
 from .labkit import overlay_of as overlay
 
 pytestmark = pytest.mark.root
@@ -244,12 +244,7 @@ def test_socat_is_a_peer_flannels_wire_format(offload):
         hosts = build_udp(lab, names=("h1", "h2"))
         extra = () if offload else ("--no-offload",)
         start_udp(hosts["h1"], *extra, peers=("h2",))
-        socat = hosts["h2"].start(
-            "socat",
-            "TUN:10.100.18.0/16,tun-name=socat0,iff-no-pi,iff-up",
-            "UDP-DATAGRAM:192.0.2.11:8285,bind=192.0.2.12:8285",
-            name="socat",
-        )
+        socat = start_socat_peer(hosts["h2"])
         hosts["h1"].wait_ping(overlay("h2"), timeout=10)
         sent, received = transfer(hosts["h1"], hosts["h2"], overlay("h2"), 4 << 20)
         assert received == sent

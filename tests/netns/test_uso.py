@@ -18,7 +18,7 @@ import pytest
 
 from lab.netns import Host, Lab
 
-from .labkit import HOSTS, build_udp, counter, start_udp
+from .labkit import build_udp, counter, start_socat_peer, start_udp, udp_mesh
 from .labkit import overlay_of as overlay
 
 pytestmark = pytest.mark.root
@@ -96,17 +96,7 @@ def counters(proc) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def mixed():
     """h1 and h3 with USO (the default), h2 with --no-offload."""
-    with Lab() as lab:
-        hosts = build_udp(lab)
-        procs = {
-            "h1": start_udp(hosts["h1"], "--stats-interval", "0.3"),
-            "h2": start_udp(hosts["h2"], "--stats-interval", "0.3", "--no-offload"),
-            "h3": start_udp(hosts["h3"], "--stats-interval", "0.3"),
-        }
-        for a in HOSTS:
-            for b in HOSTS:
-                if a != b:
-                    hosts[a].wait_ping(overlay(b), timeout=10)
+    with udp_mesh({"h2": ("--no-offload",)}) as (hosts, procs):
         yield hosts, procs
 
 
@@ -173,12 +163,7 @@ def test_a_socat_peer_gets_the_trains_as_datagrams():
     with Lab() as lab:
         hosts = build_udp(lab, names=("h1", "h2"))
         proc = start_udp(hosts["h1"], "--stats-interval", "0.3", peers=("h2",))
-        socat = hosts["h2"].start(
-            "socat",
-            "TUN:10.100.18.0/16,tun-name=socat0,iff-no-pi,iff-up",
-            "UDP-DATAGRAM:192.0.2.11:8285,bind=192.0.2.12:8285",
-            name="socat",
-        )
+        socat = start_socat_peer(hosts["h2"])
         hosts["h1"].wait_ping(overlay("h2"), timeout=10)
         for src, dst in (("h1", "h2"), ("h2", "h1")):
             sent, received = udp_transfer(hosts[src], hosts[dst], overlay(dst))

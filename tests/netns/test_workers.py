@@ -18,7 +18,18 @@ import pytest
 
 from lab.netns import _SINK, _SOURCE, Host, Lab, transfer
 
-from .labkit import HOSTS, build_udp, counter, eventually, reload_peers, start_static, start_udp, write_config
+from .labkit import (
+    HOSTS,
+    build_udp,
+    counter,
+    eventually,
+    reload_peers,
+    start_socat_peer,
+    start_static,
+    start_udp,
+    udp_mesh,
+    write_config,
+)
 from .labkit import overlay_of as overlay
 
 pytestmark = pytest.mark.root
@@ -77,17 +88,8 @@ def tun_link(host: Host) -> dict:
 
 @pytest.fixture(scope="module")
 def mesh():
-    with Lab() as lab:
-        hosts = build_udp(lab)
-        procs = {
-            "h1": start_udp(hosts["h1"], "--stats-interval", "0.3", "--workers", "2"),
-            "h2": start_udp(hosts["h2"], "--stats-interval", "0.3", "--workers", "1"),
-            "h3": start_udp(hosts["h3"], "--stats-interval", "0.3", "--workers", "2"),
-        }
-        for a in HOSTS:
-            for b in HOSTS:
-                if a != b:
-                    hosts[a].wait_ping(overlay(b), timeout=10)
+    workers = {"h1": ("--workers", "2"), "h2": ("--workers", "1"), "h3": ("--workers", "2")}
+    with udp_mesh(workers) as (hosts, procs):
         yield hosts, procs
 
 
@@ -159,12 +161,7 @@ def test_socat_is_a_peer_of_two_workers():
         hosts = build_udp(lab, names=("h1", "h2"))
         proc = start_udp(hosts["h1"], "--workers", "2", peers=("h2",))
         assert STEERING in proc.output()
-        socat = hosts["h2"].start(
-            "socat",
-            "TUN:10.100.18.0/16,tun-name=socat0,iff-no-pi,iff-up",
-            "UDP-DATAGRAM:192.0.2.11:8285,bind=192.0.2.12:8285",
-            name="socat",
-        )
+        socat = start_socat_peer(hosts["h2"])
         hosts["h1"].wait_ping(overlay("h2"), timeout=10)
         sent, received = transfer(hosts["h1"], hosts["h2"], overlay("h2"), 4 << 20)
         assert received == sent
