@@ -28,7 +28,7 @@ from typing import Any
 
 from lab import hosts as plan
 from lab.hosts import NETWORK
-from lab.netns import Host, Lab, Process, cleanup_stale, sh
+from lab.netns import Host, Lab, Process, cleanup_dead_labs, sh
 
 from . import report
 from .plan import BY_NAME, TESTS, Step, Variant, schedule
@@ -115,22 +115,6 @@ def machine_info() -> dict[str, Any]:
         "tunproxy_uncommitted_changes": changed,
         "loadavg_start": load,
     }
-
-
-def cleanup_stale_benches() -> list[str]:
-    """Delete namespaces of earlier bench runs whose process is gone (kill -9); a live run's stay."""
-    removed = []
-    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
-        found = re.match(rf"{PREFIX}(\d+)-", line)
-        if not found:
-            continue
-        try:
-            os.kill(int(found.group(1)), 0)
-        except ProcessLookupError:
-            removed += cleanup_stale(f"{PREFIX}{found.group(1)}-")
-        except PermissionError:
-            pass
-    return removed
 
 
 # --- parsing tool output (pure) -------------------------------------------------------------------
@@ -722,7 +706,7 @@ def describe(step: Step, rec: dict[str, Any]) -> str:
 
 def run_bench(config: Config, say: Callable[..., None]) -> dict[str, Any]:
     """Build the lab, run every step, tear everything down; the result without summary."""
-    cleanup_stale_benches()
+    cleanup_dead_labs(PREFIX)
     machine = machine_info()
     if float(machine["loadavg_start"][0]) > 0.5:
         say(f"note: load average {machine['loadavg_start'][0]} at start; other work skews the figures")

@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import itertools
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -295,6 +296,28 @@ def cleanup_stale(prefix: str = "tpl") -> list[str]:
                 os.kill(int(pid), signal.SIGKILL)
         sh("ip", "netns", "del", name, check=False)
     return stale
+
+
+def cleanup_dead_labs(prefix: str = "tpl") -> list[str]:
+    """Delete the namespaces of labs whose process is gone; returns their names.
+
+    A lab's namespaces are named ``<prefix><pid>...`` (``tpl1234x7-h1``,
+    ``tpbench1234-h1``), so a run killed before its teardown (kill -9, a
+    session cut short) is recognised by its dead pid; a live run's stay,
+    even one in another checkout.
+    """
+    removed = []
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        found = re.match(rf"{re.escape(prefix)}(\d+)\D", line)  # the pid whole: 12 is not 123
+        if not found:
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+        except ProcessLookupError:
+            removed += cleanup_stale(found.group(0))
+        except PermissionError:
+            pass  # someone else's live process
+    return removed
 
 
 def free_port() -> int:

@@ -8,13 +8,21 @@ import shutil
 import pytest
 
 from lab.etcd import EtcdServer
-from lab.netns import Lab
+from lab.netns import Lab, cleanup_dead_labs
 
 IS_ROOT = os.geteuid() == 0
 HAS_ETCD = shutil.which("etcd") is not None and shutil.which("etcdctl") is not None
 
 
 IN_CI = bool(os.environ.get("CI"))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Namespaces of a test run that was killed before its teardown go first: a lab left by a
+    dead process would otherwise sit on the machine (and in the way) for ever."""
+    if IS_ROOT:
+        for name in cleanup_dead_labs("tpl"):
+            print(f"removed namespace {name}, left by a test run that was killed")
 
 
 def _skip_reason(longrepr: object) -> str:
