@@ -184,6 +184,13 @@ def routed_lab(lab: Lab) -> dict[str, Host]:
     return nodes
 
 
+def kernel_counters(host: Host, *names: str) -> int:
+    """The sum of kernel counters (SNMP MIB names, as nstat prints them, e.g. TcpRetransSegs)
+    in the host's namespace, absolute since the namespace was made."""
+    out = host.ns.run("nstat", "-az", "-j", *names).stdout
+    return sum(int(json.loads(out)["kernel"].get(name, 0)) for name in names)
+
+
 @contextlib.contextmanager
 def udp_mesh(
     extra: Mapping[str, Sequence[str]] | None = None, stats: str = "0.3"
@@ -212,4 +219,3 @@ def start_socat_peer(host: Host) -> Process:
         "UDP-DATAGRAM:192.0.2.11:8285,bind=192.0.2.12:8285",
         name="socat",
     )
-

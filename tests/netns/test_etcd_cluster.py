@@ -25,7 +25,7 @@ from lab.etcd import NamespacedEtcdCluster
 from lab.hosts import ETCD_ADDRESS, ETCD_MEMBERS, HOSTS, SEGMENT, UNDERLAY, underlay_address
 from lab.netns import Host, Lab, Process
 
-from .labkit import NETWORK, eventually, overlay
+from .labkit import NETWORK, eventually, kernel_counters, overlay
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd]
 
@@ -71,13 +71,7 @@ print("sent", n, h.hexdigest(), flush=True)
 
 def _retransmits(host: Host) -> int:
     """TCP segments this host's namespace retransmitted so far (the kernel's TcpRetransSegs)."""
-    return _nstat(host, "TcpRetransSegs")
-
-
-def _nstat(host: Host, *names: str) -> int:
-    """The sum of kernel counters (SNMP MIB names, as nstat prints them) in the host's namespace."""
-    out = host.ns.run("nstat", "-az", "-j", *names).stdout
-    return sum(int(json.loads(out)["kernel"].get(name, 0)) for name in names)
+    return kernel_counters(host, "TcpRetransSegs")
 
 
 UNDERLAY_DROPS = ("UdpRcvbufErrors", "UdpInErrors", "UdpSndbufErrors")
@@ -102,7 +96,9 @@ class Traffic:
     def __post_init__(self) -> None:
         count = str(int(self.seconds * 10))
         self.retrans_before = _retransmits(self.dst)
-        self.drops_before = _nstat(self.src, *UNDERLAY_DROPS) + _nstat(self.dst, *UNDERLAY_DROPS)
+        self.drops_before = kernel_counters(self.src, *UNDERLAY_DROPS) + kernel_counters(
+            self.dst, *UNDERLAY_DROPS
+        )
         self.ping = self.src.start(
             "ping", "-n", "-q", "-i", "0.1", "-W", "2", "-c", count, self.dst_overlay, name="ping"
         )
@@ -129,8 +125,8 @@ class Traffic:
             "stream_bytes": int(stream_sent.group(1).split()[0]),
             # Not asserted: a retransmit on a loaded 2-core box is often spurious (a late ACK).
             "tcp_retransmits": _retransmits(self.dst) - self.retrans_before,
-            "underlay_udp_drops": _nstat(self.src, *UNDERLAY_DROPS)
-            + _nstat(self.dst, *UNDERLAY_DROPS)
+            "underlay_udp_drops": kernel_counters(self.src, *UNDERLAY_DROPS)
+            + kernel_counters(self.dst, *UNDERLAY_DROPS)
             - self.drops_before,
         }
         assert stream_sent.group(1) == stream_received.group(1), (stream_sent, stream_received)

@@ -107,6 +107,7 @@ def test_a_host_joining_after_a_lost_quorum_is_routed_to(etcd_lab) -> None:
 
 # --- 2 and 3. thousands of peers -----------------------------------------------------------
 
+
 def _routed_now(proc: Process) -> int:
     counts = re.findall(r"\((\d+) routed now\)", proc.output())
     return int(counts[-1]) if counts else 0
@@ -215,8 +216,10 @@ def test_two_daemons_started_together_with_the_default_subnet_file(lab: Lab) -> 
                 "h1": hosts["h1"].start(*argv("h1", "h2"), name="tunproxy"),
             }
             eventually(
-                lambda procs=procs: sum(not p.alive() for p in procs.values()) == 1
-                and any("our subnet is" in p.output() for p in procs.values()),
+                lambda procs=procs: (
+                    sum(not p.alive() for p in procs.values()) == 1
+                    and any("our subnet is" in p.output() for p in procs.values())
+                ),
                 20,
                 "one daemon runs and the other is refused",
             )

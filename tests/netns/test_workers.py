@@ -23,6 +23,7 @@ from .labkit import (
     build_udp,
     counter,
     eventually,
+    kernel_counters,
     reload_peers,
     start_socat_peer,
     start_static,
@@ -107,13 +108,17 @@ def test_parallel_streams_are_byte_identical_and_counted_once(mesh, src, dst):
     hosts, procs = mesh
     sizes = [(3 << 20) + 4096 * i for i in range(6)]
     before = {h: counter(procs[h], n) for h, n in ((src, "tx_bytes"), (dst, "rx_bytes"))}
+    retransmits_before = kernel_counters(hosts[src], "TcpRetransSegs")
     results = parallel_transfers(hosts[src], hosts[dst], overlay(dst), sizes)
     assert all(received == sent for sent, received in results), results
     total = sum(sizes)
-    # Inner bytes: the payload plus 40 bytes of headers a segment, pings and ACKs, on every worker.
     after = {h: counter(procs[h], n) for h, n in ((src, "tx_bytes"), (dst, "rx_bytes"))}
+    # Inner bytes: the payload, 40 bytes of headers a segment, pings and ACKs, and whatever
+    # the sender sent again (streams crossing two queues at once are reordered and
+    # retransmitted now and then): counted on every worker, and once (twice would be 2x).
+    resent = (kernel_counters(hosts[src], "TcpRetransSegs") - retransmits_before) * 1500
     for h in (src, dst):
-        assert total <= after[h] - before[h] <= total * 1.1, (h, after[h] - before[h], total)
+        assert total <= after[h] - before[h] <= total * 1.1 + resent, (h, after[h] - before[h], total, resent)
 
 
 def test_status_and_drops_add_up_the_workers_and_a_deleted_tun_comes_back():
