@@ -6,7 +6,7 @@ APT_PACKAGES := iperf3 etcd-server etcd-client socat iproute2 iputils-ping procp
 STAMP := build/.setup-stamp
 FUZZ_SECONDS ?= 60
 
-.PHONY: apt-packages setup build demo demo-etcd demo-pods test test-unit lint bench bench-quick bench-control bench-lookup fuzz soak scale clean
+.PHONY: apt-packages setup build demo demo-etcd demo-pods test test-unit lint bench bench-quick bench-control bench-lookup bench-profile fuzz soak scale clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,11 @@ scale: build
 
 bench-lookup: build
 	$(PY) -m bench.lookup
+
+# Where one TCP stream's CPU goes (perf on every CPU), tunproxy udp against kernel VXLAN.
+bench-profile: build
+	@command -v perf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null; }
+	$(PY) -m bench.profile
 
 fuzz: setup
 	$(PY) -m fuzz --seconds $(FUZZ_SECONDS)
