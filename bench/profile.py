@@ -1,14 +1,22 @@
 """``python -m bench.profile``: where one TCP stream's CPU goes, and the floor that sets.
 
-The bench's two namespaces, one variant (tunproxy udp by default), one iperf3
-TCP stream; ``perf record -a`` samples every CPU for ``--seconds`` in the middle
-of it. Each sample is put in one bucket: the tunproxy daemons' kernel copies
-to and from user memory, their checksums (the fused copy-and-sum included),
-the rest of the C fast path, Python and its libraries, sleeping and waking,
-the rest of their kernel time (the network stack, system calls), then iperf3, idle,
-and anything else. A bucket's share of all samples, times the CPUs and the
-window, over the gigabytes iperf3 received in that window, is its CPU seconds
-per GB: the unit of issue 14's target (0.45 s/GB for both daemons).
+The bench's two namespaces, one variant at a time (tunproxy udp and kernel
+VXLAN by default), one iperf3 TCP stream of ``--seconds``, run under ``perf
+record -a -e cpu-clock``: every CPU is sampled at 999 Hz for exactly as long as
+the iperf3 client runs, idle included. Each sample is put in one bucket by
+thread and symbol: the tunproxy daemons' kernel copies to and from user
+memory, their checksums (the fused copy-and-sum included), the rest of the C
+fast path, Python and its libraries, the scheduler and wake-ups, the rest of
+their kernel time; then iperf3's threads, idle, anything else. A bucket's
+share of the samples, times the CPUs and the window, over the bytes the
+iperf3 server received, is its CPU seconds per GB: the unit of issue 14's
+target (0.45 s/GB for both daemons).
+
+What a thread's kernel time holds is the kernel's choice: a TUN write
+delivers the inner packet to TCP in the writer's context, so some of the
+receiving iperf3's TCP work is billed to the daemon, and with kernel VXLAN
+everything (TCP, VXLAN, veth, the peer's receive) is billed to the two
+iperf3 processes and idle.
 
 The copies are the floor of this design: every byte crosses the user/kernel
 boundary four times in the daemons (TUN read, UDP send, UDP receive, TUN
@@ -27,9 +35,8 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +64,8 @@ KERNEL_COPY_SYMBOLS = frozenset(
 )
 # Going to sleep and waking up (kernel/sched, fs/eventpoll.c): a wake-up's cost lands in
 # the waker (try_to_wake_up, the irq-restoring unlock) and in the sleeper (the switch back).
+# With cpu-clock sampling the irq-restoring unlock also collects whatever ran with irqs off
+# before it, so this bucket is an upper bound.
 WAKEUP_SYMBOL = re.compile(
     r"^(finish_task_switch|__schedule|schedule|try_to_wake_up|_raw_spin_unlock_irqrestore|"
     r"ep_poll|ep_poll_callback|__wake_up|select_task_rq|enqueue_task|dequeue_task|pick_next_task|"
@@ -70,24 +79,26 @@ BUCKETS = (
     ("checksums", "tunproxy: checksums (copy-and-sum included)"),
     ("fastpath", "tunproxy: the rest of the C fast path"),
     ("python", "tunproxy: Python, uvloop, libc"),
-    ("wakeups", "tunproxy: sleeping and waking (scheduler, epoll)"),
+    ("wakeups", "tunproxy: scheduler and wake-ups (at most)"),
     ("kernel", "tunproxy: the rest of its kernel time (network stack, syscalls)"),
-    ("iperf3", "iperf3 (sender and receiver, their kernel time included)"),
+    ("iperf3", "iperf3, both ends (their threads' kernel time included)"),
     ("idle", "idle"),
     ("other", "anything else"),
 )
 DAEMON_BUCKETS = ("copies", "checksums", "fastpath", "python", "wakeups", "kernel")
 
-# One line of `perf report --sort pid,dso,sym --stdio -g none`:
-#     6.06%    31513:python3   [kernel.kallsyms]   [k] _copy_from_iter
-REPORT_LINE = re.compile(r"^\s*([\d.]+)%\s+(\d+):(\S+)\s+(\S+)\s+\[([k.])\]\s+(\S+)")
+# One line of `perf report -n --sort pid,dso,sym --stdio -g none` (the percent is rounded,
+# so the sample count is what is added up; a name may hold spaces, e.g. "memfd:x (deleted)"):
+#     6.06%        604    31513:python3   [kernel.kallsyms]   [k] _copy_from_iter
+REPORT_LINE = re.compile(r"^\s*[\d.]+%\s+(\d+)\s+(\d+):(.+?)\s{2,}(.+?)\s+\[([k.])\]\s+(.+?)\s*$")
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One row of perf's report: ``percent`` of all samples, in thread ``tid``."""
+    """One row of perf's report: ``count`` samples in thread ``tid`` (``comm``), in ``dso``
+    at ``symbol``; ``kernel`` for kernel space."""
 
-    percent: float
+    count: int
     tid: int
     comm: str
     dso: str
@@ -96,13 +107,14 @@ class Sample:
 
 
 def parse_report(text: str) -> list[Sample]:
-    """The rows of ``perf report --sort pid,dso,sym --stdio -g none``; headers and blanks skipped."""
+    """The rows of ``perf report -n --sort pid,dso,sym --stdio -g none``; comment lines,
+    blanks and anything else that is not a row are skipped."""
     rows = []
     for line in text.splitlines():
         found = REPORT_LINE.match(line)
         if found:
-            pct, tid, comm, dso, space, symbol = found.groups()
-            rows.append(Sample(float(pct), int(tid), comm, dso, space == "k", symbol))
+            count, tid, comm, dso, space, symbol = found.groups()
+            rows.append(Sample(int(count), int(tid), comm.strip(), dso, space == "k", symbol))
     return rows
 
 
@@ -124,11 +136,13 @@ def bucket(sample: Sample, daemon_tids: frozenset[int]) -> str:
 
 
 def breakdown(samples: Iterable[Sample], daemon_tids: frozenset[int]) -> dict[str, float]:
-    """Percent of all samples per bucket, every bucket present (0.0 if empty)."""
-    out = dict.fromkeys((name for name, _ in BUCKETS), 0.0)
+    """Percent (0-100) of all samples per bucket, every bucket present; they add up to 100
+    (all 0.0 if there are no samples)."""
+    counts = dict.fromkeys((name for name, _ in BUCKETS), 0)
     for sample in samples:
-        out[bucket(sample, daemon_tids)] += sample.percent
-    return out
+        counts[bucket(sample, daemon_tids)] += sample.count
+    total = sum(counts.values())
+    return {name: (100 * n / total if total else 0.0) for name, n in counts.items()}
 
 
 def seconds_per_gb(
@@ -139,23 +153,24 @@ def seconds_per_gb(
     return {k: (v / 100 * cpu_s / gigabytes if gigabytes else float("inf")) for k, v in shares.items()}
 
 
-def received_gb(iperf_json: dict[str, Any], start_s: float, end_s: float) -> float:
-    """GB (10^9 bytes) the iperf3 receiver got in the intervals that lie within [start_s, end_s]."""
-    total = 0
-    for interval in iperf_json.get("intervals", []):
-        s = interval["sum"]
-        if s["start"] >= start_s - 0.05 and s["end"] <= end_s + 0.05:
-            total += s["bytes"]
-    return total / 1e9
+def received_gb(iperf_json: dict[str, Any]) -> tuple[float, float]:
+    """(GB received by the iperf3 server, over how many seconds), from the client's ``-J`` output
+    (``end.sum_received``). Raises ValueError if it has none (iperf3 failed)."""
+    try:
+        total = iperf_json["end"]["sum_received"]
+        return total["bytes"] / 1e9, float(total["seconds"])
+    except (KeyError, TypeError):
+        raise ValueError(f"iperf3: {iperf_json.get('error', 'no end.sum_received in its output')}") from None
 
 
 def render(result: dict[str, Any]) -> str:
-    """The table a person reads: bucket, % of all samples, CPU s/GB."""
+    """The table a person reads, from one ``profile()`` result: bucket, % of all CPUs' samples,
+    CPU s/GB; then the daemons' total."""
     shares, per_gb = result["shares"], result["seconds_per_gb"]
     lines = [
-        f"{result['variant']}: {result['gbit_s']:.2f} Gbit/s over {result['window_s']:.0f} s "
-        f"({result['gigabytes']:.2f} GB), {result['cpus']} CPUs, {result['samples']} samples",
-        f"{'':66} {'% of CPU':>9} {'s/GB':>7}",
+        f"{result['variant']}: {result['gbit_s']:.2f} Gbit/s, {result['gigabytes']:.2f} GB received; "
+        f"{result['cpus']} CPUs sampled for {result['window_s']:.1f} s ({result['samples']} samples)",
+        f"{'':66} {'% of CPUs':>9} {'s/GB':>7}",
     ]
     for name, label in BUCKETS:
         lines.append(f"{label:66} {shares[name]:9.1f} {per_gb[name]:7.3f}")
@@ -178,8 +193,15 @@ def daemon_threads(pids: Iterable[int]) -> frozenset[int]:
     return frozenset(tids)
 
 
-def profile(variant_name: str, seconds: int, say: Any) -> dict[str, Any]:
-    """Start the variant in the bench's lab, stream for seconds + 3, sample seconds of it."""
+def profile(variant_name: str, seconds: int, say: Callable[..., None]) -> dict[str, Any]:
+    """Profile one TCP stream of ``seconds`` (> 0) through a bench variant (a name in
+    bench.plan.BY_NAME) in a lab of its own, torn down before this returns.
+
+    Returns {variant, when (UTC, ISO 8601), cpus, window_s (seconds sampled), gigabytes (received,
+    10^9 bytes), gbit_s (iperf3's own rate), samples (count), shares (bucket: percent),
+    seconds_per_gb (bucket: CPU s/GB)}. Raises bench.harness.StartFailed if the variant's
+    daemons do not come up, RuntimeError if perf fails (its last line), ValueError if iperf3 does.
+    """
     from lab.netns import Lab, cleanup_dead_labs
 
     from .harness import IPERF_PORT, PREFIX, Bench, Config
@@ -193,50 +215,72 @@ def profile(variant_name: str, seconds: int, say: Any) -> dict[str, Any]:
         )
         bench = Bench(lab, config, say)
         active = bench.start(BY_NAME[variant_name])
+        data = lab.workdir / "perf.data"
         try:
             server = bench.iperf_server(active.target)
             tids = daemon_threads(p.pid for p in active.daemons.values())
-            data = lab.workdir / "perf.data"
-            argv = ["iperf3", "-c", active.target, "-B", active.source, "-p", IPERF_PORT]
-            argv += ["-t", str(seconds + 3), "-J", "--connect-timeout", "3000"]
-            box: dict[str, Any] = {}
-            client = threading.Thread(
-                target=lambda: box.update(done=bench.h1.ns.run(*argv, check=False, timeout=seconds + 30))
-            )
-            client.start()
-            time.sleep(1.0)
-            perf = ["perf", "record", "-a", "-F", "999", "-o", str(data), "--", "sleep", str(seconds)]
-            subprocess.run(perf, capture_output=True, check=True, timeout=seconds + 30)
-            client.join()
+            client = bench.h1.ns.cmd(
+                "iperf3", "-c", active.target, "-B", active.source, "-p", IPERF_PORT,
+                "-t", str(seconds), "-J", "--connect-timeout", "3000",
+            )  # fmt: skip
+            # perf samples every CPU for exactly as long as the client runs.
+            record = ["perf", "record", "-a", "-e", "cpu-clock", "-F", "999", "-o", str(data), "--", *client]
+            began = time.monotonic()
+            done = subprocess.run(record, capture_output=True, text=True, timeout=seconds + 60)
+            window_s = time.monotonic() - began
             server.stop()
         finally:
             bench.stop(active)
-        report_argv = ["perf", "report", "-i", str(data), "--no-children", "--sort", "pid,dso,sym"]
+        if not data.exists() or (done.returncode != 0 and not done.stdout.strip()):
+            raise RuntimeError(f"perf record: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
+        gigabytes, iperf_s = received_gb(_json(done.stdout))
+        report_argv = ["perf", "report", "-i", str(data), "-n", "--no-children", "--sort", "pid,dso,sym"]
         report_argv += ["--stdio", "-g", "none"]
-        report = subprocess.run(report_argv, capture_output=True, text=True, check=True, timeout=300).stdout
-        samples_line = re.search(r"# Samples: (\S+)", report)
+        reported = subprocess.run(report_argv, capture_output=True, text=True, timeout=300)
+        if reported.returncode != 0:
+            raise RuntimeError(f"perf report: {(reported.stderr.strip().splitlines() or ['failed'])[-1]}")
     finally:
         lab.close()
-    doc = json.loads(box["done"].stdout)
-    if "error" in doc:
-        raise RuntimeError(f"iperf3: {doc['error']}")
-    gigabytes = received_gb(doc, 1.0, 1.0 + seconds)
-    shares = breakdown(parse_report(report), tids)
+    rows = parse_report(reported.stdout)
+    shares = breakdown(rows, tids)
     cpus = os.cpu_count() or 1
     return {
         "variant": variant_name,
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpus": cpus,
-        "window_s": float(seconds),
+        "window_s": window_s,
         "gigabytes": gigabytes,
-        "gbit_s": gigabytes * 8 / seconds,
-        "samples": samples_line.group(1) if samples_line else "?",
+        "gbit_s": gigabytes * 8 / iperf_s if iperf_s else 0.0,
+        "samples": sum(row.count for row in rows),
         "shares": shares,
-        "seconds_per_gb": seconds_per_gb(shares, cpus, seconds, gigabytes),
+        "seconds_per_gb": seconds_per_gb(shares, cpus, window_s, gigabytes),
     }
 
 
+def _json(text: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise ValueError(f"iperf3 printed no JSON: {text.strip()[-200:] or 'nothing'}") from None
+    if not isinstance(doc, dict):
+        raise ValueError("iperf3 printed JSON that is not an object")
+    return doc
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
+    if not 1 <= value <= 600:
+        raise argparse.ArgumentTypeError(f"{value} is out of range (1-600 seconds)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.profile``: profile each variant, print its table, write the JSON
+    (after each variant, so a later failure keeps what was measured); 0 on success, 1 if a
+    variant failed (one line), 2 on a usage error."""
     from .harness import StartFailed
     from .plan import BY_NAME
 
@@ -244,34 +288,54 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--variants", default="udp,vxlan", help="comma-separated bench variants (default udp,vxlan)"
     )
-    p.add_argument("--seconds", type=int, default=6, help="seconds sampled per variant (default 6)")
+    p.add_argument("--seconds", type=_seconds, default=6, help="one stream's length, 1-600 (default 6)")
     p.add_argument(
         "--out", type=Path, default=RESULTS_DIR, help=f"where the JSON goes (default {RESULTS_DIR})"
     )
     args = p.parse_args(argv)
-    names = [n for n in args.variants.split(",") if n]
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in BY_NAME]
-    if unknown:
-        p.error(f"unknown variant {', '.join(unknown)}; choose from {', '.join(BY_NAME)}")
+    if unknown or not names:
+        p.error(
+            f"unknown variant {', '.join(unknown) or repr(args.variants)}; choose from {', '.join(BY_NAME)}"
+        )
     if os.geteuid() != 0:
         p.error("needs root: it builds network namespaces and runs perf on every CPU")
     if shutil.which("perf") is None:
         p.error("perf is not installed (Debian: apt-get install linux-perf)")
-    results = []
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = args.out / f"profile-{stamp}.json"
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text("[]\n")
+    except OSError as e:
+        p.error(f"--out {args.out}: {e.strerror or e}")
+    results: list[dict[str, Any]] = []
     for name in names:
-        print(f"profiling {name} for {args.seconds} s ...", flush=True)
+        print(f"profiling {name}: one TCP stream of {args.seconds} s ...", flush=True)
         try:
             result = profile(name, args.seconds, lambda *a, **k: print(*a, **k, flush=True))
-        except (StartFailed, RuntimeError, OSError, subprocess.SubprocessError, KeyError) as e:
-            print(f"bench.profile: {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-            return 1
+        except (StartFailed, RuntimeError, ValueError, OSError, subprocess.SubprocessError) as e:
+            print(f"bench.profile: {name}: {(str(e).splitlines() or [type(e).__name__])[0]}", flush=True)
+            return _done(path, results, 1)
+        except KeyboardInterrupt:
+            print(f"bench.profile: interrupted during {name}; the lab is torn down", flush=True)
+            return _done(path, results, 130)
         print(render(result), flush=True)
+        if BY_NAME[name].backend is None or BY_NAME[name].kernel:
+            print(f"({name}: no tunproxy data path; the kernel's work is in the iperf3 and idle rows)")
         results.append(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"profile-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"results: {path}")
-    return 0
+        path.write_text(json.dumps(results, indent=1))
+    return _done(path, results, 0)
+
+
+def _done(path: Path, results: list[dict[str, Any]], code: int) -> int:
+    """Say where the results are, or remove the file if nothing was measured."""
+    if results:
+        print(f"results: {path}")
+    else:
+        path.unlink(missing_ok=True)
+    return code
 
 
 if __name__ == "__main__":
