@@ -73,6 +73,7 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     # Fewer wake-ups (issue 14): each speed-up off, against the defaults ("udp").
     Variant("udp-no-drain", "tunproxy udp --without drain", "udp", ("--without", "drain"), kernel=False),
+    Variant("udp-no-c-loop", "tunproxy udp --without c-loop", "udp", ("--without", "c-loop"), kernel=False),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 # What `python -m bench` runs unless --variants says otherwise.
@@ -87,6 +88,7 @@ DEFAULT_VARIANTS = (
     "udp-no-fast-csum",
     "udp-no-uso",
     "udp-no-drain",
+    "udp-no-c-loop",
     "udp-workers2",
 )
 

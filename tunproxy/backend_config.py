@@ -163,6 +163,9 @@ FEATURES: dict[str, str] = {
     "fast-csum": "offload mode's checksums with AVX2 where the CPU has it, summed while copied (one pass)",
     "drain": "after writing to the TUN, read it at once for the replies the kernel made (ACKs, echo "
     "replies) rather than after an epoll round trip; skipped while it finds none",
+    "c-loop": "each worker's thread waits in C (epoll) and moves both directions there, so a "
+    "wake-up costs no Python; off or refused, Python wakes the C once per wake-up (the event "
+    "loop with one worker, each worker's thread with more)",
 }
 """The udp data path's optional speed-ups, by name: each is on by default where the kernel
 allows it, ``--without NAME`` turns it off (the bench's "off" rows), and ``--refuse NAME``

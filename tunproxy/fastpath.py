@@ -59,15 +59,20 @@ DEFAULT_DROP_RING = 256
 _NOTHING_TO_DO = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
 
+RUN_STOP, RUN_YIELD, RUN_TUN_GONE = lib.FP_RUN_STOP, lib.FP_RUN_YIELD, lib.FP_RUN_TUN_GONE
+"""What ``FastPath.run`` returns (fastpath.h's FP_RUN_*)."""
+
+
 class FastPathError(OSError):
     """A system call in the fast path failed, or the C side refused a request."""
 
 
 class UdpGsoDisabled(FastPathError):
     """The kernel refused UDP_SEGMENT (``errno`` says how); the fast path now sends
-    one datagram per message for good.  Raised once, by the ``tun_to_udp`` call in
-    which it happened; those datagrams were still sent, and ``count`` is what
-    that call would have returned.  The caller should log it and carry on."""
+    one datagram per message for good.  Raised once, by the ``tun_to_udp`` (or
+    ``run``) call in which it happened; those datagrams were still sent, and
+    ``count`` is what that call would have returned (0 for ``run``).  The
+    caller should log it and carry on."""
 
     def __init__(self, err: int, count: int) -> None:
         super().__init__(err, f"UDP GSO disabled, sending datagrams one by one: {os.strerror(err)}")
@@ -213,6 +218,7 @@ class FastPath:
         if rc < 0:
             _raise(rc, "fp_init")
         self._tun_to_udp = lib.fp_tun_to_udp
+        self._run = lib.fp_run
         self._udp_to_tun = lib.fp_udp_to_tun
 
     @property
@@ -401,6 +407,28 @@ class FastPath:
         if -n in _NOTHING_TO_DO:
             return 0
         raise FastPathError(-n, f"udp_to_tun: {os.strerror(-n)}")
+
+    def run(self, epfd: int, tun_fd: int, udp_fd: int, stop_fd: int, yield_fd: int, drain: bool) -> int:
+        """Forward both ways in C until ``stop_fd`` or ``yield_fd`` is readable (the "c-loop").
+
+        ``epfd`` is an epoll fd watching the four fds for EPOLLIN. The C waits
+        in epoll_wait and calls the two directions itself (the GIL released
+        all the while), so a wake-up costs no Python. ``drain``: read the TUN
+        after each write while replies turn up (as ``udp_to_tun``'s caller
+        does on the event-loop path). Returns ``RUN_STOP`` (stop_fd left
+        readable), ``RUN_YIELD`` (yield_fd read: someone wants this fast path's
+        lock) or ``RUN_TUN_GONE`` (the TUN says EBADFD: its device was deleted).
+        Raises ``UdpGsoDisabled`` once if the kernel refused UDP_SEGMENT, and
+        ``FastPathError`` if a call failed; either way, call it again.
+        """
+        c = self._ctx
+        r: int = self._run(c, epfd, tun_fd, udp_fd, stop_fd, yield_fd, 1 if drain else 0)
+        if r == lib.FP_RUN_GSO_REFUSED:
+            err, c.gso_errno = c.gso_errno, 0
+            raise UdpGsoDisabled(err, 0)
+        if r < 0:
+            raise FastPathError(-r, f"run: {os.strerror(-r)}")
+        return r
 
     # ---- counters ----
 

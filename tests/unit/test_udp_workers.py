@@ -8,6 +8,7 @@ on packets built here, so what the kernel would answer is checked without root.
 from __future__ import annotations
 
 import os
+import select
 import struct
 import threading
 from ipaddress import IPv4Address, IPv4Network
@@ -177,11 +178,16 @@ def test_default_workers(cpus, workers):
     assert default_workers(cpus) == workers
 
 
-def test_route_changes_reach_every_worker_and_stop_joins_every_thread():
+@pytest.mark.parametrize("c_loop", [True, False], ids=["c-loop", "python-epoll"])
+def test_route_changes_reach_every_worker_and_stop_joins_every_thread(c_loop):
+    """With the c-loop each thread waits in C holding its fast path's lock: every change and
+    read below must make it give the lock up (or this hangs), and take it back after."""
     paths = [FastPath(mtu=1472, local_addr="10.100.5.0") for _ in range(3)]
     pipes = [os.pipe() for _ in range(6)]  # stand-ins for the queues and sockets: never readable
     try:
-        pool = WorkerPool(paths, [r for r, _ in pipes[:3]], [r for r, _ in pipes[3:]], lambda d, e: None)
+        pool = WorkerPool(
+            paths, [r for r, _ in pipes[:3]], [r for r, _ in pipes[3:]], lambda d, e: None, c_loop=c_loop
+        )
         before = set(threading.enumerate())
         pool.start()
         assert all(t.is_alive() for t in pool.threads())
@@ -193,6 +199,7 @@ def test_route_changes_reach_every_worker_and_stop_joins_every_thread():
         pool.set_routes({net: IPv4Address("192.0.2.13")})
         assert pool.routes() == {net: IPv4Address("192.0.2.13")}
         assert pool.counters().tx_packets == 0 and pool.drops() == [] and pool.drops_total == 0
+        assert all(t.is_alive() for t in pool.threads())  # each went back to waiting
         pool.stop()
         assert not any(t.is_alive() for t in pool.threads())
         assert set(threading.enumerate()) <= before
@@ -202,7 +209,29 @@ def test_route_changes_reach_every_worker_and_stop_joins_every_thread():
             os.close(w)
 
 
-def test_a_worker_that_died_is_started_again_by_revive(caplog):
+def test_a_stopped_c_loop_pool_still_takes_route_changes_and_reads():
+    """Between a stop and the next pool (a deleted TUN being made again), the event loop still
+    changes routes and reads counters: the fast paths are reused, so nothing may be lost."""
+    paths = [FastPath(mtu=1472, local_addr="10.100.5.0") for _ in range(2)]
+    pipes = [os.pipe() for _ in range(4)]
+    try:
+        pool = WorkerPool(
+            paths, [r for r, _ in pipes[:2]], [r for r, _ in pipes[2:]], lambda d, e: None, c_loop=True
+        )
+        pool.start()
+        pool.stop()
+        net, peer = IPv4Network("10.100.18.0/24"), IPv4Address("192.0.2.12")
+        pool.update_routes([], {net: peer})
+        assert [p.lookup("10.100.18.7") for p in paths] == [peer] * 2
+        assert pool.counters().tx_packets == 0 and pool.drops_total == 0
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+
+
+@pytest.mark.parametrize("c_loop", [True, False], ids=["c-loop", "python-epoll"])
+def test_a_worker_that_died_is_started_again_by_revive(caplog, c_loop):
     """A bug that ends a worker's thread must not leave its queue unread for ever."""
     paths = [FastPath(mtu=1472, local_addr="10.100.5.0") for _ in range(2)]
     pipes = [os.pipe() for _ in range(4)]
@@ -213,8 +242,21 @@ def test_a_worker_that_died_is_started_again_by_revive(caplog):
         raise RuntimeError("a bug")
 
     try:
-        pool = WorkerPool(paths, [r for r, _ in pipes[:2]], [r for r, _ in pipes[2:]], lambda d, e: None)
-        paths[1].tun_to_udp = broken  # type: ignore[method-assign]
+        pool = WorkerPool(
+            paths, [r for r, _ in pipes[:2]], [r for r, _ in pipes[2:]], lambda d, e: None, c_loop=c_loop
+        )
+        if c_loop:  # the bug: the C loop's call raises once its "TUN" is readable, then works
+            real_run = paths[1].run
+
+            def broken_loop(*args):
+                if calls:
+                    return real_run(*args)
+                select.select([pipes[1][0]], [], [])
+                broken(*args)
+
+            paths[1].run = broken_loop  # type: ignore[method-assign]
+        else:
+            paths[1].tun_to_udp = broken  # type: ignore[method-assign]
         pool.start()
         assert pool.revive() == []  # nothing died yet
         os.write(pipes[1][1], b"x")  # worker 1's "TUN queue" becomes readable: its call raises

@@ -1,9 +1,12 @@
 """The udp backend: IP packets from a TUN device, sent unchanged in UDP datagrams.
 
 This is flannel's udp wire format (the inner IPv4 packet is the whole payload),
-so a flannel udp node or ``socat`` can be a peer. The event loop only wakes the
-C fast path: on readiness of either fd one C call drains up to a batch, so the
-Python cost is paid per wakeup, not per packet.
+so a flannel udp node or ``socat`` can be a peer. The packets never pass
+through Python: by default (the "c-loop") a thread waits in epoll inside the C
+fast path and moves both directions there, so a wake-up costs no Python
+either; the event loop only changes routes and reads counters. With
+``--without c-loop`` the event loop wakes the C instead: on readiness of
+either fd one C call drains up to a batch, so Python is paid per wake-up.
 
 Offload mode (the default; ``--no-offload`` turns it off) opens the TUN with
 IFF_VNET_HDR and TSO4/checksum offloads and the socket with UDP_GRO, and sends
@@ -11,10 +14,10 @@ with UDP_SEGMENT, so one system call moves up to 64 KiB; on kernels 6.2+ the
 TUN also takes USO, so UDP crosses it in trains too. The wire format stays
 the same. Whatever the kernel refuses falls back, with one line in the log.
 
-``--workers N`` (N > 1) moves the packets on N threads instead, each with a
-queue of a multi-queue TUN and an SO_REUSEPORT socket of its own
-(tunproxy.backends.udp_workers); the event loop then only changes routes and
-reads counters. ``--workers 1`` is the event-loop path above, unchanged.
+``--workers N`` (N > 1) moves the packets on N threads, each with a queue of
+a multi-queue TUN and an SO_REUSEPORT socket of its own
+(tunproxy.backends.udp_workers); the c-loop with one worker is one such
+thread on the one queue and socket.
 """
 
 from __future__ import annotations
@@ -119,7 +122,8 @@ class UdpBackend(Backend):
         self.tun: pytun.TunTapDevice | MultiQueueTun | None = None
         self.sock: socket.socket | None = None
         self.fastpath: FastPath | None = None
-        # --workers: 1 is the event loop's readers below; more, a thread per TUN queue (udp_workers)
+        # --workers: a thread per TUN queue (udp_workers); one worker is a thread too with the
+        # c-loop, else the event loop's readers below
         self.workers = flags.workers or default_workers(len(os.sched_getaffinity(0)))
         if not flags.wants("multiqueue"):
             self.workers = 1
@@ -130,6 +134,10 @@ class UdpBackend(Backend):
         self._errors_said = Said(repeat=ERROR_LOG_INTERVAL)
         self._drain = flags.wants("drain")
         self._reply_misses = 0
+        # c-loop: the packets move on a worker thread that waits in C, one worker too.
+        self._c_loop = flags.wants("c-loop") and "c-loop" not in flags.refuse
+        if flags.wants("c-loop") and not self._c_loop:
+            log.warning("c-loop refused (--refuse c-loop): the event loop wakes the fast path")
 
     @property
     def mtu(self) -> int:
@@ -212,9 +220,14 @@ class UdpBackend(Backend):
                 fp = paths[0]
                 csum = ("on, AVX2" if fp.csum_simd else "on, portable") if fp.fast_csum else "off"
                 log.info("send path: fast-csum %s", csum)
-            if self.workers > 1:
-                assert isinstance(self.tun, MultiQueueTun)
-                self._start_workers(paths, self.tun.fds)
+            if self.workers > 1 or self._c_loop:
+                self._start_workers(paths, tun_fds(self.tun))
+            if self.subnet is None:  # said once, at the first subnet
+                log.info(
+                    "data path: %s, drain %s",
+                    "c-loop (threads waiting in C)" if self._c_loop else "the event loop wakes the C",
+                    "on" if self._drain else "off",
+                )
         self.subnet = subnet
         await self._configure(subnet)
         if not self._readers and self.pool is None:
@@ -249,7 +262,7 @@ class UdpBackend(Backend):
             simd="fast-csum" not in self.ctx.flags.refuse,  # refused: as on a CPU without AVX2
         )
 
-    # ---- --workers N > 1 (tunproxy.backends.udp_workers); the readers below are --workers 1 ----
+    # ---- worker threads (tunproxy.backends.udp_workers); the readers below: --without c-loop ----
 
     def _bind_workers(self) -> None:
         self.socks = bind_group(self._bind_socket, self.workers)
@@ -269,12 +282,17 @@ class UdpBackend(Backend):
             steering,
         )
 
-    def _start_workers(self, paths: Sequence[FastPath], tun_fds: Sequence[int]) -> None:
-        self.pool = WorkerPool(paths, tun_fds, [s.fileno() for s in self.socks], self._worker_error)
+    def _start_workers(self, paths: Sequence[FastPath], fds: Sequence[int]) -> None:
+        socks = [s.fileno() for s in self.socks] if self.socks else [self._socket().fileno()]
+        self.pool = WorkerPool(paths, fds, socks, self._worker_error, c_loop=self._c_loop, drain=self._drain)
         # The pool has FastPath's face for routes, counters and drops (what apply, stats and the
         # observers use); _on_tun/_on_udp, the only callers of the packet methods, never run with it.
         self.fastpath = self.pool  # type: ignore[assignment]
         self.pool.start()
+
+    def _socket(self) -> socket.socket:
+        assert self.sock is not None
+        return self.sock
 
     def _stop_workers(self) -> None:
         """End and join every worker thread (the fds stay open)."""
@@ -289,8 +307,7 @@ class UdpBackend(Backend):
         self.tun.close()
         await self._create_tun()
         await self._configure(self.subnet)
-        assert isinstance(self.tun, MultiQueueTun)
-        self._start_workers(paths, self.tun.fds)
+        self._start_workers(paths, tun_fds(self.tun))
 
     def _worker_error(self, direction: str, error: OSError) -> None:
         """A worker's failed C call (called from its thread, one at a time): as _on_tun/_on_udp say it."""
@@ -335,8 +352,11 @@ class UdpBackend(Backend):
             return 0
 
     def _path(self, direction: str) -> str:
-        """``tun->udp (tunproxy0 -> UDP 192.0.2.11:8285)``: a data path error names its device and socket."""
+        """``tun->udp (tunproxy0 -> UDP 192.0.2.11:8285)``: a data path error names its device and socket
+        (``c-loop (tunproxy0 <-> UDP ...)`` for the C loop, which moves both ways)."""
         sock = f"UDP {self.ctx.underlay.address}:{self.port}"
+        if direction == "c-loop":
+            return f"{direction} ({self.tun_name} <-> {sock})"
         ends = (self.tun_name, sock) if direction == "tun->udp" else (sock, self.tun_name)
         return f"{direction} ({ends[0]} -> {ends[1]})"
 

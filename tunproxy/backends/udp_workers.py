@@ -18,9 +18,16 @@ TUN's flow table every flow would follow. A classic BPF program on the group
 and its replies stay on one worker on both hosts, and different flows
 spread. The wire format does not change.
 
+With the c-loop (the default) a worker's thread waits in ``FastPath.run``,
+in C, and is woken by the kernel straight into the fast path; ``--workers 1``
+is then one such worker on the one TUN queue and socket. Without it
+(``--without c-loop``) the thread waits in a Python epoll and calls the C
+per wake-up, and ``--workers 1`` is the event loop's readers instead.
+
 The rule for the shared state, so there is no data race: a worker's
 ``FastPath`` is touched by its thread only inside ``Worker.lock``, held
-around each C call and never while waiting; the event-loop thread takes the
+around each C call (and, with the c-loop, while it waits in C: whoever needs
+the lock asks for it through an eventfd, and the thread gives it up); the event-loop thread takes the
 same lock to change the routes (``update_routes``, ``set_routes``, which also
 grow the tables) or to read counters and the drop ring. Every worker gets
 every route change, one worker after the other; the fast path validates a
@@ -41,11 +48,11 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Network
 
 from ..counters import COUNTERS, Counters, PeerCounters
-from ..fastpath import FastPath
+from ..fastpath import RUN_STOP, RUN_TUN_GONE, RUN_YIELD, FastPath, UdpGsoDisabled
 from ..fastpath_memory import Drop
 
 log = logging.getLogger(__name__)
@@ -235,20 +242,57 @@ def merge_drops(rings: Iterable[list[Drop]]) -> list[Drop]:
 class Worker:
     """One thread moving packets between TUN queue ``tun_fd`` and socket ``sock_fd`` with ``fastpath``.
 
-    ``lock`` guards ``fastpath`` (see the module docstring). ``report`` is
-    called, from the worker's thread, for each failed C call.
+    ``lock`` guards ``fastpath`` (see the module docstring); take it with
+    ``holding()``. ``report`` is called, from the worker's thread, for each
+    failed C call. With ``c_loop`` the thread waits in C (``FastPath.run``)
+    and holds the lock while it does; ``holding()`` then asks it to give the
+    lock up (an eventfd) and the thread waits until no one wants it before
+    taking it back. Without, it waits in a Python epoll and holds the lock
+    only around each C call.
     """
 
     def __init__(
-        self, index: int, fastpath: FastPath, tun_fd: int, sock_fd: int, report: ErrorReport
+        self,
+        index: int,
+        fastpath: FastPath,
+        tun_fd: int,
+        sock_fd: int,
+        report: ErrorReport,
+        c_loop: bool = False,
+        drain: bool = True,
     ) -> None:
         self.index = index
         self.fastpath = fastpath
         self.tun_fd, self.sock_fd = tun_fd, sock_fd
         self.lock = threading.Lock()
+        self.c_loop, self.drain = c_loop, drain
         self._report = report
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._yield = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._wanted = 0  # threads in holding(), under _wanted_lock
+        self._wanted_lock = threading.Lock()
+        self._run = self._run_c if c_loop else self._run_py
         self.thread = threading.Thread(target=self._run, name=f"tunproxy-worker-{index}", daemon=True)
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[FastPath]:
+        """The fast path, with its lock held (a C loop is asked to give it up first).
+
+        Called from the event loop's thread, as ``stop`` is. A stopped or dead
+        worker holds nothing: the lock is then free and taken at once."""
+        if not self.c_loop or self._yield < 0 or not self.thread.is_alive():
+            with self.lock:
+                yield self.fastpath
+            return
+        with self._wanted_lock:
+            self._wanted += 1
+        try:
+            os.eventfd_write(self._yield, 1)
+            with self.lock:
+                yield self.fastpath
+        finally:
+            with self._wanted_lock:
+                self._wanted -= 1
 
     def start(self) -> None:
         """Start the thread (once)."""
@@ -265,16 +309,50 @@ class Worker:
         self.thread.start()
 
     def stop(self) -> None:
-        """Wake the thread, wait for it to end, close the wake-up fd; idempotent."""
+        """Wake the thread, wait for it to end, close the wake-up fds; idempotent."""
         if self._wake < 0:
             return
         if self.thread.is_alive():
             os.eventfd_write(self._wake, 1)
             self.thread.join()
         os.close(self._wake)
-        self._wake = -1
+        os.close(self._yield)
+        self._wake = self._yield = -1
 
-    def _run(self) -> None:
+    def _run_c(self) -> None:
+        tun, sock, lock, fp = self.tun_fd, self.sock_fd, self.lock, self.fastpath
+        drain, tun_gone, errors = self.drain, False, 0
+        poller = select.epoll()
+        try:
+            for fd in (tun, sock, self._wake, self._yield):
+                poller.register(fd, select.EPOLLIN)
+            while True:
+                try:
+                    with lock:
+                        why = fp.run(poller.fileno(), tun, sock, self._wake, self._yield, drain)
+                    errors = 0
+                except UdpGsoDisabled as e:  # raised once; the datagrams went out one by one
+                    self._report("tun->udp", e)
+                    why = RUN_YIELD
+                except OSError as e:
+                    self._report("c-loop", e)
+                    errors += 1  # the same failure again at once: do not spin on it
+                    time.sleep(min(0.001 * errors, 0.1))
+                    why = RUN_YIELD
+                if why == RUN_STOP:
+                    return
+                if why == RUN_TUN_GONE and not tun_gone:  # readable for ever: leave it to the check,
+                    tun_gone, drain = True, False  # which makes a new TUN and a new pool
+                    self._report("tun->udp", OSError(errno.EBADFD, os.strerror(errno.EBADFD)))
+                    poller.unregister(tun)
+                while self._wanted:  # let whoever asked take the lock before taking it again
+                    time.sleep(0.0002)
+        except Exception:  # a bug: say so rather than die silently; the other workers go on
+            log.exception("worker %d stopped", self.index)
+        finally:
+            poller.close()
+
+    def _run_py(self) -> None:
         tun, sock, wake, lock, fp = self.tun_fd, self.sock_fd, self._wake, self.lock, self.fastpath
         poller = select.epoll()
         try:
@@ -312,7 +390,8 @@ class WorkerPool:
     worker, all alike in configuration and routes). ``counters()``,
     ``drops()`` and ``drops_total`` add the workers up; route changes go to
     every worker. ``start`` starts the threads, ``stop`` ends and joins them
-    (the fds stay the caller's to close).
+    (the fds stay the caller's to close). ``c_loop``: each worker waits in C
+    (``FastPath.run``, with ``drain``) rather than in a Python epoll.
     """
 
     def __init__(
@@ -321,6 +400,8 @@ class WorkerPool:
         tun_fds: Sequence[int],
         sock_fds: Sequence[int],
         report: ErrorReport,
+        c_loop: bool = False,
+        drain: bool = True,
     ) -> None:
         if not len(fastpaths) == len(tun_fds) == len(sock_fds) or not fastpaths:
             raise ValueError("one fast path, TUN queue and socket per worker")
@@ -331,7 +412,7 @@ class WorkerPool:
                 report(direction, error)
 
         self.workers = [
-            Worker(i, fp, tun, sock, locked_report)
+            Worker(i, fp, tun, sock, locked_report, c_loop=c_loop, drain=drain)
             for i, (fp, tun, sock) in enumerate(zip(fastpaths, tun_fds, sock_fds, strict=True))
         ]
 
@@ -362,26 +443,26 @@ class WorkerPool:
     def set_routes(self, routes: Mapping[IPv4Network, IPv4Address]) -> None:
         """The whole table, on every worker (see FastPath.set_routes)."""
         for w in self.workers:
-            with w.lock:
+            with w.holding():
                 w.fastpath.set_routes(routes)
 
     def update_routes(self, removed: Iterable[IPv4Network], added: Mapping[IPv4Network, IPv4Address]) -> None:
         """One batch of changes on every worker, under each one's lock (see FastPath.update_routes)."""
         removed = list(removed)
         for w in self.workers:
-            with w.lock:
+            with w.holding():
                 w.fastpath.update_routes(removed, added)
 
     def routes(self) -> dict[IPv4Network, IPv4Address]:
         """The table, as worker 0 holds it (every worker holds the same)."""
         w = self.workers[0]
-        with w.lock:
+        with w.holding():
             return w.fastpath.routes()
 
     def lookup(self, addr: IPv4Address | str) -> IPv4Address | None:
         """The peer ``addr`` routes to, by worker 0's table; None if none."""
         w = self.workers[0]
-        with w.lock:
+        with w.holding():
             return w.fastpath.lookup(addr)
 
     @property
@@ -393,7 +474,7 @@ class WorkerPool:
         """The sum over the workers (see ``sum_counters``)."""
         snapshots = []
         for w in self.workers:
-            with w.lock:
+            with w.holding():
                 snapshots.append(w.fastpath.counters())
         return sum_counters(snapshots)
 
@@ -401,7 +482,7 @@ class WorkerPool:
         """Every worker's recent drops, oldest first (up to ``drop_ring`` per worker)."""
         rings = []
         for w in self.workers:
-            with w.lock:
+            with w.holding():
                 rings.append(w.fastpath.drops())
         return merge_drops(rings)
 
@@ -410,7 +491,7 @@ class WorkerPool:
         """Records ever written to the workers' drop rings, together."""
         total = 0
         for w in self.workers:
-            with w.lock:
+            with w.holding():
                 total += w.fastpath.drops_total
         return total
 

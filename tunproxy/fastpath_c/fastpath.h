@@ -259,6 +259,21 @@ int fp_tun_to_udp(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now_ms);
  * -errno. */
 int fp_udp_to_tun(struct fp_ctx *c, int udp_fd, int tun_fd, uint64_t now_ms);
 
+/* What fp_run returns, besides -errno. */
+enum {
+    FP_RUN_STOP = 0,        /* stop_fd was readable (it is not read) */
+    FP_RUN_YIELD = 1,       /* yield_fd was readable (read, so it is not) */
+    FP_RUN_GSO_REFUSED = 2, /* the kernel refused UDP_SEGMENT: gso_errno says why */
+    FP_RUN_TUN_GONE = 3,    /* the TUN fd says EBADFD: its device was deleted */
+};
+/* Forward in both directions until told to stop: epoll_wait on epfd (which
+ * the caller has set up to watch tun_fd, udp_fd, stop_fd and yield_fd for
+ * EPOLLIN, with data.fd set to each fd), then fp_tun_to_udp or fp_udp_to_tun
+ * for whichever is ready, and with drain a TUN read after each write while
+ * it finds replies. Returns an FP_RUN_* code, or -errno from epoll_wait or
+ * from a call (after which the caller may call fp_run again). */
+int fp_run(struct fp_ctx *c, int epfd, int tun_fd, int udp_fd, int stop_fd, int yield_fd, uint32_t drain);
+
 /* The checksum code, for tests: sum16 (RFC 1071, folded, not complemented) of
  * p[0..n) plus sum, by the code the FP_FEAT_* bits in fast pick (0: the
  * scalar one); the same while copying src to dst; whether this CPU has AVX2
