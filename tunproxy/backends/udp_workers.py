@@ -271,6 +271,7 @@ class Worker:
         self._yield = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._wanted = 0  # threads in holding(), under _wanted_lock
         self._wanted_lock = threading.Lock()
+        self._resume = threading.Event()  # set when the last of them is done
         self._run = self._run_c if c_loop else self._run_py
         self.thread = threading.Thread(target=self._run, name=f"tunproxy-worker-{index}", daemon=True)
 
@@ -293,6 +294,8 @@ class Worker:
         finally:
             with self._wanted_lock:
                 self._wanted -= 1
+                if not self._wanted:
+                    self._resume.set()
 
     def start(self) -> None:
         """Start the thread (once)."""
@@ -345,8 +348,11 @@ class Worker:
                     tun_gone, drain = True, False  # which makes a new TUN and a new pool
                     self._report("tun->udp", OSError(errno.EBADFD, os.strerror(errno.EBADFD)))
                     poller.unregister(tun)
-                while self._wanted:  # let whoever asked take the lock before taking it again
-                    time.sleep(0.0002)
+                while True:  # let whoever asked take the lock; go on the moment they are done
+                    self._resume.clear()
+                    if not self._wanted:
+                        break
+                    self._resume.wait(0.1)
         except Exception:  # a bug: say so rather than die silently; the other workers go on
             log.exception("worker %d stopped", self.index)
         finally:
