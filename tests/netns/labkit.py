@@ -184,6 +184,32 @@ def routed_lab(lab: Lab) -> dict[str, Host]:
     return nodes
 
 
+@contextlib.contextmanager
+def udp_pair(
+    h1_flags: Sequence[str] = (), h2_flags: Sequence[str] = ()
+) -> Iterator[tuple[dict[str, Host], Process, Process]]:
+    """h1 and h2 running the udp backend with these flags, h1 already reaching h2 over the
+    overlay; yields (hosts, h1's daemon, h2's daemon)."""
+    with Lab() as lab:
+        hosts = build_udp(lab, names=("h1", "h2"))
+        first = start_udp(hosts["h1"], *h1_flags, peers=("h2",))
+        second = start_udp(hosts["h2"], *h2_flags, peers=("h1",))
+        hosts["h1"].wait_ping(overlay_of("h2"), timeout=10)
+        yield hosts, first, second
+
+
+def tcp_both_ways(hosts: Mapping[str, Host], size: int, back_port: int | None = None) -> None:
+    """``size`` bytes of TCP from h1 to h2, then from h2 to h1 (on ``back_port`` if given), over
+    the overlay: each must arrive byte for byte."""
+    from lab.netns import transfer
+
+    sent, received = transfer(hosts["h1"], hosts["h2"], overlay_of("h2"), size)
+    assert received == sent, "h1 -> h2"
+    extra = {} if back_port is None else {"port": back_port}
+    sent, received = transfer(hosts["h2"], hosts["h1"], overlay_of("h1"), size, **extra)
+    assert received == sent, "h2 -> h1"
+
+
 def kernel_counters(host: Host, *names: str) -> int:
     """The sum of kernel counters (SNMP MIB names, as nstat prints them, e.g. TcpRetransSegs)
     in the host's namespace, absolute since the namespace was made."""

@@ -24,6 +24,8 @@ from .labkit import (
     start_socat_peer,
     start_static,
     start_udp,
+    tcp_both_ways,
+    udp_pair,
     write_config,
 )
 from .labkit import overlay_of as overlay
@@ -36,17 +38,10 @@ EVENT_LOOP = "data path: the event loop wakes the C"
 
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "plain"])
 def test_c_loop_peer_and_event_loop_peer_move_tcp_byte_identical_both_ways(offload):
-    with Lab() as lab:
-        hosts = build_udp(lab, names=("h1", "h2"))
-        extra = () if offload else ("--no-offload",)
-        c_loop = start_udp(hosts["h1"], *extra, peers=("h2",))
-        event_loop = start_udp(hosts["h2"], *extra, "--without", "c-loop", peers=("h1",))
-        hosts["h1"].wait_ping(overlay("h2"), timeout=10)
+    extra = () if offload else ("--no-offload",)
+    with udp_pair(extra, (*extra, "--without", "c-loop")) as (hosts, c_loop, event_loop):
         assert C_LOOP in c_loop.output() and EVENT_LOOP in event_loop.output()
-        sent, received = transfer(hosts["h1"], hosts["h2"], overlay("h2"), 16 << 20)
-        assert received == sent
-        sent, received = transfer(hosts["h2"], hosts["h1"], overlay("h1"), 16 << 20)
-        assert received == sent
+        tcp_both_ways(hosts, 16 << 20)
         out = hosts["h2"].ping(overlay("h1"), count=5, extra=("-i", "0.05"))
         assert " 0% packet loss" in out.stdout, out.stdout
         assert c_loop.alive() and event_loop.alive()
@@ -59,19 +54,12 @@ def test_socat_is_a_peer_of_the_c_loop():
         socat = start_socat_peer(hosts["h2"])
         hosts["h1"].wait_ping(overlay("h2"), timeout=10)
         assert C_LOOP in proc.output()
-        sent, received = transfer(hosts["h1"], hosts["h2"], overlay("h2"), 4 << 20)
-        assert received == sent
-        sent, received = transfer(hosts["h2"], hosts["h1"], overlay("h1"), 4 << 20, port=5202)
-        assert received == sent
+        tcp_both_ways(hosts, 4 << 20, back_port=5202)
         assert socat.alive(), socat.output()
 
 
 def test_a_refused_c_loop_falls_back_to_the_event_loop_in_one_line():
-    with Lab() as lab:
-        hosts = build_udp(lab, names=("h1", "h2"))
-        refused = start_udp(hosts["h1"], "--refuse", "c-loop", peers=("h2",))
-        start_udp(hosts["h2"], peers=("h1",))
-        hosts["h1"].wait_ping(overlay("h2"), timeout=10)
+    with udp_pair(("--refuse", "c-loop")) as (hosts, refused, _):
         lines = [line for line in refused.output().splitlines() if "c-loop" in line]
         assert len(lines) == 1 and "c-loop refused (--refuse c-loop)" in lines[0], lines
         assert EVENT_LOOP in refused.output()
