@@ -1,7 +1,7 @@
 """``python -m bench``: measure every variant, print the table, save JSON and PNG under bench/results/.
 
-``make bench`` (3 rounds, about 9 minutes) also rewrites bench/RESULTS.md;
-``make bench-quick`` is one round of shorter tests (about 2 minutes).
+``make bench`` (3 rounds, about 16 minutes on 2 CPUs) also rewrites bench/RESULTS.md;
+``make bench-quick`` is one round of shorter tests (about 4 minutes).
 """
 
 from __future__ import annotations

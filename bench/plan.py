@@ -62,7 +62,7 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant("udp-unobserved", "tunproxy udp, no drop ring, no HTTP", "udp", ("--drop-ring", "0"), False),
     # Several cores (issue 14): a TUN queue, an SO_REUSEPORT socket and a thread per worker.
-    Variant("udp-workers1", "tunproxy udp --workers 1 (one event loop)", "udp", ("--workers", "1"), False),
+    Variant("udp-workers1", "tunproxy udp --workers 1", "udp", ("--workers", "1"), False),
     Variant("udp-workers2", "tunproxy udp --workers 2", "udp", ("--workers", "2"), False),
     Variant(
         "udp-workers2-nosteer",

@@ -156,7 +156,7 @@ def parse_backend(backend_type: object, raw: Mapping[str, Any]) -> BackendOption
 
 FEATURES: dict[str, str] = {
     "multiqueue": "with --workers N > 1: a multi-queue TUN (IFF_MULTI_QUEUE), a queue, an SO_REUSEPORT "
-    "socket and a thread per worker; off or refused, one worker on the event loop",
+    "socket and a thread per worker; off or refused, one worker",
     "flow-steering": "with --workers N > 1: a classic BPF program on the SO_REUSEPORT group hands a "
     "datagram to the worker of its inner flow (off or refused: the kernel's hash of the outer ports)",
     "uso": "UDP segmentation offload on the TUN (TUN_F_USO4/USO6, kernel 6.2+): UDP in trains both ways",
@@ -189,7 +189,8 @@ def default_workers(cpus: int | None) -> int:
     daemons and iperf3 on them, issue 14's bench) a second worker bought
     nothing: TCP x4 0.47x vs 0.56x of kernel VXLAN in one run, 0.61x vs
     0.61x in another, TCP x1 as noisy either way; so hosts with up to 3 CPUs
-    keep the single event-loop thread. Above that the rule is not measured
+    keep one worker (one c-loop thread, or the event loop itself without the
+    c-loop). Above that the rule is not measured
     here (no such host); ``--workers`` overrides it.
     """
     if not cpus or cpus < 1:
@@ -203,8 +204,8 @@ class UdpFlags:
 
     ``port`` None means ``Backend.Port``; ``max_routes`` 0 means the default
     (see tunproxy.backends.udp.default_max_routes); ``workers`` None means
-    ``default_workers`` of the CPUs this process may run on (1 is the single
-    event-loop thread, more a thread per TUN queue: tunproxy.backends.udp_workers). ``sources`` maps each
+    ``default_workers`` of the CPUs this process may run on (1 is one worker on
+    the one TUN queue, more a thread per TUN queue: tunproxy.backends.udp_workers). ``sources`` maps each
     field that was given to the flag or variable it came from, so a warning
     or an error names what the user wrote.
     """

@@ -184,7 +184,7 @@ def build_parser() -> ArgumentParser:
         convert=integer(1, WORKERS_MAX),
         metavar="N",
         help="threads moving packets, each with its own TUN queue and UDP socket (SO_REUSEPORT); "
-        "1 is the single event-loop thread (default: one per 2 CPUs, at most 4)",
+        "1 is one worker (default: one per 2 CPUs, at most 4)",
     )
     option(
         udp,

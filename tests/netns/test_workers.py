@@ -227,7 +227,7 @@ def test_shutdown_leaves_no_device_and_refusal_falls_back():
         hosts = build_udp(lab, names=("h1", "h2"))
         h1 = start_udp(hosts["h1"], "--workers", "2", "--refuse", "multiqueue", peers=("h2",))
         h2 = start_udp(hosts["h2"], "--workers", "2", peers=("h1",))
-        assert "IFF_MULTI_QUEUE refused (--refuse multiqueue); one worker, on the event loop" in h1.output()
+        assert "IFF_MULTI_QUEUE refused (--refuse multiqueue); one worker" in h1.output()
         assert "workers:" not in h1.output()
         assert not tun_link(hosts["h1"])["linkinfo"]["info_data"].get("multi_queue")
         hosts["h1"].wait_ping(overlay("h2"), timeout=10)

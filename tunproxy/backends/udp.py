@@ -137,7 +137,7 @@ class UdpBackend(Backend):
         # c-loop: the packets move on a worker thread that waits in C, one worker too.
         self._c_loop = flags.wants("c-loop") and "c-loop" not in flags.refuse
         if flags.wants("c-loop") and not self._c_loop:
-            log.warning("c-loop refused (--refuse c-loop): the event loop wakes the fast path")
+            log.warning("c-loop refused (--refuse c-loop): Python wakes the fast path per wake-up")
 
     @property
     def mtu(self) -> int:
@@ -223,11 +223,7 @@ class UdpBackend(Backend):
             if self.workers > 1 or self._c_loop:
                 self._start_workers(paths, tun_fds(self.tun))
             if self.subnet is None:  # said once, at the first subnet
-                log.info(
-                    "data path: %s, drain %s",
-                    "c-loop (threads waiting in C)" if self._c_loop else "the event loop wakes the C",
-                    "on" if self._drain else "off",
-                )
+                log.info("data path: %s", self._data_path())
         self.subnet = subnet
         await self._configure(subnet)
         if not self._readers and self.pool is None:
@@ -289,6 +285,14 @@ class UdpBackend(Backend):
         # observers use); _on_tun/_on_udp, the only callers of the packet methods, never run with it.
         self.fastpath = self.pool  # type: ignore[assignment]
         self.pool.start()
+
+    def _data_path(self) -> str:
+        """Who waits for packets and calls the C, for the start-up line."""
+        if self._c_loop:
+            return f"c-loop (threads waiting in C), drain {'on' if self._drain else 'off'}"
+        if self.workers > 1:  # their Python epoll loops do not drain
+            return "each worker's thread wakes the C, drain off"
+        return f"the event loop wakes the C, drain {'on' if self._drain else 'off'}"
 
     def _socket(self) -> socket.socket:
         assert self.sock is not None

@@ -57,7 +57,7 @@ def open_tun(name: str, vnet: bool, queues: int, refuse: Collection[str]) -> tup
                 raise MultiQueueRefused(errno.EINVAL, "IFF_MULTI_QUEUE refused (--refuse multiqueue)")
             return MultiQueueTun(name, queues, vnet), queues
         except MultiQueueRefused as e:
-            log.warning("%s; one worker, on the event loop", e.strerror)
+            log.warning("%s; one worker", e.strerror)
         except OSError as e:
             raise ConfigError(f"cannot create TUN device {name!r}: {e.strerror}") from None
     flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if vnet else 0)

@@ -1,4 +1,5 @@
-"""Several cores for the udp backend (``--workers N``, N > 1): a TUN queue, a socket and a thread each.
+"""The udp backend's worker threads: a TUN queue, a socket and a thread each (``--workers N``; one
+worker with the c-loop too).
 
 The TUN is opened with IFF_MULTI_QUEUE, one fd per queue (linux/if_tun.h;
 Documentation/networking/tuntap.rst, "multiqueue tuntap"), and the UDP port
