@@ -142,6 +142,11 @@ class FastPath:
     payload as it is copied, rather than the scalar sum after the copy; the
     bytes on the wire are the same. ``simd`` False keeps it off AVX2 even
     where the CPU has it (the portable code; ``--refuse fast-csum``).
+    ``drain`` (tunproxy's ``drain``, on unless ``--without drain``): each
+    ``udp_to_tun`` reads the TUN after its writes and sends the replies the
+    kernel made in them (ACKs, echo replies), rather than after another
+    wake-up; while it finds none it reads only once in 64 calls
+    (fastpath.h's FP_REPLY_* rule).
     """
 
     def __init__(
@@ -164,6 +169,7 @@ class FastPath:
         allow_any_source: bool = False,
         fast_csum: bool = True,
         simd: bool = True,
+        drain: bool = False,
     ) -> None:
         _check_int("mtu", mtu, 68, MAX_PACKET)
         _check_int("port", port, 1, 65535)
@@ -206,6 +212,7 @@ class FastPath:
             c.offload |= lib.FP_OFFLOAD_USO if uso else 0
             c.features = lib.FP_FEAT_FAST_CSUM if fast_csum else 0
             c.features |= 0 if simd else lib.FP_FEAT_CSUM_NO_SIMD
+        c.features |= lib.FP_FEAT_DRAIN if drain else 0
         self._offload = bool(offload)
         # The arrays the context points into; held here, as it does not keep them alive.
         self._memory = memory.wire_tables(c, self._capacity)
@@ -261,6 +268,11 @@ class FastPath:
         """Whether fast-csum runs the AVX2 code: asked for, and the CPU has it."""
         k = self._ctx.features
         return bool(k & lib.FP_FEAT_FAST_CSUM and not k & lib.FP_FEAT_CSUM_NO_SIMD and lib.fp_have_avx2())
+
+    @property
+    def drain(self) -> bool:
+        """Whether ``udp_to_tun`` reads the TUN for the kernel's replies after its writes."""
+        return bool(self._ctx.features & lib.FP_FEAT_DRAIN)
 
     @property
     def allow_any_source(self) -> bool:
@@ -384,45 +396,44 @@ class FastPath:
         milliseconds.  Raises ``UdpGsoDisabled`` once if the kernel refuses
         UDP_SEGMENT.
         """
-        c = self._ctx
-        n: int = self._tun_to_udp(c, tun_fd, udp_fd, now_ms)
-        if c.gso_errno:  # set only by the call in which the kernel refused
-            err, c.gso_errno = c.gso_errno, 0
-            raise UdpGsoDisabled(err, n)
-        if n >= 0:
-            return n
-        if -n in _NOTHING_TO_DO:
-            return 0
-        raise FastPathError(-n, f"tun_to_udp: {os.strerror(-n)}")
+        return self._result(self._tun_to_udp(self._ctx, tun_fd, udp_fd, now_ms), "tun_to_udp")
 
     def udp_to_tun(self, udp_fd: int, tun_fd: int, now_ms: int) -> int:
         """Receive up to ``batch`` datagrams, write their packets to the TUN.
 
         Returns the number of datagrams received (each was written or counted
         as a drop), where a UDP_GRO buffer of several datagrams counts once.
+        With ``drain``, the replies it then sends may meet the kernel's
+        refusal of UDP_SEGMENT: ``UdpGsoDisabled`` once, as ``tun_to_udp``.
         """
-        n: int = self._udp_to_tun(self._ctx, udp_fd, tun_fd, now_ms)
+        return self._result(self._udp_to_tun(self._ctx, udp_fd, tun_fd, now_ms), "udp_to_tun")
+
+    def _result(self, n: int, what: str) -> int:
+        """A packet call's count; 0 for nothing to do; UdpGsoDisabled or FastPathError."""
+        c = self._ctx
+        if c.gso_errno:  # set only by the call in which the kernel refused
+            err, c.gso_errno = c.gso_errno, 0
+            raise UdpGsoDisabled(err, max(n, 0))
         if n >= 0:
             return n
         if -n in _NOTHING_TO_DO:
             return 0
-        raise FastPathError(-n, f"udp_to_tun: {os.strerror(-n)}")
+        raise FastPathError(-n, f"{what}: {os.strerror(-n)}")
 
-    def run(self, epfd: int, tun_fd: int, udp_fd: int, stop_fd: int, yield_fd: int, drain: bool) -> int:
+    def run(self, epfd: int, tun_fd: int, udp_fd: int, stop_fd: int, yield_fd: int) -> int:
         """Forward both ways in C until ``stop_fd`` or ``yield_fd`` is readable (the "c-loop").
 
         ``epfd`` is an epoll fd watching the four fds for EPOLLIN. The C waits
         in epoll_wait and calls the two directions itself (the GIL released
-        all the while), so a wake-up costs no Python. ``drain``: read the TUN
-        after each write while replies turn up (as ``udp_to_tun``'s caller
-        does on the event-loop path). Returns ``RUN_STOP`` (stop_fd left
-        readable), ``RUN_YIELD`` (yield_fd read: someone wants this fast path's
-        lock) or ``RUN_TUN_GONE`` (the TUN says EBADFD: its device was deleted).
-        Raises ``UdpGsoDisabled`` once if the kernel refused UDP_SEGMENT, and
-        ``FastPathError`` if a call failed; either way, call it again.
+        all the while), so a wake-up costs no Python. Returns ``RUN_STOP``
+        (stop_fd left readable), ``RUN_YIELD`` (yield_fd read: someone wants
+        this fast path's lock) or ``RUN_TUN_GONE`` (the TUN says EBADFD: its
+        device was deleted). Raises ``UdpGsoDisabled`` once if the kernel
+        refused UDP_SEGMENT, and ``FastPathError`` if a call failed; either
+        way, call it again.
         """
         c = self._ctx
-        r: int = self._run(c, epfd, tun_fd, udp_fd, stop_fd, yield_fd, 1 if drain else 0)
+        r: int = self._run(c, epfd, tun_fd, udp_fd, stop_fd, yield_fd)
         if r == lib.FP_RUN_GSO_REFUSED:
             err, c.gso_errno = c.gso_errno, 0
             raise UdpGsoDisabled(err, 0)

@@ -38,7 +38,7 @@ class Loop:
         env = self.env
         try:
             self.result.append(
-                env.fp.run(self.epfd, env.tun.fileno(), env.udp.fileno(), self.stop_fd, self.yield_fd, True)
+                env.fp.run(self.epfd, env.tun.fileno(), env.udp.fileno(), self.stop_fd, self.yield_fd)
             )
         except OSError as e:
             self.result.append(e)

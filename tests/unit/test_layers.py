@@ -59,6 +59,7 @@ LAYERS: dict[str, list[str]] = {
         "backends.base",
         "backends.udp",
         "backends.udp_devices",
+        "backends.udp_steering",
         "backends.udp_workers",
         "backends.vxlan",
         "backends.vxlan_rules",

@@ -46,8 +46,18 @@ from ..logonce import Said
 from ..model import ConfigError, Lease, NetworkConfig
 from ..netlink import delete_tun, ensure_address, link_index, replace_route, run_netlink
 from .base import Backend, BackendContext, RouteTableFull
-from .udp_devices import bind_socket, bring_up, open_tun, set_tun_offloads, tun_fds, udp_offloads
-from .udp_workers import MultiQueueTun, WorkerPool, attach_flow_steering, bind_group
+from .udp_devices import (
+    MultiQueueTun,
+    attach_flow_steering,
+    bind_group,
+    bind_socket,
+    bring_up,
+    open_tun,
+    set_tun_offloads,
+    tun_fds,
+    udp_offloads,
+)
+from .udp_workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +66,6 @@ ERROR_LOG_INTERVAL = 60.0
 
 
 MIN_DEFAULT_ROUTES = 4096
-
-
-# drain: the TUN is read for replies straight after a write, while that finds some; after
-# REPLY_MISSES wake-ups in a row without one (the peer is an application, which answers later,
-# not the kernel), once in REPLY_PROBE wake-ups, to notice when replies come back.
-REPLY_MISSES = 4
-REPLY_PROBE = 64
 
 
 def now_ms() -> int:
@@ -81,20 +84,6 @@ def default_max_routes(config: NetworkConfig) -> int:
     """
     subnets = 1 << (config.subnet_len - config.network.prefixlen)
     return min(MAX_ROUTES, max(MIN_DEFAULT_ROUTES, subnets))
-
-
-def read_replies(misses: int) -> bool:
-    """Whether to read the TUN straight after writing to it, given the wake-ups in a row (``misses``,
-    from ``next_misses``) whose read found no reply or that did not read."""
-    return misses < REPLY_MISSES or misses == REPLY_MISSES + REPLY_PROBE - 1
-
-
-def next_misses(misses: int, found: bool) -> int:
-    """``misses`` after one more wake-up: 0 once a reply was found, else one more, cycling through
-    ``REPLY_MISSES .. REPLY_MISSES + REPLY_PROBE - 1`` so it stays small (no allocation)."""
-    if found:
-        return 0
-    return misses + 1 if misses < REPLY_MISSES + REPLY_PROBE - 1 else REPLY_MISSES
 
 
 class UdpBackend(Backend):
@@ -132,8 +121,6 @@ class UdpBackend(Backend):
         self.subnet: IPv4Network | None = None
         self._readers = False
         self._errors_said = Said(repeat=ERROR_LOG_INTERVAL)
-        self._drain = flags.wants("drain")
-        self._reply_misses = 0
         # c-loop: the packets move on a worker thread that waits in C, one worker too.
         self._c_loop = flags.wants("c-loop") and "c-loop" not in flags.refuse
         if flags.wants("c-loop") and not self._c_loop:
@@ -256,6 +243,7 @@ class UdpBackend(Backend):
             allow_any_source=self.allow_any_source,
             fast_csum=self.ctx.flags.wants("fast-csum"),
             simd="fast-csum" not in self.ctx.flags.refuse,  # refused: as on a CPU without AVX2
+            drain=self.ctx.flags.wants("drain"),
         )
 
     # ---- worker threads (tunproxy.backends.udp_workers); the readers below: --without c-loop ----
@@ -280,19 +268,21 @@ class UdpBackend(Backend):
 
     def _start_workers(self, paths: Sequence[FastPath], fds: Sequence[int]) -> None:
         socks = [s.fileno() for s in self.socks] if self.socks else [self._socket().fileno()]
-        self.pool = WorkerPool(paths, fds, socks, self._worker_error, c_loop=self._c_loop, drain=self._drain)
+        self.pool = WorkerPool(paths, fds, socks, self._worker_error, c_loop=self._c_loop)
         # The pool has FastPath's face for routes, counters and drops (what apply, stats and the
         # observers use); _on_tun/_on_udp, the only callers of the packet methods, never run with it.
         self.fastpath = self.pool  # type: ignore[assignment]
         self.pool.start()
 
     def _data_path(self) -> str:
-        """Who waits for packets and calls the C, for the start-up line."""
+        """Who waits for packets and calls the C, and whether it drains, for the start-up line."""
         if self._c_loop:
-            return f"c-loop (threads waiting in C), drain {'on' if self._drain else 'off'}"
-        if self.workers > 1:  # their Python epoll loops do not drain
-            return "each worker's thread wakes the C, drain off"
-        return f"the event loop wakes the C, drain {'on' if self._drain else 'off'}"
+            who = "c-loop (threads waiting in C)"
+        elif self.workers > 1:
+            who = "each worker's thread wakes the C"
+        else:
+            who = "the event loop wakes the C"
+        return f"{who}, drain {'on' if self.ctx.flags.wants('drain') else 'off'}"
 
     def _socket(self) -> socket.socket:
         assert self.sock is not None
@@ -314,7 +304,8 @@ class UdpBackend(Backend):
         self._start_workers(paths, tun_fds(self.tun))
 
     def _worker_error(self, direction: str, error: OSError) -> None:
-        """A worker's failed C call (called from its thread, one at a time): as _on_tun/_on_udp say it."""
+        """A failed C call, from a worker's thread (one at a time) or _on_tun/_on_udp: a refused
+        UDP GSO once (the datagrams went out one by one), anything else once a minute."""
         if isinstance(error, UdpGsoDisabled):
             self._udp_gso = False
             log.warning("%s: %s", self._path(direction), error.strerror)
@@ -324,36 +315,18 @@ class UdpBackend(Backend):
     def _on_tun(self) -> None:
         fp, tun, sock = self.fastpath, self.tun, self.sock
         assert fp and tun and sock
-        self._tun_to_udp(fp, tun.fileno(), sock.fileno(), now_ms())
+        try:
+            fp.tun_to_udp(tun.fileno(), sock.fileno(), now_ms())
+        except OSError as e:  # the data path must not die; the counters say what was lost
+            self._worker_error("tun->udp", e)
 
     def _on_udp(self) -> None:
         fp, tun, sock = self.fastpath, self.tun, self.sock
         assert fp and tun and sock
-        tun_fd, udp_fd, now = tun.fileno(), sock.fileno(), now_ms()
-        try:
-            received = fp.udp_to_tun(udp_fd, tun_fd, now)
+        try:  # with drain, the kernel's replies go out in this call too
+            fp.udp_to_tun(sock.fileno(), tun.fileno(), now_ms())
         except OSError as e:
-            self._log_error("udp->tun", e)
-            return
-        if received and self._drain:
-            # The kernel handles a packet written to the TUN within the write, so a reply it makes
-            # itself (a TCP ACK, an echo reply) is queued on the TUN already: send it now, without
-            # an epoll round trip. An application's reply comes later: skip the read while it finds none.
-            misses = self._reply_misses
-            found = read_replies(misses) and self._tun_to_udp(fp, tun_fd, udp_fd, now) > 0
-            self._reply_misses = next_misses(misses, found)
-
-    def _tun_to_udp(self, fp: FastPath, tun_fd: int, udp_fd: int, now: int) -> int:
-        """One batch from the TUN to the peers: the packets read (0 after an error, which is logged)."""
-        try:
-            return fp.tun_to_udp(tun_fd, udp_fd, now)
-        except UdpGsoDisabled as e:  # raised once; the datagrams went out one by one
-            self._udp_gso = False
-            log.warning("%s: %s", self._path("tun->udp"), e.strerror)
-            return e.count
-        except OSError as e:  # the data path must not die; the counters say what was lost
-            self._log_error("tun->udp", e)
-            return 0
+            self._worker_error("udp->tun", e)
 
     def _path(self, direction: str) -> str:
         """``tun->udp (tunproxy0 -> UDP 192.0.2.11:8285)``: a data path error names its device and socket

@@ -11,13 +11,14 @@ through ``run_netlink``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
 import os
 import socket
 import struct
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import TypeAlias
@@ -27,21 +28,114 @@ import pytun
 from ..fastpath import UDP_GRO, UDP_SEGMENT, VNET_HDR_LEN
 from ..model import ConfigError
 from ..netlink import link_index, run_netlink
-from .udp_workers import MultiQueueRefused, MultiQueueTun
+from .udp_steering import flow_steering_program
 
 log = logging.getLogger("tunproxy.backends.udp")
 
 SOCKET_BUFFER = 4 << 20  # cuts drops at the receiving socket (README, "Speed-ups"); more changed nothing
 TUN_TXQUEUELEN = 4096  # 1,000 lost packets at the TUN under a 64-byte flood; 16,384 changed nothing
 # linux/if_tun.h
+TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
+IFF_VNET_HDR = 0x4000
+IFNAMSIZ = 16
+IFREQ_SIZE = 40  # struct ifreq: the name, then a 24-byte union (ifr_flags is its first short)
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int); the argument is the value
 TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int); the argument points to it
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_USO4 = 0x20  # since 6.2; drivers/net/tun.c takes USO4 only together with USO6
 TUN_F_USO6 = 0x40
+# asm-generic/socket.h
+SO_ATTACH_REUSEPORT_CBPF = 51
 
 Tun: TypeAlias = "pytun.TunTapDevice | MultiQueueTun"
+
+
+def ifreq(name: str, flags: int) -> bytes:
+    """``struct ifreq`` for TUNSETIFF: ``name`` (1 to 15 bytes, else ValueError) and ``ifr_flags``."""
+    raw = name.encode()
+    if not raw or len(raw) >= IFNAMSIZ:
+        raise ValueError(f"interface name {name!r} must be 1 to {IFNAMSIZ - 1} bytes")
+    return struct.pack(f"{IFNAMSIZ}sH", raw, flags).ljust(IFREQ_SIZE, b"\0")
+
+
+class MultiQueueRefused(OSError):
+    """The kernel would not open the TUN with IFF_MULTI_QUEUE (or it was refused with ``--refuse``)."""
+
+
+class MultiQueueTun:
+    """A TUN device opened as ``queues`` fds (IFF_MULTI_QUEUE), each non-blocking and close-on-exec.
+
+    ``fds[i]`` is queue ``i``; ``fileno()`` is queue 0, so code written for
+    one fd (the offload ioctls are applied to each fd by the caller) finds
+    one. The device is not persistent: closing every fd deletes it, with
+    its addresses and routes. Raises ``MultiQueueRefused`` if the first
+    TUNSETIFF fails with EINVAL (a kernel without multi-queue TUN), OSError
+    for anything else.
+    """
+
+    def __init__(self, name: str, queues: int, vnet_hdr: bool) -> None:
+        flags = IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE | (IFF_VNET_HDR if vnet_hdr else 0)
+        request = ifreq(name, flags)
+        self.name = name
+        self.fds: list[int] = []
+        try:
+            for _ in range(queues):
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+                self.fds.append(fd)
+                try:
+                    fcntl.ioctl(fd, TUNSETIFF, request)
+                except OSError as e:
+                    if e.errno == errno.EINVAL and len(self.fds) == 1:
+                        raise MultiQueueRefused(e.errno, f"IFF_MULTI_QUEUE refused: {e.strerror}") from None
+                    raise
+        except BaseException:
+            self.close()
+            raise
+
+    def fileno(self) -> int:
+        """The first queue's fd, for code that expects one TUN."""
+        return self.fds[0]
+
+    def close(self) -> None:
+        """Close every queue; the kernel deletes the device with the last one."""
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
+def bind_group(bind: Callable[[bool], socket.socket], count: int) -> list[socket.socket]:
+    """``count`` sockets on one address and port, with SO_REUSEPORT; ``bind(reuseport)`` makes one.
+
+    A first, plain bind proves the port is free (and raises the caller's
+    "already in use" error otherwise): without it a second tunproxy of the
+    same user would silently join the group and take a share of the
+    datagrams. Socket ``i`` is index ``i`` of the kernel's group (it keeps
+    bind order), which ``flow_steering_program`` returns.
+    """
+    bind(False).close()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            socks.append(bind(True))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def attach_flow_steering(sock: socket.socket, workers: int) -> None:
+    """Attach ``flow_steering_program(workers)`` to ``sock``'s SO_REUSEPORT group; OSError if refused."""
+    insns = flow_steering_program(workers)
+    raw = b"".join(struct.pack("HBBI", *insn) for insn in insns)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    fprog = struct.pack("HxxxxxxQ", len(insns), ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
 
 
 def open_tun(name: str, vnet: bool, queues: int, refuse: Collection[str]) -> tuple[Tun, int]:

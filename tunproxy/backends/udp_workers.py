@@ -1,23 +1,12 @@
 """The udp backend's worker threads: a TUN queue, a socket and a thread each (``--workers N``; one
 worker with the c-loop too).
 
-The TUN is opened with IFF_MULTI_QUEUE, one fd per queue (linux/if_tun.h;
-Documentation/networking/tuntap.rst, "multiqueue tuntap"), and the UDP port
-is bound N times with SO_REUSEPORT. Worker ``i`` owns queue ``i``, socket
+With N > 1 the TUN is opened with IFF_MULTI_QUEUE, one fd per queue, and
+the UDP port is bound N times with SO_REUSEPORT (``udp_devices``; which
+worker a flow lands on: ``udp_steering``). Worker ``i`` owns queue ``i``, socket
 ``i`` and a ``FastPath`` of its own (its buffers, counters, drop ring and a
 copy of the routes); its thread waits in ``epoll`` and calls the C fast path,
 and both release the GIL, so the workers run on as many cores.
-
-Which worker sees a packet is the kernel's choice: the TUN picks a queue per
-flow (its flow table sends a flow's packets to the queue that last wrote the
-flow's other direction), and the socket group picks a socket per datagram.
-Between two hosts every datagram has the same outer addresses and ports, so
-the group's own hash would hand them all to one worker, and through the
-TUN's flow table every flow would follow. A classic BPF program on the group
-(SO_ATTACH_REUSEPORT_CBPF) picks the socket by a symmetric hash of the
-*inner* addresses and ports instead (``flow_steering_program``), so a flow
-and its replies stay on one worker on both hosts, and different flows
-spread. The wire format does not change.
 
 With the c-loop (the default) a worker's thread waits in ``FastPath.run``,
 in C, and is woken by the kernel straight into the fast path; ``--workers 1``
@@ -39,14 +28,10 @@ that one refuses is refused by the first, before any has changed.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import fcntl
 import logging
 import os
 import select
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -58,152 +43,8 @@ from ..fastpath_memory import Drop
 
 log = logging.getLogger(__name__)
 
-# linux/if_tun.h
-TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
-IFF_TUN = 0x0001
-IFF_NO_PI = 0x1000
-IFF_MULTI_QUEUE = 0x0100
-IFF_VNET_HDR = 0x4000
-IFNAMSIZ = 16
-IFREQ_SIZE = 40  # struct ifreq: the name, then a 24-byte union (ifr_flags is its first short)
-# asm-generic/socket.h
-SO_ATTACH_REUSEPORT_CBPF = 51
-
 ErrorReport = Callable[[str, OSError], None]
 """Called from a worker thread with ``("tun->udp" | "udp->tun", error)`` when a C call fails."""
-
-
-def ifreq(name: str, flags: int) -> bytes:
-    """``struct ifreq`` for TUNSETIFF: ``name`` (1 to 15 bytes, else ValueError) and ``ifr_flags``."""
-    raw = name.encode()
-    if not raw or len(raw) >= IFNAMSIZ:
-        raise ValueError(f"interface name {name!r} must be 1 to {IFNAMSIZ - 1} bytes")
-    return struct.pack(f"{IFNAMSIZ}sH", raw, flags).ljust(IFREQ_SIZE, b"\0")
-
-
-class MultiQueueRefused(OSError):
-    """The kernel would not open the TUN with IFF_MULTI_QUEUE (or it was refused with ``--refuse``)."""
-
-
-class MultiQueueTun:
-    """A TUN device opened as ``queues`` fds (IFF_MULTI_QUEUE), each non-blocking and close-on-exec.
-
-    ``fds[i]`` is queue ``i``; ``fileno()`` is queue 0, so code written for
-    one fd (the offload ioctls are applied to each fd by the caller) finds
-    one. The device is not persistent: closing every fd deletes it, with
-    its addresses and routes. Raises ``MultiQueueRefused`` if the first
-    TUNSETIFF fails with EINVAL (a kernel without multi-queue TUN), OSError
-    for anything else.
-    """
-
-    def __init__(self, name: str, queues: int, vnet_hdr: bool) -> None:
-        flags = IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE | (IFF_VNET_HDR if vnet_hdr else 0)
-        request = ifreq(name, flags)
-        self.name = name
-        self.fds: list[int] = []
-        try:
-            for _ in range(queues):
-                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-                self.fds.append(fd)
-                try:
-                    fcntl.ioctl(fd, TUNSETIFF, request)
-                except OSError as e:
-                    if e.errno == errno.EINVAL and len(self.fds) == 1:
-                        raise MultiQueueRefused(e.errno, f"IFF_MULTI_QUEUE refused: {e.strerror}") from None
-                    raise
-        except BaseException:
-            self.close()
-            raise
-
-    def fileno(self) -> int:
-        """The first queue's fd, for code that expects one TUN."""
-        return self.fds[0]
-
-    def close(self) -> None:
-        """Close every queue; the kernel deletes the device with the last one."""
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds = []
-
-
-def bind_group(bind: Callable[[bool], socket.socket], count: int) -> list[socket.socket]:
-    """``count`` sockets on one address and port, with SO_REUSEPORT; ``bind(reuseport)`` makes one.
-
-    A first, plain bind proves the port is free (and raises the caller's
-    "already in use" error otherwise): without it a second tunproxy of the
-    same user would silently join the group and take a share of the
-    datagrams. Socket ``i`` is index ``i`` of the kernel's group (it keeps
-    bind order), which ``flow_steering_program`` returns.
-    """
-    bind(False).close()
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            socks.append(bind(True))
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
-
-
-# Classic BPF (linux/filter.h, linux/bpf_common.h): (code, jt, jf, k).
-_LD_W_ABS, _LD_B_ABS, _LD_W_IND, _LD_MEM = 0x20, 0x30, 0x40, 0x60
-_LDX_MEM, _LDX_B_MSH, _ST = 0x61, 0xB1, 0x02
-_XOR_X, _RSH_K, _AND_K, _MUL_K, _MOD_K = 0xAC, 0x74, 0x54, 0x24, 0x94
-_JEQ_K, _JA, _TAX, _RET_A = 0x15, 0x05, 0x07, 0x16
-Insn = tuple[int, int, int, int]
-
-
-def flow_steering_program(workers: int) -> list[Insn]:
-    """The classic BPF program that hands a datagram to worker ``hash(inner flow) % workers``.
-
-    The kernel runs it on a datagram for the SO_REUSEPORT group with the
-    data starting after the UDP header (net/core/sock_reuseport.c
-    run_bpf_filter), so offset 0 is the inner IPv4 header; the value
-    returned is the socket's index in the group (an index past the end
-    falls back to the kernel's hash). The hash folds the inner source and
-    destination addresses, and for TCP and UDP the port pair, with XOR and
-    then its two 16-bit halves together, so a packet and its reply (source
-    and destination swapped) get the same worker on either host.
-    """
-    if not 1 <= workers <= 0xFFFF:
-        raise ValueError(f"workers must be in 1..65535, got {workers}")
-    return [
-        (_LD_W_ABS, 0, 0, 12),  # 0: A = inner source
-        (_ST, 0, 0, 0),  # 1: M[0] = A
-        (_LD_W_ABS, 0, 0, 16),  # 2: A = inner destination
-        (_LDX_MEM, 0, 0, 0),  # 3: X = M[0]
-        (_XOR_X, 0, 0, 0),  # 4: A ^= X
-        (_ST, 0, 0, 0),  # 5: M[0] = A
-        (_LD_B_ABS, 0, 0, 9),  # 6: A = protocol
-        (_JEQ_K, 1, 0, 6),  # 7: TCP -> 9
-        (_JEQ_K, 0, 5, 17),  # 8: UDP -> 9, else -> 14
-        (_LDX_B_MSH, 0, 0, 0),  # 9: X = 4 * IHL
-        (_LD_W_IND, 0, 0, 0),  # 10: A = source port << 16 | destination port
-        (_LDX_MEM, 0, 0, 0),  # 11: X = M[0]
-        (_XOR_X, 0, 0, 0),  # 12: A ^= X
-        (_ST, 0, 0, 0),  # 13: M[0] = A
-        (_LD_MEM, 0, 0, 0),  # 14: A = M[0]
-        (_TAX, 0, 0, 0),  # 15: X = A
-        (_RSH_K, 0, 0, 16),  # 16: A >>= 16
-        (_XOR_X, 0, 0, 0),  # 17: A ^= X
-        (_AND_K, 0, 0, 0xFFFF),  # 18: the low half is symmetric in source and destination
-        (_MUL_K, 0, 0, 0x9E3779B1),  # 19: mixed (Knuth's multiplicative hash): ports differ in
-        (_RSH_K, 0, 0, 16),  # 20: their high bits mostly (Linux picks even ephemeral ports)
-        (_MOD_K, 0, 0, workers),  # 21
-        (_RET_A, 0, 0, 0),  # 22
-    ]
-
-
-def attach_flow_steering(sock: socket.socket, workers: int) -> None:
-    """Attach ``flow_steering_program(workers)`` to ``sock``'s SO_REUSEPORT group; OSError if refused."""
-    insns = flow_steering_program(workers)
-    raw = b"".join(struct.pack("HBBI", *insn) for insn in insns)
-    buf = ctypes.create_string_buffer(raw, len(raw))
-    fprog = struct.pack("HxxxxxxQ", len(insns), ctypes.addressof(buf))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
 
 
 def sum_counters(snapshots: Sequence[Counters]) -> Counters:
@@ -260,13 +101,12 @@ class Worker:
         sock_fd: int,
         report: ErrorReport,
         c_loop: bool = False,
-        drain: bool = True,
     ) -> None:
         self.index = index
         self.fastpath = fastpath
         self.tun_fd, self.sock_fd = tun_fd, sock_fd
         self.lock = threading.Lock()
-        self.c_loop, self.drain = c_loop, drain
+        self.c_loop = c_loop
         self._report = report
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._yield = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -325,7 +165,7 @@ class Worker:
 
     def _run_c(self) -> None:
         tun, sock, lock, fp = self.tun_fd, self.sock_fd, self.lock, self.fastpath
-        drain, tun_gone, errors = self.drain, False, 0
+        tun_gone, errors = False, 0
         poller = select.epoll()
         try:
             for fd in (tun, sock, self._wake, self._yield):
@@ -333,7 +173,7 @@ class Worker:
             while True:
                 try:
                     with lock:
-                        why = fp.run(poller.fileno(), tun, sock, self._wake, self._yield, drain)
+                        why = fp.run(poller.fileno(), tun, sock, self._wake, self._yield)
                     errors = 0
                 except UdpGsoDisabled as e:  # raised once; the datagrams went out one by one
                     self._report("tun->udp", e)
@@ -346,7 +186,7 @@ class Worker:
                 if why == RUN_STOP:
                     return
                 if why == RUN_TUN_GONE and not tun_gone:  # readable for ever: leave it to the check,
-                    tun_gone, drain = True, False  # which makes a new TUN and a new pool
+                    tun_gone = True  # which makes a new TUN and a new pool
                     self._report("tun->udp", OSError(errno.EBADFD, os.strerror(errno.EBADFD)))
                     poller.unregister(tun)
                 while True:  # let whoever asked take the lock; go on the moment they are done
@@ -398,7 +238,7 @@ class WorkerPool:
     ``drops()`` and ``drops_total`` add the workers up; route changes go to
     every worker. ``start`` starts the threads, ``stop`` ends and joins them
     (the fds stay the caller's to close). ``c_loop``: each worker waits in C
-    (``FastPath.run``, with ``drain``) rather than in a Python epoll.
+    (``FastPath.run``) rather than in a Python epoll.
     """
 
     def __init__(
@@ -408,7 +248,6 @@ class WorkerPool:
         sock_fds: Sequence[int],
         report: ErrorReport,
         c_loop: bool = False,
-        drain: bool = True,
     ) -> None:
         if not len(fastpaths) == len(tun_fds) == len(sock_fds) or not fastpaths:
             raise ValueError("one fast path, TUN queue and socket per worker")
@@ -419,7 +258,7 @@ class WorkerPool:
                 report(direction, error)
 
         self.workers = [
-            Worker(i, fp, tun, sock, locked_report, c_loop=c_loop, drain=drain)
+            Worker(i, fp, tun, sock, locked_report, c_loop=c_loop)
             for i, (fp, tun, sock) in enumerate(zip(fastpaths, tun_fds, sock_fds, strict=True))
         ]
 
@@ -506,15 +345,4 @@ class WorkerPool:
         return f"WorkerPool({len(self.workers)} x {self.workers[0].fastpath!r})"
 
 
-__all__ = [
-    "MultiQueueRefused",
-    "MultiQueueTun",
-    "Worker",
-    "WorkerPool",
-    "attach_flow_steering",
-    "bind_group",
-    "flow_steering_program",
-    "ifreq",
-    "merge_drops",
-    "sum_counters",
-]
+__all__ = ["ErrorReport", "Worker", "WorkerPool", "merge_drops", "sum_counters"]

@@ -54,12 +54,22 @@ enum {
                                 (VIRTIO_NET_HDR_GSO_UDP_L4) and takes coalesced ones */
 };
 
-/* fp_ctx.features bits: speed-ups of offload mode that change no byte on the
- * wire, each on unless the caller turns it off (tunproxy's --without NAME). */
+/* fp_ctx.features bits: speed-ups that change no byte on the wire, chosen at
+ * init (tunproxy turns each on unless told --without NAME). */
 enum {
-    FP_FEAT_FAST_CSUM = 1,   /* "fast-csum": AVX2 sum16 if the CPU has it, fused copy-and-sum */
-    FP_FEAT_CSUM_NO_SIMD = 2 /* fast-csum as on a CPU without AVX2: the portable code (--refuse) */
+    FP_FEAT_FAST_CSUM = 1,    /* "fast-csum" (offload mode): AVX2 sum16 if the CPU has it,
+                                 fused copy-and-sum */
+    FP_FEAT_CSUM_NO_SIMD = 2, /* fast-csum as on a CPU without AVX2: the portable code (--refuse) */
+    FP_FEAT_DRAIN = 4         /* "drain": fp_udp_to_tun reads the TUN after its writes for the
+                                 replies the kernel made in them (ACKs, echo replies) and sends
+                                 them, by the rule below */
 };
+
+/* The drain's rule: read while replies turn up; after FP_REPLY_MISSES calls in
+ * a row that found none (the peer is an application, which answers later, not
+ * the kernel), read only once in FP_REPLY_PROBE calls, to notice when replies
+ * come back.  fp_ctx.reply_misses counts them. */
+enum { FP_REPLY_MISSES = 4, FP_REPLY_PROBE = 64 };
 
 /* One route: prefix/len -> peer; a slot of an open-addressing hash table
  * keyed by (prefix, len), peer 0 meaning empty. */
@@ -209,12 +219,12 @@ struct fp_ctx {
     struct fp_peer *peers_alt;   /* peer_cap entries, next */
     struct fp_drop *drops;       /* ndrops entries: the drop ring (may be NULL if ndrops is 0) */
     uint32_t ndrops;
-    uint32_t features;           /* FP_FEAT_* bits, chosen at init (offload mode only) */
+    uint32_t features;           /* FP_FEAT_* bits, chosen at init */
     /* State, owned by the C side. */
     uint64_t drops_total;        /* records ever written; the next goes to drops_total % ndrops */
     uint64_t now_ms;             /* now_ms of the current fp_tun_to_udp/fp_udp_to_tun call */
     uint32_t nroutes;
-    uint32_t pad1;
+    uint32_t reply_misses;       /* the drain's calls in a row without a reply (see FP_REPLY_*) */
     uint64_t len_mask;           /* bit n set: some route has length n */
     uint32_t len_count[33];      /* routes of each length */
     uint32_t pad3;
@@ -256,7 +266,9 @@ uint32_t fp_lookup(const struct fp_ctx *c, uint32_t dst);
 int fp_tun_to_udp(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now_ms);
 /* Move up to batch datagrams from the socket to the TUN fd; returns the number
  * of receive buffers filled (a UDP_GRO buffer may hold many datagrams), or
- * -errno. */
+ * -errno.  With FP_FEAT_DRAIN, then one fp_tun_to_udp for the replies (by the
+ * FP_REPLY_* rule); its errors are left for the TUN's own read to meet, and
+ * gso_errno is set as there. */
 int fp_udp_to_tun(struct fp_ctx *c, int udp_fd, int tun_fd, uint64_t now_ms);
 
 /* What fp_run returns, besides -errno. */
@@ -269,10 +281,9 @@ enum {
 /* Forward in both directions until told to stop: epoll_wait on epfd (which
  * the caller has set up to watch tun_fd, udp_fd, stop_fd and yield_fd for
  * EPOLLIN, with data.fd set to each fd), then fp_tun_to_udp or fp_udp_to_tun
- * for whichever is ready, and with drain a TUN read after each write while
- * it finds replies. Returns an FP_RUN_* code, or -errno from epoll_wait or
- * from a call (after which the caller may call fp_run again). */
-int fp_run(struct fp_ctx *c, int epfd, int tun_fd, int udp_fd, int stop_fd, int yield_fd, uint32_t drain);
+ * for whichever is ready. Returns an FP_RUN_* code, or -errno from epoll_wait
+ * or from a call (after which the caller may call fp_run again). */
+int fp_run(struct fp_ctx *c, int epfd, int tun_fd, int udp_fd, int stop_fd, int yield_fd);
 
 /* The checksum code, for tests: sum16 (RFC 1071, folded, not complemented) of
  * p[0..n) plus sum, by the code the FP_FEAT_* bits in fast pick (0: the

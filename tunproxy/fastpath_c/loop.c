@@ -1,11 +1,16 @@
-/* The forwarding loop ("c-loop"): wait in epoll and move both directions in
- * C, without returning to Python between wake-ups. A wake-up through uvloop,
- * a Python callback and a cffi call cost more than the packet's own work on
- * a ping-pong; here the thread that calls fp_run (the GIL released, as cffi
- * does for every call) is woken by the kernel straight into C.
+/* Two ways the C waits less: the drain and the forwarding loop ("c-loop").
  *
- * It reads the clock itself, once per wake-up (the ICMP rate limit's now),
- * since no caller runs between wake-ups to pass it in. */
+ * The drain: the kernel handles a packet written to the TUN within the write,
+ * so a reply it makes itself (a TCP ACK, an echo reply) is queued on the TUN
+ * when fp_udp_to_tun returns; reading it at once saves a wake-up per reply.
+ *
+ * The c-loop: wait in epoll and move both directions in C, without returning
+ * to Python between wake-ups. A wake-up through uvloop, a Python callback and
+ * a cffi call cost more than the packet's own work on a ping-pong; here the
+ * thread that calls fp_run (the GIL released, as cffi does for every call) is
+ * woken by the kernel straight into C. It reads the clock itself, once per
+ * wake-up (the ICMP rate limit's now), since no caller runs between wake-ups
+ * to pass it in. */
 #include <errno.h>
 #include <stdint.h>
 #include <sys/epoll.h>
@@ -14,21 +19,17 @@
 
 #include "internal.h"
 
-/* The drain's rule, as tunproxy.backends.udp.read_replies/next_misses for
- * the event-loop path: read the TUN after a write while replies turn up;
- * after REPLY_MISSES wake-ups without one, only every REPLY_PROBE-th. */
-enum { REPLY_MISSES = 4, REPLY_PROBE = 64 };
-
-static int read_replies(uint32_t misses)
+/* The FP_REPLY_* rule: read while replies turn up; after FP_REPLY_MISSES
+ * calls without one, only the last of each FP_REPLY_PROBE. reply_misses cycles
+ * through FP_REPLY_MISSES .. FP_REPLY_MISSES + FP_REPLY_PROBE - 1. An error
+ * (a TUN deleted under us) is a miss: the TUN's own read reports it. */
+void drain_replies(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now)
 {
-    return misses < REPLY_MISSES || misses == REPLY_MISSES + REPLY_PROBE - 1;
-}
-
-static uint32_t next_misses(uint32_t misses, int found)
-{
-    if (found)
-        return 0;
-    return misses < REPLY_MISSES + REPLY_PROBE - 1 ? misses + 1 : REPLY_MISSES;
+    uint32_t misses = c->reply_misses, last = FP_REPLY_MISSES + FP_REPLY_PROBE - 1;
+    if ((misses < FP_REPLY_MISSES || misses == last) && fp_tun_to_udp(c, tun_fd, udp_fd, now) > 0)
+        c->reply_misses = 0;
+    else
+        c->reply_misses = misses < last ? misses + 1 : FP_REPLY_MISSES;
 }
 
 static uint64_t monotonic_ms(void)
@@ -41,10 +42,9 @@ static uint64_t monotonic_ms(void)
 /* A call that found nothing to do is not an error. */
 static int idle(int r) { return r == -EAGAIN || r == -EWOULDBLOCK || r == -EINTR; }
 
-int fp_run(struct fp_ctx *c, int epfd, int tun_fd, int udp_fd, int stop_fd, int yield_fd, uint32_t drain)
+int fp_run(struct fp_ctx *c, int epfd, int tun_fd, int udp_fd, int stop_fd, int yield_fd)
 {
     struct epoll_event ev[4];
-    uint32_t misses = 0; /* starts again at each call: a yield or an error is rare */
     for (;;) {
         int n = epoll_wait(epfd, ev, 4, -1);
         if (n < 0) {
@@ -73,18 +73,6 @@ int fp_run(struct fp_ctx *c, int epfd, int tun_fd, int udp_fd, int stop_fd, int 
                     return FP_RUN_TUN_GONE;
             } else if (fd == udp_fd) {
                 r = fp_udp_to_tun(c, udp_fd, tun_fd, now);
-                if (r > 0 && drain && !c->gso_errno) {
-                    int found = 0;
-                    if (read_replies(misses)) {
-                        int d = fp_tun_to_udp(c, tun_fd, udp_fd, now);
-                        if (d == -EBADFD)
-                            return FP_RUN_TUN_GONE;
-                        if (d < 0 && !idle(d))
-                            return d;
-                        found = d > 0;
-                    }
-                    misses = next_misses(misses, found);
-                }
             } else {
                 continue;
             }

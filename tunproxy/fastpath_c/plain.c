@@ -246,5 +246,7 @@ int fp_udp_to_tun(struct fp_ctx *c, int udp_fd, int tun_fd, uint64_t now)
     }
     gro_flush(c, tun_fd); /* the ring is refilled by the next call */
     count_batch(&c->cnt.rx_batches, &c->cnt.rx_multi_batches, &c->cnt.rx_max_batch, datagrams);
+    if (c->features & FP_FEAT_DRAIN)
+        drain_replies(c, tun_fd, udp_fd, now);
     return k;
 }

@@ -19,7 +19,7 @@ int fp_init(struct fp_ctx *c)
         (c->peer_cap & (c->peer_cap - 1)) ||
         (c->offload & ~(FP_OFFLOAD_VNET | FP_OFFLOAD_UDP_GSO | FP_OFFLOAD_USO)) ||
         ((c->offload & FP_OFFLOAD_USO) && !(c->offload & FP_OFFLOAD_VNET)) ||
-        (c->features & ~(FP_FEAT_FAST_CSUM | FP_FEAT_CSUM_NO_SIMD)))
+        (c->features & ~(FP_FEAT_FAST_CSUM | FP_FEAT_CSUM_NO_SIMD | FP_FEAT_DRAIN)))
         return -EINVAL;
     if (c->offload) {
         if (!g->out || !g->msg || !g->iov || !g->addr || !g->segs || !g->seg_size || !g->cmsg ||
@@ -54,6 +54,7 @@ int fp_init(struct fp_ctx *c)
     c->drops_total = 0;
     c->now_ms = 0;
     c->nroutes = 0;
+    c->reply_misses = 0;
     c->len_mask = 0;
     c->tokens = (uint64_t)c->icmp_burst * 1000;
     c->last_ms = 0;
