@@ -317,12 +317,7 @@ class FastPath:
                 errno.ENOSPC, f"{len(items)} routes exceed the capacity of {self._max_routes}"
             )
         self._reserve(len(items))
-        table = ffi.new("struct fp_route[]", max(len(items), 1))
-        for i, (net, peer) in enumerate(items):
-            table[i].prefix = int(net.network_address)
-            table[i].len = net.prefixlen
-            table[i].peer = int(peer)
-        rc = lib.fp_set_routes(self._ctx, table, len(items))
+        rc = lib.fp_set_routes(self._ctx, memory.route_array(items), len(items))
         if rc < 0:
             _raise(rc, "set_routes")
 
@@ -355,14 +350,9 @@ class FastPath:
         result would exceed ``max_routes``, ValueError for a bad route; on any
         error the table is unchanged.
         """
-        gone = [_network(net) for net in removed]
+        gone = [(_network(net), None) for net in removed]
         items = [(_network(net), _peer(peer)) for net, peer in added.items()]
-        dels = ffi.new("struct fp_route[]", max(len(gone), 1))
-        for i, net in enumerate(gone):
-            dels[i].prefix, dels[i].len = int(net.network_address), net.prefixlen
-        adds = ffi.new("struct fp_route[]", max(len(items), 1))
-        for i, (net, peer) in enumerate(items):
-            adds[i].prefix, adds[i].len, adds[i].peer = int(net.network_address), net.prefixlen, int(peer)
+        dels, adds = memory.route_array(gone), memory.route_array(items)
         self._reserve(self._ctx.nroutes + len(items))
         rc = lib.fp_update_routes(self._ctx, dels, len(gone), adds, len(items))
         if rc == -errno.ENOSPC:
@@ -372,14 +362,7 @@ class FastPath:
 
     def routes(self) -> dict[IPv4Network, IPv4Address]:
         """The table, longest prefixes first (then by address); O(table), for tests and tools."""
-        c = self._ctx
-        found = []
-        for i in range(self._route_cap):
-            r = c.routes[i]
-            if r.peer:
-                found.append((-r.len, r.prefix, r.peer))
-        found.sort()
-        return {IPv4Network((prefix, -neg_len)): IPv4Address(peer) for neg_len, prefix, peer in found}
+        return memory.read_routes(self._ctx, self._route_cap)
 
     def lookup(self, addr: IPv4Address | str) -> IPv4Address | None:
         """The peer a packet to ``addr`` goes to (longest prefix match), if any."""

@@ -9,15 +9,17 @@ the context says, which is the one thing the C side must trust. cdata
 assigned into a struct is not kept alive by it, so every ``wire_*`` function
 returns the arrays it wired in, for the owner of the context to hold.
 
-The ``read_*`` functions copy what Python shows out of that memory: the peer
-table's counters and the drop ring's records.
+The ``read_*`` functions copy what Python shows out of that memory: the route
+table, the peer table's counters and the drop ring's records; ``route_array``
+packs routes for the route calls.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from tunproxy._fastpath_cffi import ffi, lib
@@ -136,12 +138,25 @@ def wire_gso(c: Any, batch: int, gso_buffer: int) -> Arrays:
     return arrays
 
 
+def route_array(routes: Sequence[tuple[IPv4Network, IPv4Address | None]]) -> Any:
+    """``struct fp_route[]`` for the route calls (at least one slot; a None peer is 0)."""
+    table = ffi.new("struct fp_route[]", max(len(routes), 1))
+    for i, (net, peer) in enumerate(routes):
+        table[i].prefix, table[i].len = int(net.network_address), net.prefixlen
+        table[i].peer = int(peer) if peer is not None else 0
+    return table
+
+
+def read_routes(c: Any, route_cap: int) -> dict[IPv4Network, IPv4Address]:
+    """The live route table, longest prefixes first (then by address); O(route_cap)."""
+    found = sorted((-r.len, r.prefix, r.peer) for r in (c.routes[i] for i in range(route_cap)) if r.peer)
+    return {IPv4Network((prefix, -neg_len)): IPv4Address(peer) for neg_len, prefix, peer in found}
+
+
 def read_peers(c: Any, peer_cap: int) -> dict[IPv4Address, PeerCounters]:
     """The live peer table's counters, by peer; one copy of the table, O(peer_cap)."""
     raw = ffi.buffer(c.peers, peer_cap * PEER.size)
-    return {
-        IPv4Address(addr): PeerCounters(*values) for addr, _, *values in PEER.iter_unpack(raw) if addr
-    }
+    return {IPv4Address(addr): PeerCounters(*values) for addr, _, *values in PEER.iter_unpack(raw) if addr}
 
 
 def read_drops(c: Any, cap: int) -> list[Drop]:

@@ -1,4 +1,5 @@
-"""subnet.env: its text, its atomic write, its lock, and a write that never stops forwarding.
+"""subnet.env: its text, its atomic write, its lock, a write that never stops forwarding, and
+the subnet a previous run wrote there (the etcd registry asks for it back, as flannel does).
 
 At start a subnet.env that cannot be written stops the daemon with one line
 (nothing is running yet that depends on us). At run time (our lease
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import ipaddress
 import logging
 import os
 import struct
@@ -101,6 +103,40 @@ def write_subnet_file(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def previous_subnet(text: str) -> IPv4Network | None:
+    """The subnet named by a subnet.env's ``FLANNEL_SUBNET=10.100.5.1/24`` (-> 10.100.5.0/24)."""
+    for line in text.splitlines():
+        name, sep, value = line.strip().partition("=")
+        if sep and name.strip() == "FLANNEL_SUBNET":
+            try:
+                iface = ipaddress.ip_interface(value.strip().strip("\"'"))
+            except ValueError:
+                return None
+            return iface.network if isinstance(iface.network, IPv4Network) else None
+    return None
+
+
+def read_previous_subnet(path: Path | None) -> IPv4Network | None:
+    """``previous_subnet`` of the file at ``path``; None, with one warning naming the file, if it
+    cannot be read or names none (and silently if there is no path or no file)."""
+    if path is None:
+        return None
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("cannot read the previous subnet file %s: %s", path, e.strerror)
+        return None
+    except UnicodeDecodeError:
+        log.warning("previous subnet file %s is not UTF-8 text; ignoring it", path)
+        return None
+    subnet = previous_subnet(text)
+    if subnet is None:
+        log.warning("previous subnet file %s has no usable FLANNEL_SUBNET; ignoring it", path)
+    return subnet
 
 
 # struct flock from <fcntl.h> on Linux: l_type, l_whence, l_start, l_len, l_pid (and padding).

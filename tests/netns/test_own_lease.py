@@ -8,7 +8,7 @@ from ipaddress import IPv4Network
 
 import pytest
 
-from tunproxy.etcd.acquire import previous_subnet
+from tunproxy.subnetenv import previous_subnet
 
 from .labkit import eventually, overlay
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunproxy.etcd.acquire import Entry, PlanKind, choose_subnet, plan_acquisition, previous_subnet
+from tunproxy.etcd.acquire import Entry, PlanKind, choose_subnet, plan_acquisition
 from tunproxy.etcd.cursor import Step, Verdict, WatchCursor
 from tunproxy.etcd.endpoints import Endpoint, parse_endpoints
 from tunproxy.etcd.keeper import effective_renew_margin, renew_delay
@@ -70,15 +70,6 @@ def test_renew_delay():
     assert renew_delay(2, 1) == 1
     assert renew_delay(4, 5) == 2  # etcd granted less than the margin: renew halfway
     assert renew_delay(0, 1) == 0
-
-
-def test_previous_subnet_from_subnet_env():
-    text = "FLANNEL_NETWORK=10.100.0.0/16\nFLANNEL_SUBNET=10.100.5.1/24\nFLANNEL_MTU=1472\n"
-    assert previous_subnet(text) == net("10.100.5.0/24")
-    assert previous_subnet('FLANNEL_SUBNET="10.100.6.1/24"') == net("10.100.6.0/24")
-    assert previous_subnet("FLANNEL_NETWORK=10.100.0.0/16\n") is None
-    assert previous_subnet("FLANNEL_SUBNET=garbage") is None
-    assert previous_subnet("FLANNEL_SUBNET=fd00::1/64") is None
 
 
 # --- acquisition ------------------------------------------------------------------

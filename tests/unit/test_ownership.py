@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
@@ -12,7 +12,7 @@ from tunproxy.backends import BackendContext, create_backend
 from tunproxy.leftovers import Kept, stale_devices
 from tunproxy.model import ConfigError, NetworkConfig
 from tunproxy.netlink import Underlay
-from tunproxy.subnetenv import SubnetEnv, write_subnet_file
+from tunproxy.subnetenv import SubnetEnv, previous_subnet, read_previous_subnet, write_subnet_file
 
 UNDERLAY = Underlay("eth1", 2, IPv4Address("192.0.2.11"), 24, 1500)
 
@@ -116,3 +116,33 @@ def test_subnet_env_at_run_time_is_one_line_then_retried(tmp_path, caplog):
         f"wrote the subnet file {directory / 's.env'}",
     ]
     assert (directory / "s.env").read_text() == "A=2\n"
+
+
+def test_previous_subnet_from_subnet_env():
+    text = "FLANNEL_NETWORK=10.100.0.0/16\nFLANNEL_SUBNET=10.100.5.1/24\nFLANNEL_MTU=1472\n"
+    assert previous_subnet(text) == IPv4Network("10.100.5.0/24")
+    assert previous_subnet('FLANNEL_SUBNET="10.100.6.1/24"') == IPv4Network("10.100.6.0/24")
+    assert previous_subnet("FLANNEL_NETWORK=10.100.0.0/16\n") is None
+    assert previous_subnet("FLANNEL_SUBNET=garbage") is None
+    assert previous_subnet("FLANNEL_SUBNET=fd00::1/64") is None
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (None, None),  # a first run: nothing to say
+        (b"FLANNEL_SUBNET=10.100.9.1/24\n", None),
+        (b"\xff\xfe FLANNEL", "is not UTF-8 text"),
+        (b"FLANNEL_SUBNET=garbage\n", "has no usable FLANNEL_SUBNET"),
+    ],
+)
+def test_the_previous_subnet_file_is_read_or_one_warning_names_it(tmp_path, caplog, content, said):
+    path = tmp_path / "subnet.env"
+    if content is not None:
+        path.write_bytes(content)
+    with caplog.at_level(logging.WARNING):
+        found = read_previous_subnet(path)
+    assert found == (IPv4Network("10.100.9.0/24") if content and said is None else None)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ([] if said is None else [f"previous subnet file {path} {said}; ignoring it"])
+    assert read_previous_subnet(None) is None

@@ -15,7 +15,6 @@ new one) and asks again after a lost race.
 
 from __future__ import annotations
 
-import ipaddress
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,20 +22,6 @@ from enum import Enum
 from ipaddress import IPv4Network
 
 from ..model import ConfigError, Lease, NetworkConfig
-
-
-def previous_subnet(text: str) -> IPv4Network | None:
-    """The subnet named by a subnet.env's ``FLANNEL_SUBNET=10.100.5.1/24`` (-> 10.100.5.0/24)."""
-    for line in text.splitlines():
-        name, sep, value = line.strip().partition("=")
-        if sep and name.strip() == "FLANNEL_SUBNET":
-            try:
-                iface = ipaddress.ip_interface(value.strip().strip("\"'"))
-            except ValueError:
-                return None
-            return iface.network if isinstance(iface.network, IPv4Network) else None
-    return None
-
 
 # --- acquisition -----------------------------------------------------------
 

@@ -41,8 +41,9 @@ from typing import Any
 from ..logonce import REPEAT_EVERY, Said
 from ..model import ConfigError, Lease, NetworkConfig, subnet_key
 from ..peers.base import OwnLease, Registry, Update
+from ..subnetenv import read_previous_subnet
 from ..supervise import TaskDied, own_cancellation
-from .acquire import Entry, Plan, PlanKind, config_drift, plan_acquisition, previous_subnet, race_delay
+from .acquire import Entry, Plan, PlanKind, config_drift, plan_acquisition, race_delay
 from .connection import RETRYABLE, Client, Connection, EtcdSettings, describe, guarded, settle
 from .cursor import WATCH_IDLE
 from .keeper import (
@@ -182,7 +183,7 @@ class EtcdRegistry(Registry):
         """
         config = await self.network_config()
         self._desired = Lease(config.network, public_ip, backend_type, backend_data)
-        at, held = await self._acquire(self._previous_subnet())
+        at, held = await self._acquire(read_previous_subnet(self.subnet_file))
         if self._keep_task is not None:
             self._keep_task.cancel()  # before the keeper changes under a call it has out
         self.keeper.acquired(at, held)
@@ -245,24 +246,6 @@ class EtcdRegistry(Registry):
         return self.subnets_key + subnet_key(subnet).encode()
 
     # --- acquiring ------------------------------------------------------------------
-
-    def _previous_subnet(self) -> IPv4Network | None:
-        if self.subnet_file is None:
-            return None
-        try:
-            text = self.subnet_file.read_text()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            log.warning("cannot read the previous subnet file %s: %s", self.subnet_file, e.strerror)
-            return None
-        except UnicodeDecodeError:
-            log.warning("previous subnet file %s is not UTF-8 text; ignoring it", self.subnet_file)
-            return None
-        subnet = previous_subnet(text)
-        if subnet is None:
-            log.warning("previous subnet file %s has no usable FLANNEL_SUBNET; ignoring it", self.subnet_file)
-        return subnet
 
     async def _entries(self, client: Client) -> list[Entry]:
         resp = await client.get_prefix(self.subnets_key)
