@@ -144,6 +144,28 @@ static int gro_follows(const struct fp_gso *g, const uint8_t *p, uint32_t tot,
            !memcmp(p + 34, h + 34, 2) && !memcmp(p + 38, h + 38, hlen - 38);
 }
 
+/* Take p (tot bytes, payload of them after its headers) into the coalesced
+ * run: after its last segment if it continues it, else as the first of a new
+ * run, once what was pending is written. */
+static void gro_take(struct fp_ctx *c, int tun_fd, uint8_t *p, uint32_t tot, uint32_t payload,
+                     struct fp_peer *peer, uint8_t proto, int follows)
+{
+    struct fp_gso *g = &c->gso;
+    if (follows) {
+        g->tun_iov[++g->gro_segs] = (struct iovec){.iov_base = p + (tot - payload), .iov_len = payload};
+        g->gro_len += payload;
+        g->gro_bytes += tot;
+        return;
+    }
+    gro_flush(c, tun_fd);
+    g->tun_iov[1] = (struct iovec){.iov_base = p, .iov_len = tot};
+    g->gro_segs = 1;
+    g->gro_len = g->gro_bytes = tot;
+    g->gro_mss = payload;
+    g->gro_peer = peer;
+    g->gro_proto = proto;
+}
+
 /* Offload mode's TUN write: coalesce runs of one flow's TCP segments into
  * one write (the kernel's TCP then takes 64 KiB at a time, not 1.4); write
  * anything else as it is, after what was pending, so the order holds. */
@@ -158,20 +180,10 @@ void gro_add(struct fp_ctx *c, int tun_fd, uint8_t *p, uint32_t tot, struct fp_p
         return;
     }
     uint32_t hlen = 20 + (p[32] >> 4) * 4u, payload = tot - hlen;
-    if (g->gro_segs && gro_follows(g, p, tot, peer)) {
-        g->tun_iov[++g->gro_segs] = (struct iovec){.iov_base = p + hlen, .iov_len = payload};
-        g->gro_len += payload;
-        g->gro_bytes += tot;
+    int follows = g->gro_segs && gro_follows(g, p, tot, peer);
+    gro_take(c, tun_fd, p, tot, payload, peer, IPPROTO_TCP, follows);
+    if (follows)
         ((uint8_t *)g->tun_iov[1].iov_base)[33] |= p[33] & TCP_PSH;
-    } else {
-        gro_flush(c, tun_fd);
-        g->tun_iov[1] = (struct iovec){.iov_base = p, .iov_len = tot};
-        g->gro_segs = 1;
-        g->gro_len = g->gro_bytes = tot;
-        g->gro_mss = payload;
-        g->gro_peer = peer;
-        g->gro_proto = IPPROTO_TCP;
-    }
     g->gro_seq = get32(p + 24) + payload;
     g->gro_closed = payload < g->gro_mss || (p[33] & TCP_PSH);
 }
@@ -209,19 +221,7 @@ int uso_add(struct fp_ctx *c, int tun_fd, uint8_t *p, uint32_t tot, struct fp_pe
     if (!(c->offload & FP_OFFLOAD_USO) || !uso_candidate(p, tot))
         return 0;
     uint32_t payload = tot - 28;
-    if (g->gro_segs && uso_follows(g, p, tot, peer)) {
-        g->tun_iov[++g->gro_segs] = (struct iovec){.iov_base = p + 28, .iov_len = payload};
-        g->gro_len += payload;
-        g->gro_bytes += tot;
-    } else {
-        gro_flush(c, tun_fd);
-        g->tun_iov[1] = (struct iovec){.iov_base = p, .iov_len = tot};
-        g->gro_segs = 1;
-        g->gro_len = g->gro_bytes = tot;
-        g->gro_mss = payload;
-        g->gro_peer = peer;
-        g->gro_proto = IPPROTO_UDP;
-    }
+    gro_take(c, tun_fd, p, tot, payload, peer, IPPROTO_UDP, g->gro_segs && uso_follows(g, p, tot, peer));
     g->gro_closed = payload < g->gro_mss;
     return 1;
 }
