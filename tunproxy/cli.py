@@ -47,6 +47,7 @@ from .flags import (
     number,
     option,
     peer,
+    public_ip,
     regex,
     resolve,
     udp_port,
@@ -134,7 +135,7 @@ def build_parser() -> ArgumentParser:
         metavar="IP",
         help="the interface the kernel routes this address through (ip route get); tried last",
     )
-    option(host, "--public-ip", convert=address, help="address peers send to (default: the interface's)")
+    option(host, "--public-ip", convert=public_ip, help="address peers send to (default: the interface's)")
     option(host, "--subnet-file", default=DEFAULT_SUBNET_FILE, help="where to write subnet.env ('' for none)")
     option(
         host,

@@ -42,6 +42,7 @@ from tunproxy._fastpath_cffi import ffi, lib
 from . import fastpath_memory as memory
 from .counters import Counters
 from .fastpath_memory import COUNTER_FIELDS, Drop
+from .model import can_be_public_ip
 
 DROP_REASONS = memory.DROP_REASONS  # the drop counters' reasons, in FP_DROP_* order
 DROP_SNAP = memory.DROP_SNAP  # bytes of a dropped packet kept in the drop ring
@@ -106,7 +107,7 @@ def _peer(peer: IPv4Address | str) -> IPv4Address:
             raise ValueError(f"bad peer address {peer!r}: {e}") from None
     if not isinstance(peer, IPv4Address):
         raise TypeError(f"peer must be an IPv4Address, not {type(peer).__name__}")
-    if peer.is_unspecified or peer.is_multicast or int(peer) >= 0xF0000000:
+    if not can_be_public_ip(peer):  # the model refuses such leases; checked again at the C boundary
         raise ValueError(f"peer {peer} is not a unicast address")
     return peer
 

@@ -19,7 +19,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any, NoReturn
 
 from .backend_config import FEATURES
-from .model import ConfigError, parse_address, parse_network
+from .model import ConfigError, parse_address, parse_network, parse_public_ip
 
 ENV_PREFIXES = ("TUNPROXY_", "FLANNELD_")  # the first set wins; the command line wins over both
 MAX_IFNAME_LEN = 15  # the kernel's IFNAMSIZ (16) less the NUL
@@ -147,6 +147,11 @@ def feature(raw: str, what: str) -> str:
 def address(raw: str, what: str) -> IPv4Address:
     """An IPv4 address (``parse_address``)."""
     return parse_address(raw, what)
+
+
+def public_ip(raw: str, what: str) -> IPv4Address:
+    """An address peers can send to (``parse_public_ip``: no 0.0.0.0, multicast or 240/4)."""
+    return parse_public_ip(raw, what)
 
 
 def peer(raw: str, what: str) -> tuple[IPv4Network, IPv4Address]:

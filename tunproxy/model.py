@@ -95,6 +95,21 @@ def parse_address(text: str, what: str = "address") -> IPv4Address:
     return addr
 
 
+def can_be_public_ip(addr: IPv4Address) -> bool:
+    """Whether ``addr`` can be a host's PublicIP, a destination for the overlay's packets: not
+    0.0.0.0 (RFC 1122 3.2.1.3), multicast 224/4 (RFC 5771) or 240/4 with the broadcast address
+    (RFC 1112 4)."""
+    return not addr.is_unspecified and int(addr) < 0xE0000000
+
+
+def parse_public_ip(text: str, what: str = "PublicIP") -> IPv4Address:
+    """``parse_address``, refusing what ``can_be_public_ip`` refuses (ConfigError naming ``what``)."""
+    addr = parse_address(text, what)
+    if not can_be_public_ip(addr):
+        raise ConfigError(f"{what} {text!r} is not a unicast address a host can have")
+    return addr
+
+
 def subnet_key(subnet: IPv4Network) -> str:
     """flannel's key form of a subnet: 10.100.5.0/24 -> '10.100.5.0-24'."""
     return f"{subnet.network_address}-{subnet.prefixlen}"
@@ -279,6 +294,8 @@ class Lease:
     def __post_init__(self) -> None:
         if not isinstance(self.backend_type, str):
             raise LeaseError(f"lease {self.subnet}: BackendType must be a string, not {self.backend_type!r}")
+        if not can_be_public_ip(self.public_ip):
+            raise LeaseError(f"lease {self.subnet}: PublicIP {self.public_ip} is not a unicast address")
 
     @classmethod
     def parse(cls, key: str, value: bytes | str) -> Lease:
@@ -296,7 +313,7 @@ class Lease:
         if not isinstance(doc, Mapping) or "PublicIP" not in doc:
             raise LeaseError(f"lease {subnet_key(subnet)} has no PublicIP: {str(doc)[:60]}")
         try:
-            public_ip = parse_address(doc["PublicIP"], "PublicIP")
+            public_ip = parse_public_ip(doc["PublicIP"], "PublicIP")
         except ConfigError as e:
             raise LeaseError(f"lease {subnet_key(subnet)}: {e}") from None
         backend_type = doc.get("BackendType") or DEFAULT_BACKEND

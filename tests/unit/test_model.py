@@ -114,3 +114,16 @@ def test_check_peers_refuses_what_would_misroute():
         check_peers(own, network, {IPv4Network("10.100.16.0/20"): ip, IPv4Network("10.100.18.0/24"): ip})
     with pytest.raises(ConfigError, match="outside the network"):
         check_peers(own, network, {IPv4Network("10.200.1.0/24"): ip})
+
+
+@pytest.mark.parametrize("ip", ["0.0.0.0", "224.0.0.5", "239.255.255.255", "240.0.0.1", "255.255.255.255"])
+def test_a_lease_to_an_address_no_host_can_have_cannot_exist(ip):
+    with pytest.raises(LeaseError, match=f"PublicIP {ip} is not a unicast address"):
+        Lease(IPv4Network("10.100.18.0/24"), IPv4Address(ip))
+    with pytest.raises(LeaseError, match=f"lease 10.100.18.0-24: PublicIP '{ip}' is not a unicast address"):
+        Lease.parse("10.100.18.0-24", json.dumps({"PublicIP": ip}))
+
+
+@pytest.mark.parametrize("ip", ["192.0.2.12", "127.0.0.2", "10.0.0.1", "223.255.255.254"])
+def test_any_unicast_address_can_be_a_public_ip(ip):
+    assert Lease(IPv4Network("10.100.18.0/24"), IPv4Address(ip)).public_ip == IPv4Address(ip)

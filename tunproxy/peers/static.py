@@ -16,7 +16,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from ..model import ConfigError, Lease, NetworkConfig, check_peers, parse_address, parse_network
+from ..model import ConfigError, Lease, NetworkConfig, check_peers, parse_network, parse_public_ip
 from .base import Registry, Snapshot, Update
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def parse_peer_flag(text: str, what: str = "--peer") -> tuple[IPv4Network, IPv4A
     ip, sep, subnet = text.partition("=")
     if not sep:
         raise ConfigError(f"{what} {text!r} must look like 192.0.2.12=10.100.18.0/24")
-    return parse_network(subnet, f"{what} {text!r}: subnet"), parse_address(ip, f"{what} {text!r}: address")
+    return parse_network(subnet, f"{what} {text!r}: subnet"), parse_public_ip(ip, f"{what} {text!r}: address")
 
 
 def parse_peers_file(text: str, source: str = "peers file") -> list[Lease]:
@@ -45,7 +45,7 @@ def parse_peers_file(text: str, source: str = "peers file") -> list[Lease]:
         leases.append(
             Lease(
                 parse_network(item["Subnet"], f"{source} entry {i} Subnet"),
-                parse_address(item["PublicIP"], f"{source} entry {i} PublicIP"),
+                parse_public_ip(item["PublicIP"], f"{source} entry {i} PublicIP"),
                 str(item.get("BackendType") or ""),
                 item.get("BackendData"),
             )
