@@ -175,6 +175,7 @@ BATCH_DEFAULT = 64
 BATCH_MAX = 1024  # packets per system call; the fast path's slots are allocated for this many
 DROP_RING_DEFAULT = 256
 DROP_RING_MAX = 65536
+MAX_ROUTES = 1 << 20  # --max-routes' ceiling: the fast path's table never grows past it
 DEFAULT_TUN = "tunproxy0"
 WORKERS_MAX = 64  # threads, TUN queues and sockets; the kernel allows 256 queues (MAX_TAP_QUEUES)
 WORKERS_CORES_PER_WORKER = 2  # see default_workers

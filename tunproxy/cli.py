@@ -25,11 +25,13 @@ from .backend_config import (
     DROP_RING_DEFAULT,
     DROP_RING_MAX,
     FEATURES,
+    MAX_ROUTES,
     WORKERS_MAX,
 )
 from .cli_run import cmd_leases, cmd_run, static_network_config, udp_flags
 from .control import NoDaemon
-from .fastpath import MAX_ROUTES
+from .etcd.endpoints import DEFAULT_PREFIX
+from .etcd.keeper import DEFAULT_RENEW_MARGIN, DEFAULT_TTL
 from .flags import (
     FLANNEL_IGNORED,
     IGNORED_BOOLEANS,
@@ -52,7 +54,7 @@ from .flags import (
     resolve,
     udp_port,
 )
-from .model import ConfigError, LeaseError
+from .model import CHECK_INTERVAL, STATS_INTERVAL, ConfigError, LeaseError
 from .supervise import TaskDied
 
 DEFAULT_SUBNET_FILE = "/run/tunproxy/subnet.env"
@@ -220,15 +222,15 @@ def build_parser() -> ArgumentParser:
         store,
         "--subnet-lease-ttl",
         convert=number(0, False, "minutes"),
-        default=24 * 60,
-        help="lease lifetime in minutes (default 1440 = 24 h)",
+        default=DEFAULT_TTL / 60,
+        help=f"lease lifetime in minutes (default {DEFAULT_TTL / 60:g} = {DEFAULT_TTL / 3600:g} h)",
     )
     option(
         store,
         "--subnet-lease-renew-margin",
         convert=number(0, False, "minutes"),
-        default=60,
-        help="renew this many minutes before the lease expires (default 60)",
+        default=DEFAULT_RENEW_MARGIN / 60,
+        help=f"renew this many minutes before the lease expires (default {DEFAULT_RENEW_MARGIN / 60:g})",
     )
 
     misc = run.add_argument_group("logging")
@@ -236,14 +238,14 @@ def build_parser() -> ArgumentParser:
         misc,
         "--stats-interval",
         convert=number(0, True, "seconds"),
-        default=60.0,
+        default=STATS_INTERVAL,
         help="seconds between counter summaries in the log (0: only at exit)",
     )
     option(
         misc,
         "--check-interval",
         convert=number(0, False, "seconds"),
-        default=10.0,
+        default=CHECK_INTERVAL,
         help="seconds between checks that restore routes/devices removed behind our back",
     )
     _add_log_level(misc)
@@ -279,7 +281,7 @@ def _add_log_level(group: Any) -> None:
 def _add_etcd_flags(parser: argparse.ArgumentParser) -> None:
     etcd = parser.add_argument_group("etcd")
     option(etcd, "--etcd-endpoints", convert=endpoints, help="comma-separated, e.g. http://192.0.2.100:2379")
-    option(etcd, "--etcd-prefix", default="/coreos.com/network")
+    option(etcd, "--etcd-prefix", default=DEFAULT_PREFIX)
     option(etcd, "--etcd-cafile")
     option(etcd, "--etcd-certfile")
     option(etcd, "--etcd-keyfile")

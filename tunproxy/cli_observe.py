@@ -17,7 +17,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from .model import ConfigError, parse_address
+from .model import ConfigError
 
 SUBNET_FILE_HELP = "the daemon's --subnet-file, to find its control socket"
 
@@ -83,14 +83,12 @@ def add_commands(sub: Any) -> list[argparse.ArgumentParser]:
 def observe_options(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Any:
     """``ObserveOptions`` from ``tunproxy run``'s flags and systemd's environment variables
     (NOTIFY_SOCKET; WATCHDOG_USEC, ignored when WATCHDOG_PID names another process, as
-    sd_watchdog_enabled(3) says). Raises ConfigError for a bad --healthz-ip/--healthz-port."""
+    sd_watchdog_enabled(3) says)."""
     from .control import default_socket
     from .observer import ObserveOptions
 
     env = os.environ if environ is None else environ
-    if args.healthz_port is not None and not 0 < args.healthz_port < 65536:
-        raise ConfigError(f"--healthz-port {args.healthz_port} is not a TCP port")
-    healthz_ip = parse_address(str(args.healthz_ip), "--healthz-ip")
+    healthz_ip = args.healthz_ip  # an IPv4Address, --healthz-port a port: their converters checked
     subnet_file = Path(args.subnet_file) if args.subnet_file else None
     watchdog = env.get("WATCHDOG_USEC", "")
     if env.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):

@@ -73,7 +73,8 @@ def static_network_config(args: argparse.Namespace) -> NetworkConfig:
 def etcd_settings(args: argparse.Namespace) -> EtcdSettings:
     """EtcdSettings from the ``--etcd-*`` flags, checked there once (ConfigError naming the flag
     or variable each value came from)."""
-    from .etcd.connection import DEFAULT_PREFIX, EtcdSettings
+    from .etcd.connection import EtcdSettings
+    from .etcd.endpoints import DEFAULT_PREFIX
 
     names = {k: source(args, f"etcd_{k}") for k in ("cafile", "certfile", "keyfile", "username", "password")}
     return EtcdSettings.create(

@@ -29,7 +29,7 @@ from .backend_config import UdpFlags
 from .backends import Backend, BackendContext, create_backend
 from .backends.base import PeerRefused, RouteTableFull
 from .logonce import REPEAT_EVERY, Said
-from .model import Lease, NetworkConfig
+from .model import CHECK_INTERVAL, STATS_INTERVAL, Lease, NetworkConfig
 from .netlink import InterfaceChoice, Underlay, find_underlay
 from .observe import changed_fields
 from .observer import ObserveOptions, Observer
@@ -59,8 +59,8 @@ class DaemonOptions:
     iface: InterfaceChoice | str | None
     public_ip: IPv4Address | None
     subnet_file: Path | None
-    stats_interval: float = 60.0
-    check_interval: float = 10.0
+    stats_interval: float = STATS_INTERVAL
+    check_interval: float = CHECK_INTERVAL
     ipmasq: bool = False
     udp: UdpFlags = field(default_factory=UdpFlags)
     observe: ObserveOptions = field(default_factory=ObserveOptions)

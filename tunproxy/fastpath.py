@@ -34,34 +34,43 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import time
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 
 from tunproxy._fastpath_cffi import ffi, lib
 
 from . import fastpath_memory as memory
+from .backend_config import (
+    BATCH_DEFAULT,
+    BATCH_MAX,
+    DROP_RING_DEFAULT,
+    DROP_RING_MAX,
+    MAX_ROUTES,
+    UDP_DEFAULT_PORT,
+)
 from .counters import Counters
 from .fastpath_memory import COUNTER_FIELDS, Drop
 from .model import can_be_public_ip
 
-DROP_REASONS = memory.DROP_REASONS  # the drop counters' reasons, in FP_DROP_* order
-DROP_SNAP = memory.DROP_SNAP  # bytes of a dropped packet kept in the drop ring
 MAX_PACKET = lib.FP_MAX_PACKET
-MAX_BATCH = 1024
 MAX_HEADROOM = 4096
-MAX_ROUTES = 1 << 20
 INITIAL_ROUTES = 256
 MAX_ICMP_RATE = 1_000_000
 VNET_HDR_LEN = lib.FP_VNET_HDR_LEN
 UDP_SEGMENT = 103  # linux/udp.h socket options at level SOL_UDP (not in Python's socket module)
 UDP_GRO = 104
 GSO_BUFFER = 1 << 20  # default bytes of copied datagrams queued before a sendmmsg
-DEFAULT_DROP_RING = 256
 _NOTHING_TO_DO = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
 
 RUN_STOP, RUN_YIELD, RUN_TUN_GONE = lib.FP_RUN_STOP, lib.FP_RUN_YIELD, lib.FP_RUN_TUN_GONE
 """What ``FastPath.run`` returns (fastpath.h's FP_RUN_*)."""
+
+
+def now_ms() -> int:
+    """The monotonic clock in milliseconds, the fast path's time (its ICMP rate limit, drop timestamps)."""
+    return time.monotonic_ns() // 1_000_000
 
 
 class FastPathError(OSError):
@@ -70,10 +79,10 @@ class FastPathError(OSError):
 
 class UdpGsoDisabled(FastPathError):
     """The kernel refused UDP_SEGMENT (``errno`` says how); the fast path now sends
-    one datagram per message for good.  Raised once, by the ``tun_to_udp`` (or
-    ``run``) call in which it happened; those datagrams were still sent, and
-    ``count`` is what that call would have returned (0 for ``run``).  The
-    caller should log it and carry on."""
+    one datagram per message for good.  Raised once, by the ``tun_to_udp``,
+    ``udp_to_tun`` (its drain sends) or ``run`` call in which it happened; those
+    datagrams were still sent, and ``count`` is what that call would have
+    returned (0 for ``run``).  The caller should log it and carry on."""
 
     def __init__(self, err: int, count: int) -> None:
         super().__init__(err, f"UDP GSO disabled, sending datagrams one by one: {os.strerror(err)}")
@@ -155,8 +164,8 @@ class FastPath:
         *,
         mtu: int,
         local_addr: IPv4Address | str,
-        port: int = 8285,
-        batch: int = 64,
+        port: int = UDP_DEFAULT_PORT,
+        batch: int = BATCH_DEFAULT,
         headroom: int = 64,
         max_routes: int = 65536,
         icmp_rate: int = 100,
@@ -166,7 +175,7 @@ class FastPath:
         udp_gso: bool = True,
         uso: bool = False,
         gso_buffer: int = GSO_BUFFER,
-        drop_ring: int = DEFAULT_DROP_RING,
+        drop_ring: int = DROP_RING_DEFAULT,
         allow_any_source: bool = False,
         fast_csum: bool = True,
         simd: bool = True,
@@ -174,13 +183,13 @@ class FastPath:
     ) -> None:
         _check_int("mtu", mtu, 68, MAX_PACKET)
         _check_int("port", port, 1, 65535)
-        _check_int("batch", batch, 1, MAX_BATCH)
+        _check_int("batch", batch, 1, BATCH_MAX)
         _check_int("headroom", headroom, 0, MAX_HEADROOM)
         _check_int("max_routes", max_routes, 1, MAX_ROUTES)
         _check_int("icmp_rate", icmp_rate, 0, MAX_ICMP_RATE)
         _check_int("icmp_burst", icmp_burst, 0, MAX_ICMP_RATE)
         _check_int("gso_buffer", gso_buffer, MAX_PACKET, 1 << 30)
-        _check_int("drop_ring", drop_ring, 0, 1 << 20)
+        _check_int("drop_ring", drop_ring, 0, DROP_RING_MAX)
         if offload and headroom < VNET_HDR_LEN:
             raise ValueError(f"offload needs a headroom of at least {VNET_HDR_LEN}, got {headroom}")
         if slot_size is None:
@@ -230,31 +239,6 @@ class FastPath:
         self._udp_to_tun = lib.fp_udp_to_tun
 
     @property
-    def mtu(self) -> int:
-        """The TUN's MTU in bytes; a larger packet with DF set gets ICMP fragmentation needed (RFC 1191)."""
-        return self._mtu
-
-    @property
-    def port(self) -> int:
-        """The UDP port peers listen on."""
-        return self._port
-
-    @property
-    def batch(self) -> int:
-        """Packets read per call at most."""
-        return self._batch
-
-    @property
-    def local_addr(self) -> IPv4Address:
-        """Our TUN's address: the source of the ICMP errors the fast path writes."""
-        return self._local_addr
-
-    @property
-    def max_routes(self) -> int:
-        """The most routes (peer subnets) the table holds."""
-        return self._max_routes
-
-    @property
     def offload(self) -> bool:
         """Whether the TUN has a virtio-net header (TSO4 and checksum offload)."""
         return self._offload
@@ -274,11 +258,6 @@ class FastPath:
     def drain(self) -> bool:
         """Whether ``udp_to_tun`` reads the TUN for the kernel's replies after its writes."""
         return bool(self._ctx.features & lib.FP_FEAT_DRAIN)
-
-    @property
-    def allow_any_source(self) -> bool:
-        """Whether anti-spoofing is off: a peer may send packets from any inner source."""
-        return bool(self._ctx.allow_any_source)
 
     @property
     def udp_gso(self) -> bool:
@@ -394,10 +373,7 @@ class FastPath:
 
     def _result(self, n: int, what: str) -> int:
         """A packet call's count; 0 for nothing to do; UdpGsoDisabled or FastPathError."""
-        c = self._ctx
-        if c.gso_errno:  # set only by the call in which the kernel refused
-            err, c.gso_errno = c.gso_errno, 0
-            raise UdpGsoDisabled(err, max(n, 0))
+        self._check_gso(max(n, 0))
         if n >= 0:
             return n
         if -n in _NOTHING_TO_DO:
@@ -416,14 +392,18 @@ class FastPath:
         refused UDP_SEGMENT, and ``FastPathError`` if a call failed; either
         way, call it again.
         """
-        c = self._ctx
-        r: int = self._run(c, epfd, tun_fd, udp_fd, stop_fd, yield_fd)
-        if r == lib.FP_RUN_GSO_REFUSED:
-            err, c.gso_errno = c.gso_errno, 0
-            raise UdpGsoDisabled(err, 0)
+        r: int = self._run(self._ctx, epfd, tun_fd, udp_fd, stop_fd, yield_fd)
+        self._check_gso(0)  # FP_RUN_GSO_REFUSED: the loop came back to say it
         if r < 0:
             raise FastPathError(-r, f"run: {os.strerror(-r)}")
         return r
+
+    def _check_gso(self, count: int) -> None:
+        """UdpGsoDisabled (with ``count``) if the call just made found UDP_SEGMENT refused."""
+        c = self._ctx
+        if c.gso_errno:  # set only by the call in which the kernel refused
+            err, c.gso_errno = c.gso_errno, 0
+            raise UdpGsoDisabled(err, count)
 
     # ---- counters ----
 

@@ -35,6 +35,10 @@ from .backend_config import (
 
 # net-conf fields flannel knows and tunproxy does not use: one warning each, never silence.
 _IPV4_ONLY = "tunproxy carries IPv4 only"
+# The daemon's timings (--stats-interval, --check-interval), in seconds.
+STATS_INTERVAL = 60.0  # between counter summaries in the log
+CHECK_INTERVAL = 10.0  # between checks that repair what was removed behind our back
+
 IGNORED_FIELDS = {
     "EnableIPv6": _IPV4_ONLY,
     "IPv6Network": _IPV4_ONLY,

@@ -212,6 +212,7 @@ replaces or deletes only routes that carry it.
 """
 
 RT_TABLE_MAIN = 254
+RT_SCOPE_LINK = 253  # linux/rtnetlink.h: a route to hosts on the link itself
 RTM_F_FIB_MATCH = 0x2000  # linux/rtnetlink.h: "route get" returns the matching FIB entry
 _PROTO_NAMES = {0: "unspec", 1: "redirect", 2: "kernel", 3: "boot", 4: "static", 16: "dhcp"}
 

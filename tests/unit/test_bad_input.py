@@ -304,7 +304,7 @@ PEERS_FILES = [
     ({"PublicIP": "192.0.2.12"}, "must be a JSON list"),
     ([{"PublicIP": "192.0.2.12"}], "entry 0 needs PublicIP and Subnet"),
     ([{"PublicIP": "192.0.2.x", "Subnet": "10.100.6.0/24"}], "entry 0 PublicIP '192.0.2.x' is not an IPv4"),
-    ([{"PublicIP": "0.0.0.0", "Subnet": "10.100.6.0/24"}], "entry 0 PublicIP '0.0.0.0' is not a unicast address"),
+    ([{"PublicIP": "0.0.0.0", "Subnet": "10.100.6.0/24"}], "PublicIP '0.0.0.0' is not a unicast"),
     ([{"PublicIP": "192.0.2.12", "Subnet": "10.100.6.1/24"}], "entry 0 Subnet '10.100.6.1/24' has host bits"),
     ([{"PublicIP": "192.0.2.12", "Subnet": "10.200.6.0/24"}], "is outside the network 10.100.0.0/16"),
     ([{"PublicIP": "192.0.2.12", "Subnet": "10.100.5.0/25"}], "overlaps our own subnet"),

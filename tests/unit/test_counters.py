@@ -39,9 +39,8 @@ def test_descriptions_cover_exactly_the_struct_fields_in_order():
 
 
 def test_drop_reasons_are_the_drop_fields_in_the_c_codes_order():
-    from tunproxy.fastpath import DROP_REASONS, lib
+    from tunproxy.fastpath import lib
 
-    assert counters.DROP_REASONS == DROP_REASONS
     assert [getattr(lib, f"FP_DROP_{r.upper()}") for r in counters.DROP_REASONS] == list(range(8))
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from tests.support import packets as h
 from tunproxy.drops import decode, drop_records, format_drops, write_pcapng
-from tunproxy.fastpath import DROP_SNAP
+from tunproxy.fastpath_memory import DROP_SNAP
 
 from .test_fastpath import NET, P2, P3, Env, receive, udp
 

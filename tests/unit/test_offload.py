@@ -15,7 +15,6 @@ import random
 import socket
 import struct
 import time
-from ipaddress import IPv4Address
 
 import pytest
 from hypothesis import given
@@ -545,4 +544,4 @@ def test_offload_arguments_and_counters():
     line = plain.counters().summary()
     for name in ("tso_packets=0", "gso_sends=0", "gso_segments=0", "gro_segments=0", "tun_gso_writes=0"):
         assert name in line
-    assert line.endswith(" peers=0") and IPv4Address(LOCAL) == plain.local_addr
+    assert line.endswith(" peers=0") and f"local_addr={LOCAL}," in repr(plain)

@@ -34,17 +34,12 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytun
 
-from ..backend_config import UdpOptions, default_workers
-from ..fastpath import (
-    MAX_ROUTES,
-    UDP_GRO,
-    FastPath,
-    UdpGsoDisabled,
-)
+from ..backend_config import MAX_ROUTES, UdpOptions, default_workers
+from ..fastpath import UDP_GRO, FastPath, UdpGsoDisabled, now_ms
 from ..leftovers import DEFAULT_TUN, Kept
-from ..logonce import Said
+from ..logonce import REPEAT_EVERY, Said
 from ..model import ConfigError, Lease, NetworkConfig
-from ..netlink import delete_tun, ensure_address, link_index, replace_route, run_netlink
+from ..netlink import RT_SCOPE_LINK, delete_tun, ensure_address, link_index, replace_route, run_netlink
 from .base import Backend, BackendContext, RouteTableFull
 from .udp_devices import (
     MultiQueueTun,
@@ -62,15 +57,9 @@ from .udp_workers import WorkerPool
 log = logging.getLogger(__name__)
 
 IP_UDP_OVERHEAD = 20 + 8
-ERROR_LOG_INTERVAL = 60.0
 
 
 MIN_DEFAULT_ROUTES = 4096
-
-
-def now_ms() -> int:
-    """The monotonic clock in milliseconds, the fast path's time (its ICMP rate limit, drop timestamps)."""
-    return time.monotonic_ns() // 1_000_000
 
 
 def default_max_routes(config: NetworkConfig) -> int:
@@ -120,7 +109,7 @@ class UdpBackend(Backend):
         self.pool: WorkerPool | None = None
         self.subnet: IPv4Network | None = None
         self._readers = False
-        self._errors_said = Said(repeat=ERROR_LOG_INTERVAL)
+        self._errors_said = Said(repeat=REPEAT_EVERY)
         # c-loop: the packets move on a worker thread that waits in C, one worker too.
         self._c_loop = flags.wants("c-loop") and "c-loop" not in flags.refuse
         if flags.wants("c-loop") and not self._c_loop:
@@ -225,7 +214,7 @@ class UdpBackend(Backend):
         def configure(ipr):  # type: ignore[no-untyped-def]
             index = link_index(ipr, self.tun_name)
             ensure_address(ipr, index, local, 32)
-            replace_route(ipr, dst=str(network), oif=index, scope=253, prefsrc=str(local))
+            replace_route(ipr, dst=str(network), oif=index, scope=RT_SCOPE_LINK, prefsrc=str(local))
 
         await run_netlink(configure)
 

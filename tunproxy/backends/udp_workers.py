@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Network
 
 from ..counters import COUNTERS, Counters, PeerCounters
-from ..fastpath import RUN_STOP, RUN_TUN_GONE, RUN_YIELD, FastPath, UdpGsoDisabled
+from ..fastpath import RUN_STOP, RUN_TUN_GONE, RUN_YIELD, FastPath, UdpGsoDisabled, now_ms
 from ..fastpath_memory import Drop
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ class Worker:
                 ready = {fd for fd, _ in poller.poll()}  # the GIL is released while waiting
                 if wake in ready:
                     return
-                now = time.monotonic_ns() // 1_000_000
+                now = now_ms()
                 if tun in ready:
                     try:
                         with lock:
@@ -304,17 +304,6 @@ class WorkerPool:
         w = self.workers[0]
         with w.holding():
             return w.fastpath.routes()
-
-    def lookup(self, addr: IPv4Address | str) -> IPv4Address | None:
-        """The peer ``addr`` routes to, by worker 0's table; None if none."""
-        w = self.workers[0]
-        with w.holding():
-            return w.fastpath.lookup(addr)
-
-    @property
-    def udp_gso(self) -> bool:
-        """True while every worker may still send with UDP_SEGMENT."""
-        return all(w.fastpath.udp_gso for w in self.workers)
 
     def counters(self) -> Counters:
         """The sum over the workers (see ``sum_counters``)."""

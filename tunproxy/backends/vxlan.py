@@ -66,7 +66,6 @@ NUD_NOARP = 0x40
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x04
-SCOPE_LINK = 253
 
 
 @dataclass(frozen=True)

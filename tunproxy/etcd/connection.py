@@ -28,13 +28,12 @@ from aetcd import rpc
 from ..logonce import REPEAT_EVERY, Said
 from ..model import ConfigError
 from ..supervise import own_cancellation
-from .endpoints import Endpoint, parse_endpoints
+from .endpoints import DEFAULT_PREFIX, Endpoint, parse_endpoints
 from .retry import Backoff
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_PREFIX = "/coreos.com/network"
 
 
 # gRPC channel options: notice a dead peer on an idle watch (etcd allows pings every 5 s or

@@ -7,6 +7,8 @@ from urllib.parse import urlsplit
 
 from ..model import ConfigError
 
+DEFAULT_PREFIX = "/coreos.com/network"  # flannel's --etcd-prefix
+
 
 @dataclass(frozen=True)
 class Endpoint:

@@ -160,9 +160,6 @@ void gro_add(struct fp_ctx *c, int tun_fd, uint8_t *p, uint32_t tot, struct fp_p
 void gro_flush(struct fp_ctx *c, int tun_fd);
 int uso_add(struct fp_ctx *c, int tun_fd, uint8_t *p, uint32_t tot, struct fp_peer *peer);
 
-/* loop.c */
-void drain_replies(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now);
-
 #pragma GCC visibility pop
 
 /* RFC 1071 internet checksum. */

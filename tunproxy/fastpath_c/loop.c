@@ -1,16 +1,10 @@
-/* Two ways the C waits less: the drain and the forwarding loop ("c-loop").
- *
- * The drain: the kernel handles a packet written to the TUN within the write,
- * so a reply it makes itself (a TCP ACK, an echo reply) is queued on the TUN
- * when fp_udp_to_tun returns; reading it at once saves a wake-up per reply.
- *
- * The c-loop: wait in epoll and move both directions in C, without returning
- * to Python between wake-ups. A wake-up through uvloop, a Python callback and
- * a cffi call cost more than the packet's own work on a ping-pong; here the
- * thread that calls fp_run (the GIL released, as cffi does for every call) is
- * woken by the kernel straight into C. It reads the clock itself, once per
- * wake-up (the ICMP rate limit's now), since no caller runs between wake-ups
- * to pass it in. */
+/* The forwarding loop ("c-loop"): wait in epoll and move both directions in
+ * C, without returning to Python between wake-ups. A wake-up through uvloop,
+ * a Python callback and a cffi call cost more than the packet's own work on a
+ * ping-pong; here the thread that calls fp_run (the GIL released, as cffi does
+ * for every call) is woken by the kernel straight into C. It reads the clock
+ * itself, once per wake-up (the ICMP rate limit's now), since no caller runs
+ * between wake-ups to pass it in. */
 #include <errno.h>
 #include <stdint.h>
 #include <sys/epoll.h>
@@ -18,19 +12,6 @@
 #include <unistd.h>
 
 #include "internal.h"
-
-/* The FP_REPLY_* rule: read while replies turn up; after FP_REPLY_MISSES
- * calls without one, only the last of each FP_REPLY_PROBE. reply_misses cycles
- * through FP_REPLY_MISSES .. FP_REPLY_MISSES + FP_REPLY_PROBE - 1. An error
- * (a TUN deleted under us) is a miss: the TUN's own read reports it. */
-void drain_replies(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now)
-{
-    uint32_t misses = c->reply_misses, last = FP_REPLY_MISSES + FP_REPLY_PROBE - 1;
-    if ((misses < FP_REPLY_MISSES || misses == last) && fp_tun_to_udp(c, tun_fd, udp_fd, now) > 0)
-        c->reply_misses = 0;
-    else
-        c->reply_misses = misses < last ? misses + 1 : FP_REPLY_MISSES;
-}
 
 static uint64_t monotonic_ms(void)
 {

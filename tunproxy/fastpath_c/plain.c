@@ -197,6 +197,22 @@ static void rx_packet(struct fp_ctx *c, int udp_fd, int tun_fd, uint8_t *p, uint
     }
 }
 
+/* The drain: the kernel handles a packet written to the TUN within the write,
+ * so a reply it makes itself (a TCP ACK, an echo reply) is queued on the TUN
+ * by now; reading it at once saves a wake-up per reply.  The FP_REPLY_* rule:
+ * read while replies turn up; after FP_REPLY_MISSES calls without one, only
+ * the last of each FP_REPLY_PROBE (reply_misses cycles through FP_REPLY_MISSES
+ * .. FP_REPLY_MISSES + FP_REPLY_PROBE - 1).  An error (a TUN deleted under us)
+ * is a miss: the TUN's own read reports it. */
+static void drain_replies(struct fp_ctx *c, int tun_fd, int udp_fd, uint64_t now)
+{
+    uint32_t misses = c->reply_misses, last = FP_REPLY_MISSES + FP_REPLY_PROBE - 1;
+    if ((misses < FP_REPLY_MISSES || misses == last) && fp_tun_to_udp(c, tun_fd, udp_fd, now) > 0)
+        c->reply_misses = 0;
+    else
+        c->reply_misses = misses < last ? misses + 1 : FP_REPLY_MISSES;
+}
+
 int fp_udp_to_tun(struct fp_ctx *c, int udp_fd, int tun_fd, uint64_t now)
 {
     struct fp_ring *r = &c->ring;
