@@ -5,7 +5,8 @@ The counters are the fields of ``struct fp_counters`` in
 ``tunproxy.fastpath`` reads them from the struct itself. This module only
 describes them (``COUNTERS``), so /metrics, a saved bench result or a
 daemon's ``stats:`` line can be explained without the compiled extension, and
-holds ``Counters``, what ``FastPath.counters()`` returns. A unit test holds
+holds ``Counters``, what ``FastPath.counters()`` returns, and ``Drop``, a record
+of its drop ring. A unit test holds
 ``COUNTERS`` to exactly the struct's fields, in the struct's order, so the
 two cannot drift apart.
 
@@ -139,3 +140,25 @@ class Counters:
         """One grep-able line of ``name=value`` for a log; names as in the README."""
         fields = {short_name(k): v for k, v in self.values.items()} | {"peers": len(self.peers)}
         return " ".join(f"{name}={value}" for name, value in fields.items())
+
+
+@dataclass(frozen=True)
+class Drop:
+    """One dropped packet from the drop ring.
+
+    ``time_ms`` is the ``now_ms`` passed to the call that dropped it (the
+    caller's monotonic clock); ``direction`` is ``"tx"`` (read from the TUN,
+    ``peer`` the next hop or None without a route) or ``"rx"`` (received,
+    ``peer`` the sender); ``length`` is the packet's own length and ``data``
+    its first FP_DROP_SNAP bytes at most (fastpath.h), from the IPv4 header on; ``count``
+    is how many packets the record stands for (a refused train of datagrams
+    is kept once).
+    """
+
+    time_ms: int
+    reason: str
+    direction: str
+    peer: IPv4Address | None
+    length: int
+    count: int
+    data: bytes

@@ -144,8 +144,8 @@ class Daemon:
                     tasks.create_task(supervised(name, loop), name=name)
         finally:
             await self.observer.stopping()
-            if backend.stats():
-                log.info("stats: %s", backend.stats())
+            if line := backend.stats():
+                log.info("stats: %s", line)
             await backend.close()
             await self.registry.close()
             await self.observer.close()

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import IPv4Address
 from typing import Any, BinaryIO
 
+from .counters import Drop
+
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 132: "sctp"}
 LINKTYPE_IPV4 = 228  # tcpdump.org link-layer header types
 SNAPLEN = 96
@@ -46,7 +48,7 @@ def decode(data: bytes) -> dict[str, Any]:
     return out
 
 
-def drop_records(drops: Iterable[Any], now_ms: int, wall: float) -> list[dict[str, Any]]:
+def drop_records(drops: Iterable[Drop], now_ms: int, wall: float) -> list[dict[str, Any]]:
     """``FastPath.drops()`` as JSON-able records; ``now_ms`` is the fast path's clock now
     (monotonic milliseconds) and ``wall`` the Unix time now, to date each drop."""
     out = []
@@ -68,16 +70,14 @@ def drop_records(drops: Iterable[Any], now_ms: int, wall: float) -> list[dict[st
     return out
 
 
-def drop_document(fastpath: Any, now: float, wall: float) -> dict[str, Any]:
-    """What the control socket answers to ``drops``: ``now`` is monotonic seconds (the clock
-    the udp backend gives the fast path), ``wall`` Unix time. Without a fast path (vxlan,
-    host-gw drop nothing in userspace) the list is empty."""
-    if fastpath is None:
+def drop_document(ring: tuple[int, list[Drop]] | None, now: float, wall: float) -> dict[str, Any]:
+    """What the control socket answers to ``drops``, from ``Backend.drop_ring()``: ``now`` is
+    monotonic seconds (the clock the udp backend gives the fast path), ``wall`` Unix time.
+    Without a fast path (vxlan, host-gw drop nothing in userspace) the list is empty."""
+    if ring is None:
         return {"recorded": 0, "drops": [], "note": "this backend forwards in the kernel, not in tunproxy"}
-    return {
-        "recorded": fastpath.drops_total,
-        "drops": drop_records(fastpath.drops(), int(now * 1000), wall),
-    }
+    recorded, drops = ring
+    return {"recorded": recorded, "drops": drop_records(drops, int(now * 1000), wall)}
 
 
 def summary(packet: Mapping[str, Any]) -> str:

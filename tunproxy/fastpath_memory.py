@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from tunproxy._fastpath_cffi import ffi, lib
 
-from .counters import DROP_REASONS, PEER_COUNTERS, PeerCounters
+from .counters import DROP_REASONS, PEER_COUNTERS, Drop, PeerCounters
 
 # The counters' names are the struct's fields (tunproxy.counters says what they mean).
 COUNTER_FIELDS: tuple[str, ...] = tuple(name for name, _ in ffi.typeof("struct fp_counters").fields)
@@ -39,26 +38,6 @@ assert DROP.size == ffi.sizeof("struct fp_drop")
 Arrays = dict[str, Any]
 
 
-@dataclass(frozen=True)
-class Drop:
-    """One dropped packet from the drop ring.
-
-    ``time_ms`` is the ``now_ms`` passed to the call that dropped it (the
-    caller's monotonic clock); ``direction`` is ``"tx"`` (read from the TUN,
-    ``peer`` the next hop or None without a route) or ``"rx"`` (received,
-    ``peer`` the sender); ``length`` is the packet's own length and ``data``
-    its first ``DROP_SNAP`` bytes at most, from the IPv4 header on; ``count``
-    is how many packets the record stands for (a refused train of datagrams
-    is kept once).
-    """
-
-    time_ms: int
-    reason: str
-    direction: str
-    peer: IPv4Address | None
-    length: int
-    count: int
-    data: bytes
 
 
 def slots(routes: int, factor: int) -> int:

@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Iterator
 from ipaddress import IPv4Address
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -26,12 +26,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import __version__
 from .counters import COUNTERS as DESCRIBED
-from .counters import DROP_PREFIX, PEER_COUNTERS
+from .counters import DROP_PREFIX, PEER_COUNTERS, Counters
 from .model import ConfigError
-from .observe import READY
-
-if TYPE_CHECKING:
-    from .observer import Observer
+from .observe import READY, DaemonState
 
 log = logging.getLogger("tunproxy")
 
@@ -47,10 +44,24 @@ COUNTERS = {
 GAUGES = {name: c.help for name, c in DESCRIBED.items() if c.gauge}
 
 
-class Collector:
-    """A prometheus-client collector over an ``Observer``; see the module docstring."""
+class Observed(Protocol):
+    """What the HTTP server reads (``tunproxy.observer.Observer`` is one): the daemon's state,
+    brought up to date by ``refresh``; the fast path's counters (None without one); how long
+    the daemon's loops have not run (``stuck_for``, given the event loop's time)."""
 
-    def __init__(self, observer: Observer) -> None:
+    state: DaemonState
+
+    def refresh(self) -> None: ...
+
+    def counters(self) -> Counters | None: ...
+
+    def stuck_for(self, now: float) -> float | None: ...
+
+
+class Collector:
+    """A prometheus-client collector over an ``Observed``; see the module docstring."""
+
+    def __init__(self, observer: Observed) -> None:
         self.observer = observer
 
     def collect(self) -> Iterator[Metric]:
@@ -83,10 +94,9 @@ class Collector:
                     "The etcd revision the lease watch has applied up to.",
                     value=store["watch_revision"],
                 )
-        fastpath = getattr(o.daemon.backend, "fastpath", None)
-        if fastpath is None:
+        c = o.counters()
+        if c is None:
             return
-        c = fastpath.counters()
         for name, help_ in COUNTERS.items():
             yield CounterMetricFamily(f"tunproxy_{name}", help_, value=getattr(c, name))
         for name, help_ in GAUGES.items():
@@ -114,7 +124,7 @@ class Collector:
         yield from families.values()
 
 
-def _subnets_by_ip(o: Observer) -> dict[IPv4Address, str]:
+def _subnets_by_ip(o: Observed) -> dict[IPv4Address, str]:
     out: dict[IPv4Address, list[str]] = {}
     for subnet, peer in sorted(o.state.peers.items()):
         out.setdefault(peer.lease.public_ip, []).append(str(subnet))
@@ -124,7 +134,7 @@ def _subnets_by_ip(o: Observer) -> dict[IPv4Address, str]:
 class HttpServer:
     """aiohttp on ``host:port`` serving the three paths; ``start`` raises ConfigError if it cannot bind."""
 
-    def __init__(self, observer: Observer, host: str, port: int) -> None:
+    def __init__(self, observer: Observed, host: str, port: int) -> None:
         self.observer = observer
         self.host, self.port = host, port
         self.registry = CollectorRegistry(auto_describe=False)

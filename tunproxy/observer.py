@@ -48,25 +48,6 @@ class ObserveOptions:
     watchdog_usec: int | None = None
 
 
-def store_description(registry: Any) -> dict[str, Any]:
-    """What the registry says about its store: kind, and reachability/revision or the peers file."""
-    settings = getattr(registry, "settings", None)
-    if settings is not None and hasattr(registry, "watch_revision"):
-        return {
-            "kind": "etcd",
-            "endpoints": settings.urls(),
-            "reachable": bool(registry.reachable),
-            "watch_revision": registry.watch_revision,
-        }
-    if hasattr(registry, "peers_file"):
-        return {
-            "kind": "static",
-            "peers_file": str(registry.peers_file) if registry.peers_file else None,
-            "peers": len(getattr(registry, "current", ())),
-        }
-    return {"kind": type(registry).__name__}
-
-
 def sample_of(counters: Counters, at: float) -> Sample:
     """A fast path ``Counters`` snapshot as a ``Sample`` taken at monotonic ``at``."""
     totals = counters.totals
@@ -113,8 +94,8 @@ class Observer:
             s.backend, s.mtu = b.name, b.mtu
             s.underlay, s.public_ip, s.network = b.ctx.underlay.name, b.ctx.public_ip, b.ctx.network.network
         registry = d.registry
-        s.store = store_description(registry)
-        s.lease_problem = getattr(registry, "lease_problem", None)
+        s.store = registry.describe()
+        s.lease_problem = registry.lease_problem
         s.lease = d.own_lease
         s.lease_expiry = registry.lease_expiry() if s.lease is not None else None
         waiting = d.waiting
@@ -124,10 +105,15 @@ class Observer:
         }
         self._changed()
 
+    def counters(self) -> Counters | None:
+        """The fast path's counters now (None without a backend, or for one without a fast path)."""
+        backend = self.daemon.backend
+        return backend.counters() if backend is not None else None
+
     def snapshot(self) -> Sample | None:
-        """The fast path's counters now (None for a backend without one)."""
-        fastpath = getattr(self.daemon.backend, "fastpath", None)
-        return None if fastpath is None else sample_of(fastpath.counters(), time.monotonic())
+        """The fast path's counters now as a ``Sample`` (None for a backend without one)."""
+        counters = self.counters()
+        return None if counters is None else sample_of(counters, time.monotonic())
 
     def sample(self) -> None:
         """Feed the fast path's counters now to the sampler (nothing for a backend without a fast path)."""
@@ -145,8 +131,8 @@ class Observer:
         """The ``drops`` document: the fast path's ring of recently dropped packets."""
         from .drops import drop_document
 
-        fastpath = getattr(self.daemon.backend, "fastpath", None)
-        return drop_document(fastpath, time.monotonic(), time.time())
+        backend = self.daemon.backend
+        return drop_document(backend.drop_ring() if backend else None, time.monotonic(), time.time())
 
     def handle(self, request: dict[str, Any]) -> Any:
         """Answer a control request ``{"command": "status" | "drops"}``; ``{"error": ...}`` otherwise."""

@@ -24,6 +24,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any, ClassVar
 
 from ..backend_config import UdpFlags
+from ..counters import Counters, Drop
 from ..leftovers import Kept, sweep
 from ..model import Lease, NetworkConfig
 from ..netlink import Underlay, run_netlink
@@ -120,6 +121,16 @@ class Backend(abc.ABC):
 
     def stats(self) -> str | None:
         """A one-line summary of counters, logged periodically; None if there are none."""
+        counters = self.counters()
+        return counters.summary() if counters is not None else None
+
+    def counters(self) -> Counters | None:
+        """The fast path's counters now; None for a backend that forwards in the kernel."""
+        return None
+
+    def drop_ring(self) -> tuple[int, list[Drop]] | None:
+        """The fast path's drop ring: records ever written, and the recent ones, oldest first;
+        None for a backend that forwards in the kernel (it drops nothing in userspace)."""
         return None
 
     async def check(self) -> None:  # noqa: B027 - optional hook

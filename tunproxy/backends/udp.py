@@ -35,6 +35,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytun
 
 from ..backend_config import MAX_ROUTES, UdpOptions, default_workers
+from ..counters import Counters, Drop
 from ..fastpath import UDP_GRO, FastPath, UdpGsoDisabled, now_ms
 from ..leftovers import DEFAULT_TUN, Kept
 from ..logonce import REPEAT_EVERY, Said
@@ -365,9 +366,13 @@ class UdpBackend(Backend):
         self._routes.update(fresh)
         return failures
 
-    def stats(self) -> str | None:
-        """The fast path's counter summary; None before ``set_subnet``."""
-        return self.fastpath.counters().summary() if self.fastpath else None
+    def counters(self) -> Counters | None:
+        """The fast path's counters (every worker's, summed); None before ``set_subnet``."""
+        return self.fastpath.counters() if self.fastpath else None
+
+    def drop_ring(self) -> tuple[int, list[Drop]] | None:
+        """The fast path's drop ring (every worker's, merged); None before ``set_subnet``."""
+        return (self.fastpath.drops_total, self.fastpath.drops()) if self.fastpath else None
 
     def kept(self) -> Kept:
         """Our TUN and the network's route through it."""

@@ -128,6 +128,15 @@ class EtcdRegistry(Registry):
         """Set while our lease is lost and being re-acquired."""
         return self.keeper.problem
 
+    def describe(self) -> dict[str, Any]:
+        """``kind`` etcd, its ``endpoints``, whether it is ``reachable`` and the ``watch_revision``."""
+        return {
+            "kind": "etcd",
+            "endpoints": self.settings.urls(),
+            "reachable": bool(self.reachable),
+            "watch_revision": self.watch_revision,
+        }
+
     def lease_expiry(self) -> float | None:
         """From the keeper's deadline, which follows the TTL etcd granted."""
         left = self.keeper.remaining(self._clock())

@@ -60,6 +60,15 @@ class Registry(abc.ABC):
         """When our lease runs out unless renewed, in Unix time; None for a lease that does not."""
         return None
 
+    @property
+    def lease_problem(self) -> str | None:
+        """Why our lease is not held just now (lost, being re-acquired); None while it is."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """The store, for ``tunproxy status`` and /metrics: at least ``kind`` (``etcd``, ``static``)."""
+        return {"kind": type(self).__name__}
+
     def reload(self) -> None:  # noqa: B027 - optional hook
         """SIGHUP: re-read whatever can be re-read."""
 

@@ -115,6 +115,14 @@ class StaticRegistry(Registry):
         """Our ``--subnet`` as given; nothing is stored anywhere."""
         return Lease(self.own_subnet, public_ip, backend_type, backend_data)
 
+    def describe(self) -> dict[str, Any]:
+        """``kind`` static, the ``peers_file`` (None without one) and how many ``peers`` it gives."""
+        return {
+            "kind": "static",
+            "peers_file": str(self.peers_file) if self.peers_file else None,
+            "peers": len(self.current),
+        }
+
     def reload(self) -> None:
         """Re-read the peers file; one that does not parse is logged and the previous peers stay."""
         try:
