@@ -180,6 +180,20 @@ DEFAULT_TUN = "tunproxy0"
 WORKERS_MAX = 64  # threads, TUN queues and sockets; the kernel allows 256 queues (MAX_TAP_QUEUES)
 WORKERS_CORES_PER_WORKER = 2  # see default_workers
 WORKERS_DEFAULT_MAX = 4
+MIN_DEFAULT_ROUTES = 4096
+
+
+def default_max_routes(subnets: int) -> int:
+    """Routes the udp backend holds by default, for a network of ``subnets`` SubnetLen subnets:
+    every one of them, at least 4096, at most ``MAX_ROUTES``.
+
+    That covers every lease the network config lets hosts take, and leases
+    outside SubnetMin-SubnetMax (reservations, older configs). Leases of
+    other lengths can still exceed it; past the limit a lease is logged once
+    and added when room frees. The table grows as it fills, so a large limit
+    costs no memory until the peers are there.
+    """
+    return min(MAX_ROUTES, max(MIN_DEFAULT_ROUTES, subnets))
 
 
 def default_workers(cpus: int | None) -> int:
@@ -204,7 +218,7 @@ class UdpFlags:
     """``tunproxy run``'s udp backend flags, already converted and range-checked by the CLI.
 
     ``port`` None means ``Backend.Port``; ``max_routes`` 0 means the default
-    (see tunproxy.backends.udp.default_max_routes); ``workers`` None means
+    (``default_max_routes``); ``workers`` None means
     ``default_workers`` of the CPUs this process may run on (1 is one worker on
     the one TUN queue, more a thread per TUN queue: tunproxy.backends.udp_workers). ``sources`` maps each
     field that was given to the flag or variable it came from, so a warning
@@ -245,3 +259,62 @@ class UdpFlags:
                 "every host must use one port"
             )
         return self.port, None
+
+
+@dataclass(frozen=True)
+class UdpSettings:
+    """The udp backend's settings, settled once from its ``Backend`` options, the flags and the
+    host (``resolve``): what the backend and its fast path read, with nothing left to merge.
+
+    ``workers`` is what is asked of the kernel (it may give fewer TUN queues);
+    ``c_loop``, ``drain``, ``fast_csum``, ``uso`` and ``flow_steering`` are the
+    ``FEATURES`` left on; ``refuse`` the ones to treat as refused by the
+    kernel (``--refuse``); ``warnings`` one line each to log.
+    """
+
+    tun_name: str = DEFAULT_TUN
+    port: int = UDP_DEFAULT_PORT
+    batch: int = BATCH_DEFAULT
+    offload: bool = True
+    allow_any_source: bool = False
+    max_routes: int = MIN_DEFAULT_ROUTES
+    drop_ring: int = DROP_RING_DEFAULT
+    workers: int = 1
+    c_loop: bool = True
+    drain: bool = True
+    fast_csum: bool = True
+    uso: bool = True
+    flow_steering: bool = True
+    refuse: frozenset[str] = frozenset()
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def resolve(cls, options: UdpOptions, flags: UdpFlags, *, cpus: int | None, subnets: int) -> UdpSettings:
+        """Settle ``flags`` against ``options`` for a host with ``cpus`` usable CPUs (None:
+        unknown) and a network of ``subnets`` SubnetLen subnets: the port (``port_for``),
+        ``max_routes`` 0 as ``default_max_routes``, ``workers`` None as ``default_workers``
+        (1 without ``multiqueue``), and each feature on unless ``--without``; a refused
+        c-loop is off, with a warning (no kernel refuses it, so nothing later would say so)."""
+        port, warning = flags.port_for(options)
+        warnings = [warning] if warning else []
+        c_loop = flags.wants("c-loop") and "c-loop" not in flags.refuse
+        if flags.wants("c-loop") and not c_loop:
+            warnings.append("c-loop refused (--refuse c-loop): Python wakes the fast path per wake-up")
+        workers = (flags.workers or default_workers(cpus)) if flags.wants("multiqueue") else 1
+        return cls(
+            tun_name=flags.tun_name,
+            port=port,
+            batch=flags.batch,
+            offload=flags.offload,
+            allow_any_source=flags.allow_any_source,
+            max_routes=flags.max_routes or default_max_routes(subnets),
+            drop_ring=flags.drop_ring,
+            workers=workers,
+            c_loop=c_loop,
+            drain=flags.wants("drain"),
+            fast_csum=flags.wants("fast-csum"),
+            uso=flags.wants("uso"),
+            flow_steering=flags.wants("flow-steering"),
+            refuse=flags.refuse,
+            warnings=tuple(warnings),
+        )

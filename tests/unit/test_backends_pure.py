@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunproxy.backend_config import VXLAN_DEFAULT_PORT, UdpFlags, UdpOptions, VxlanOptions
+from tunproxy.backend_config import VXLAN_DEFAULT_PORT, UdpFlags, UdpOptions, UdpSettings, VxlanOptions
 from tunproxy.backends import BackendContext, backend_class, create_backend
 from tunproxy.backends.base import PeerRefused
 from tunproxy.backends.host_gw import refusal
@@ -238,7 +238,6 @@ def test_link_mismatch_lists_each_difference():
 ONE_PORT = "every host must use one port"
 
 
-
 @pytest.mark.parametrize(
     "options, flag, expected",
     [
@@ -253,3 +252,54 @@ ONE_PORT = "every host must use one port"
 def test_udp_port_precedence(options, flag, expected):
     flags = UdpFlags(port=flag, sources={"port": "TUNPROXY_PORT"})
     assert flags.port_for(UdpOptions.parse(options)) == expected
+
+
+# --- the udp backend's settings, settled once -------------------------------------------------------
+
+
+def udp_settings(cpus: int | None = 2, subnets: int = 256, options: dict | None = None, **flags):
+    return UdpSettings.resolve(UdpOptions.parse(options or {}), UdpFlags(**flags), cpus=cpus, subnets=subnets)
+
+
+def test_udp_settings_default_to_every_speed_up_and_flannels_port():
+    s = udp_settings()
+    assert (s.port, s.batch, s.offload, s.workers, s.warnings) == (8285, 64, True, 1, ())
+    assert s.c_loop and s.drain and s.fast_csum and s.uso and s.flow_steering
+
+
+@pytest.mark.parametrize(
+    "subnets, flag, expected", [(256, 0, 4096), (1 << 16, 0, 1 << 16), (1 << 24, 0, 1 << 20), (256, 10, 10)]
+)
+def test_udp_max_routes_is_every_subnet_of_the_network_unless_given(subnets, flag, expected):
+    assert udp_settings(subnets=subnets, max_routes=flag).max_routes == expected
+
+
+@pytest.mark.parametrize(
+    "cpus, flags, expected",
+    [
+        (2, {}, 1),
+        (8, {}, 4),
+        (None, {}, 1),
+        (2, {"workers": 3}, 3),
+        (8, {"workers": 3, "without": frozenset({"multiqueue"})}, 1),
+    ],
+)
+def test_udp_workers_from_the_cpus_the_flag_and_multiqueue(cpus, flags, expected):
+    assert udp_settings(cpus=cpus, **flags).workers == expected
+
+
+def test_a_feature_turned_off_or_refused_is_settled_with_its_line():
+    s = udp_settings(without=frozenset({"drain", "uso"}), refuse=frozenset({"c-loop", "fast-csum"}))
+    assert not s.drain and not s.uso and s.fast_csum and s.refuse == {"c-loop", "fast-csum"}
+    assert not s.c_loop and s.warnings == (
+        "c-loop refused (--refuse c-loop): Python wakes the fast path per wake-up",
+    )
+    assert (
+        not udp_settings(without=frozenset({"c-loop"})).c_loop
+        and udp_settings(without=frozenset({"c-loop"})).warnings == ()
+    )
+
+
+def test_udp_settings_carry_the_port_warning():
+    s = udp_settings(options={"Port": 9000}, port=9100, sources={"port": "--port"})
+    assert s.port == 9100 and s.warnings == (f"--port 9100 overrides Backend.Port 9000; {ONE_PORT}",)

@@ -34,12 +34,12 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytun
 
-from ..backend_config import MAX_ROUTES, UdpOptions, default_workers
+from ..backend_config import UdpOptions, UdpSettings
 from ..counters import Counters, Drop
 from ..fastpath import UDP_GRO, FastPath, UdpGsoDisabled, now_ms
 from ..leftovers import DEFAULT_TUN, Kept
 from ..logonce import REPEAT_EVERY, Said
-from ..model import ConfigError, Lease, NetworkConfig
+from ..model import ConfigError, Lease
 from ..netlink import RT_SCOPE_LINK, delete_tun, ensure_address, link_index, replace_route, run_netlink
 from .base import Backend, BackendContext, RouteTableFull
 from .udp_devices import (
@@ -60,22 +60,6 @@ log = logging.getLogger(__name__)
 IP_UDP_OVERHEAD = 20 + 8
 
 
-MIN_DEFAULT_ROUTES = 4096
-
-
-def default_max_routes(config: NetworkConfig) -> int:
-    """Routes the udp backend holds by default: every SubnetLen subnet of the network, at least 4096.
-
-    That covers every lease the network config lets hosts take, and leases
-    outside SubnetMin-SubnetMax (reservations, older configs). Leases of
-    other lengths can still exceed it; past the limit a lease is logged once
-    and added when room frees. The table grows as it fills, so a large limit
-    costs no memory until the peers are there.
-    """
-    subnets = 1 << (config.subnet_len - config.network.prefixlen)
-    return min(MAX_ROUTES, max(MIN_DEFAULT_ROUTES, subnets))
-
-
 class UdpBackend(Backend):
     """flannel's udp backend: a TUN device whose packets the C fast path sends to peers in UDP (port 8285)."""
 
@@ -83,17 +67,16 @@ class UdpBackend(Backend):
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
-        flags = ctx.flags
-        options = ctx.network.backend
+        options, network = ctx.network.backend, ctx.network
         assert isinstance(options, UdpOptions)
-        self.tun_name = flags.tun_name
-        self.port, warning = flags.port_for(options)
-        if warning:
+        subnets = 1 << (network.subnet_len - network.network.prefixlen)
+        s = self.settings = UdpSettings.resolve(
+            options, ctx.flags, cpus=len(os.sched_getaffinity(0)), subnets=subnets
+        )
+        for warning in s.warnings:
             log.warning("%s", warning)
-        self.batch = flags.batch
-        self.offload = flags.offload
-        self.allow_any_source = flags.allow_any_source
-        self.max_routes = flags.max_routes or default_max_routes(ctx.network)
+        self.tun_name, self.port, self.max_routes = s.tun_name, s.port, s.max_routes
+        self.offload = s.offload  # from here on, what the kernel granted
         self._routes: dict[IPv4Network, IPv4Address] = {}  # what the C table holds, by subnet
         self._udp_gso = self.offload
         self._uso = False  # the TUN took TUN_F_USO4|TUN_F_USO6 (set by _create_tun)
@@ -102,19 +85,13 @@ class UdpBackend(Backend):
         self.sock: socket.socket | None = None
         self.fastpath: FastPath | None = None
         # --workers: a thread per TUN queue (udp_workers); one worker is a thread too with the
-        # c-loop, else the event loop's readers below
-        self.workers = flags.workers or default_workers(len(os.sched_getaffinity(0)))
-        if not flags.wants("multiqueue"):
-            self.workers = 1
+        # c-loop, else the event loop's readers below. What the kernel granted, from here on.
+        self.workers = s.workers
         self.socks: list[socket.socket] = []  # with workers: one per worker, self.sock is the first
         self.pool: WorkerPool | None = None
         self.subnet: IPv4Network | None = None
         self._readers = False
         self._errors_said = Said(repeat=REPEAT_EVERY)
-        # c-loop: the packets move on a worker thread that waits in C, one worker too.
-        self._c_loop = flags.wants("c-loop") and "c-loop" not in flags.refuse
-        if flags.wants("c-loop") and not self._c_loop:
-            log.warning("c-loop refused (--refuse c-loop): Python wakes the fast path per wake-up")
 
     @property
     def mtu(self) -> int:
@@ -143,16 +120,16 @@ class UdpBackend(Backend):
                     sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
 
     async def _create_tun(self) -> None:
-        flags = self.ctx.flags
-        self.tun, self.workers = open_tun(self.tun_name, self.offload, self.workers, flags.refuse)
+        s = self.settings
+        self.tun, self.workers = open_tun(self.tun_name, self.offload, self.workers, s.refuse)
         if self.offload:
             try:
-                self._uso = set_tun_offloads(tun_fds(self.tun), flags.wants("uso"), "uso" in flags.refuse)
+                self._uso = set_tun_offloads(tun_fds(self.tun), s.uso, "uso" in s.refuse)
             except OSError as e:
                 log.warning("TUN offloads refused (%s); offload mode off", e.strerror or e)
                 self.tun.close()
                 self.offload = self._udp_gso = self._uso = False
-                self.tun, self.workers = open_tun(self.tun_name, False, self.workers, flags.refuse)
+                self.tun, self.workers = open_tun(self.tun_name, False, self.workers, s.refuse)
         await bring_up(self.tun_name, self._mtu)
 
     async def check(self) -> None:
@@ -197,7 +174,7 @@ class UdpBackend(Backend):
                 fp = paths[0]
                 csum = ("on, AVX2" if fp.csum_simd else "on, portable") if fp.fast_csum else "off"
                 log.info("send path: fast-csum %s", csum)
-            if self.workers > 1 or self._c_loop:
+            if self.workers > 1 or self.settings.c_loop:
                 self._start_workers(paths, tun_fds(self.tun))
             if self.subnet is None:  # said once, at the first subnet
                 log.info("data path: %s", self._data_path())
@@ -220,20 +197,21 @@ class UdpBackend(Backend):
         await run_netlink(configure)
 
     def _new_fastpath(self, local: IPv4Address) -> FastPath:
+        s = self.settings
         return FastPath(
             mtu=self._mtu,
             local_addr=local,
             port=self.port,
-            batch=self.batch,
+            batch=s.batch,
             offload=self.offload,
             udp_gso=self._udp_gso,
             uso=self._uso,
             max_routes=self.max_routes,
-            drop_ring=self.ctx.flags.drop_ring,
-            allow_any_source=self.allow_any_source,
-            fast_csum=self.ctx.flags.wants("fast-csum"),
-            simd="fast-csum" not in self.ctx.flags.refuse,  # refused: as on a CPU without AVX2
-            drain=self.ctx.flags.wants("drain"),
+            drop_ring=s.drop_ring,
+            allow_any_source=s.allow_any_source,
+            fast_csum=s.fast_csum,
+            simd="fast-csum" not in s.refuse,  # refused: as on a CPU without AVX2
+            drain=s.drain,
         )
 
     # ---- worker threads (tunproxy.backends.udp_workers); the readers below: --without c-loop ----
@@ -242,9 +220,9 @@ class UdpBackend(Backend):
         self.socks = bind_group(self._bind_socket, self.workers)
         self.sock = self.socks[0]
         steering = "off (--without flow-steering)"
-        if self.ctx.flags.wants("flow-steering"):
+        if self.settings.flow_steering:
             try:
-                if "flow-steering" in self.ctx.flags.refuse:
+                if "flow-steering" in self.settings.refuse:
                     raise OSError(errno.EPERM, "refused (--refuse flow-steering)")
                 attach_flow_steering(self.sock, self.workers)
                 steering = "on"
@@ -258,7 +236,7 @@ class UdpBackend(Backend):
 
     def _start_workers(self, paths: Sequence[FastPath], fds: Sequence[int]) -> None:
         socks = [s.fileno() for s in self.socks] if self.socks else [self._socket().fileno()]
-        self.pool = WorkerPool(paths, fds, socks, self._worker_error, c_loop=self._c_loop)
+        self.pool = WorkerPool(paths, fds, socks, self._worker_error, c_loop=self.settings.c_loop)
         # The pool has FastPath's face for routes, counters and drops (what apply, stats and the
         # observers use); _on_tun/_on_udp, the only callers of the packet methods, never run with it.
         self.fastpath = self.pool  # type: ignore[assignment]
@@ -266,13 +244,13 @@ class UdpBackend(Backend):
 
     def _data_path(self) -> str:
         """Who waits for packets and calls the C, and whether it drains, for the start-up line."""
-        if self._c_loop:
+        if self.settings.c_loop:
             who = "c-loop (threads waiting in C)"
         elif self.workers > 1:
             who = "each worker's thread wakes the C"
         else:
             who = "the event loop wakes the C"
-        return f"{who}, drain {'on' if self.ctx.flags.wants('drain') else 'off'}"
+        return f"{who}, drain {'on' if self.settings.drain else 'off'}"
 
     def _socket(self) -> socket.socket:
         assert self.sock is not None
