@@ -1,8 +1,9 @@
 """What ``pip install tunproxy`` installs: the daemon and its C extension, not the lab, demos or test models.
 
 The wheel is built once (a few seconds: the cffi extension is compiled) from a
-copy of this checkout, so the build neither writes into the checkout nor picks
-up files an earlier build left in ``build/lib``.
+copy of this checkout, so the build does not write into the checkout; the copy
+gets a module an older build would have left in ``build/lib``, which must not
+ship.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def wheel_files(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     source = tmp_path_factory.mktemp("source") / "tunproxy"
     shutil.copytree(ROOT, source, ignore=LEFT_BY_BUILDS, symlinks=True)
     assert (source / "lab" / "netns.py").is_file() and (source / "tests" / "support" / "packets.py").is_file()
+    stale = source / "build" / "lib" / "tunproxy"
+    stale.mkdir(parents=True)
+    (stale / "removed_since.py").write_text("raise ImportError('left by an older build')\n")
     out = tmp_path_factory.mktemp("wheel")
     pip_wheel = ["pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), "."]
     build = subprocess.run(
@@ -59,6 +63,11 @@ def test_the_wheel_holds_no_lab_demo_or_test_model(wheel_files: list[str]) -> No
     assert not shipped, f"the wheel ships the lab, a demo or a test model: {shipped}"
     top = {f.split("/")[0] for f in wheel_files}
     assert {t for t in top if not t.endswith(".dist-info")} == {"tunproxy"}, top
+
+
+def test_what_an_older_build_left_in_build_lib_is_not_shipped(wheel_files: list[str]) -> None:
+    assert "tunproxy/removed_since.py" not in wheel_files
+    assert not [f for f in wheel_files if f.endswith((".c", ".h"))], "the wheel ships C sources"
 
 
 def test_tunproxy_imports_neither_the_lab_nor_the_tests() -> None:
