@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -32,9 +33,11 @@ def wheel_files(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     source = tmp_path_factory.mktemp("source") / "tunproxy"
     shutil.copytree(ROOT, source, ignore=LEFT_BY_BUILDS, symlinks=True)
     assert (source / "lab" / "netns.py").is_file() and (source / "tests" / "support" / "packets.py").is_file()
-    stale = source / "build" / "lib" / "tunproxy"
-    stale.mkdir(parents=True)
-    (stale / "removed_since.py").write_text("raise ImportError('left by an older build')\n")
+    # setuptools' build_lib: build/lib, or build/lib.<platform>-<tag> for a package with an extension
+    for lib in ("lib", f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"):
+        stale = source / "build" / lib / "tunproxy"
+        stale.mkdir(parents=True)
+        (stale / "removed_since.py").write_text("raise ImportError('left by an older build')\n")
     out = tmp_path_factory.mktemp("wheel")
     pip_wheel = ["pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), "."]
     build = subprocess.run(
