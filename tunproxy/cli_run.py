@@ -1,7 +1,8 @@
 """``tunproxy run`` and ``tunproxy leases``: from parsed flags to a registry, options and a daemon.
 
-The only place the argparse Namespace is read after parsing: everything past
-here takes typed values (NetworkConfig, UdpFlags, EtcdSettings, DaemonOptions).
+With ``cli_observe.observe_options`` (the observing flags), the only place the
+argparse Namespace is read after parsing: everything past here takes typed
+values (NetworkConfig, UdpFlags, EtcdSettings, DaemonOptions).
 """
 
 from __future__ import annotations
@@ -9,14 +10,20 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import cli_observe
-from .backend_config import UdpFlags, parse_backend
+from .backend_config import UdpFlags
 from .flags import UsageError, source
 from .model import ConfigError, NetworkConfig
+
+log = logging.getLogger("tunproxy")
+
+STATIC_ONLY = ("network", "net_config", "subnet", "peer", "peers_file", "backend")
+"""Flags of static mode (their argparse dests), which etcd mode ignores with one warning each."""
 
 if TYPE_CHECKING:
     from .etcd.connection import EtcdSettings
@@ -49,24 +56,8 @@ def static_network_config(args: argparse.Namespace) -> NetworkConfig:
             raise ConfigError(f"{source(args, 'network')} {args.network}: {e}") from None
     else:
         raise UsageError("give --network (or --net-config), or --etcd-endpoints")
-    if args.backend and args.backend != config.backend_type:
-        # The Backend options were written for the config's type; another type gets none of them.
-        warnings = [w for w in config.warnings if not w.startswith("ignoring Backend.")]
-        if config.backend.raw:
-            names = ", ".join(sorted(config.backend.raw))
-            warnings.append(
-                f"ignoring Backend {names}: written for {config.backend_type}, "
-                f"{source(args, 'backend')} is {args.backend}"
-            )
-        config = NetworkConfig(
-            config.network,
-            config.subnet_len,
-            config.subnet_min,
-            config.subnet_max,
-            args.backend,
-            parse_backend(args.backend, {}),
-            tuple(warnings),
-        )
+    if args.backend:
+        config = config.with_backend(args.backend, f"{source(args, 'backend')} is {args.backend}")
     return config
 
 
@@ -99,6 +90,12 @@ def make_registry(args: argparse.Namespace) -> Registry:
     if args.etcd_endpoints:
         from .etcd.registry import EtcdRegistry
 
+        for dest in STATIC_ONLY:
+            if dest in getattr(args, "sources", {}):
+                log.warning(
+                    "ignoring %s: with --etcd-endpoints, etcd holds the network and the leases",
+                    source(args, dest),
+                )
 
         return EtcdRegistry(
             etcd_settings(args),

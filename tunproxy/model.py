@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -212,6 +212,20 @@ class NetworkConfig:
         if subnet_min > subnet_max:
             raise ConfigError(f"SubnetMin {subnet_min} is above SubnetMax {subnet_max}")
         return cls(network, subnet_len, subnet_min, subnet_max, backend_type, options, tuple(warnings))
+
+    def with_backend(self, backend_type: str, said_by: str) -> NetworkConfig:
+        """This config with another backend (``--backend``): that type's default options, since
+        the ``Backend`` section was written for this one; its options' warnings give way to one
+        line naming them and ``said_by`` (who asked: ``"--backend is host-gw"``). ConfigError
+        for a type not in ``BACKEND_TYPES``."""
+        if backend_type == self.backend_type:
+            return self
+        warnings = [w for w in self.warnings if w not in self.backend.warnings]
+        if self.backend.raw:
+            names = ", ".join(sorted(self.backend.raw))
+            warnings.append(f"ignoring Backend {names}: written for {self.backend_type}, {said_by}")
+        options = parse_backend(backend_type, {})
+        return replace(self, backend_type=backend_type, backend=options, warnings=tuple(warnings))
 
     def to_json(self) -> str:
         """flannel's config JSON: Network, SubnetLen, SubnetMin, SubnetMax, Backend (options as given)."""

@@ -71,8 +71,8 @@ class Observer:
         self._notifier: Any = None
         self._masq: Any = None
         self._phase: tuple[str, str] | None = None
-        self._tick: float | None = None
-        self._said = Said(repeat=REPEAT_EVERY)  # loop time of run()'s last round
+        self._tick: float | None = None  # loop time of run()'s last round
+        self._said = Said(repeat=REPEAT_EVERY)
 
     # ---- what the daemon reports ----
 

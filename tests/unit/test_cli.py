@@ -96,3 +96,22 @@ def test_allow_any_source_reaches_the_udp_backend(argv, env, allowed, monkeypatc
     base = ["run", "--network", "10.100.0.0/16", "--subnet", "10.100.5.0/24", "--subnet-file", ""]
     assert cli.main(base + argv) == 0
     assert seen["options"].udp.allow_any_source is allowed
+
+
+def test_static_flags_with_etcd_are_one_warning_each_naming_the_flag_or_variable(caplog):
+    import asyncio
+    import logging
+
+    from tunproxy.cli_run import make_registry
+
+    argv = ["run", "--etcd-endpoints", "http://192.0.2.100:2379", "--peer", "192.0.2.12=10.100.6.0/24"]
+    args, _ = cli.parse(argv, {"TUNPROXY_NETWORK": "10.100.0.0/16", "TUNPROXY_BACKEND": "vxlan"})
+    with caplog.at_level(logging.WARNING, logger="tunproxy"):
+        registry = make_registry(args)
+    asyncio.run(registry.close())
+    said = "with --etcd-endpoints, etcd holds the network and the leases"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ignoring TUNPROXY_NETWORK: {said}",
+        f"ignoring --peer: {said}",
+        f"ignoring TUNPROXY_BACKEND: {said}",
+    ]

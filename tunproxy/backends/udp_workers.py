@@ -44,7 +44,8 @@ from ..fastpath_memory import Drop
 log = logging.getLogger(__name__)
 
 ErrorReport = Callable[[str, OSError], None]
-"""Called from a worker thread with ``("tun->udp" | "udp->tun", error)`` when a C call fails."""
+"""Called from a worker thread with ``(direction, error)`` when a C call fails: ``"tun->udp"``,
+``"udp->tun"`` (Python-epoll workers) or ``"c-loop"`` (``FastPath.run``, both ways at once)."""
 
 
 def sum_counters(snapshots: Sequence[Counters]) -> Counters:
