@@ -1,22 +1,24 @@
-"""An in-memory etcd and a fake clock, and a host driving a ``Keeper`` against them.
+"""An in-memory etcd and a fake clock, and a host keeping its lease in them.
 
-The double of what ``EtcdRegistry`` does with a real etcd: ``FakeHost`` runs
-the keeper's actions the same way (renew -> ``renewed``, read our key ->
-``verified``, acquire with ``plan_acquisition`` -> ``reacquired``), and the
-store tells it what a watch would see of our key. Time moves only when a
-test (or ``run_until``) moves it: no sleeps.
+``FakeHost`` runs the keeper with the daemon's own ``KeepLoop`` (what
+``EtcdRegistry`` runs on a real etcd), the in-memory etcd as its store; the
+store tells the keeper what a watch would see of our key. Time moves only
+when a test (or ``run_until``) moves it: no sleeps.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import random
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 
 from tunproxy.etcd.acquire import Entry, PlanKind, plan_acquisition
-from tunproxy.etcd.keeper import Held, Keeper, Reacquire, Renew, Report, RevokeUnused, Stored, Verify, Wait
-from tunproxy.model import ConfigError, Lease, NetworkConfig
+from tunproxy.etcd.keep_loop import KeepLoop, LeaseStore
+from tunproxy.etcd.keeper import Held, Keeper, Stored
+from tunproxy.model import Lease, NetworkConfig
 
 
 class FakeClock:
@@ -99,8 +101,13 @@ class FakeEtcd:
                 watch(subnet, None)
 
 
+class Paused(Exception):
+    """The keep loop reached the deadline ``FakeHost`` runs it to."""
+
+
 class FakeHost:
-    """A host keeping its lease in a ``FakeEtcd``, as EtcdRegistry does in etcd."""
+    """A host keeping its lease in a ``FakeEtcd``: the keeper run by the daemon's own
+    ``KeepLoop``, with the fake as its store, up to a deadline on the fake clock."""
 
     def __init__(
         self, etcd: FakeEtcd, config: NetworkConfig, public_ip: IPv4Address, ttl: float, margin: float
@@ -112,7 +119,17 @@ class FakeHost:
         self.keeper = Keeper(ttl, margin)
         self.reports: list[Lease] = []
         self.rng = random.Random(1)
+        self.deadline = 0.0
         etcd.watchers.append(self.keeper.observed)
+        store = LeaseStore(
+            refresh=self._refresh,
+            read=self._read,
+            reacquire=self._reacquire,
+            revoke=self._revoke,
+            wait=self._wait,
+            report=self.reports.append,
+        )
+        self.loop = KeepLoop(self.keeper, store, self.clock, retryable=(ConnectionError,))
 
     def acquire(self, previous: IPv4Network | None = None) -> Held:
         entries = [Entry(s, lease, lease_id) for s, (lease, lease_id) in self.etcd.keys.items()]
@@ -129,45 +146,35 @@ class FakeHost:
         self.keeper.acquired(self.clock.now, held)
         return held.lease
 
-    def run_until(self, deadline: float) -> None:
-        """Run the keeper's actions, moving the clock from wait to wait, up to ``deadline``."""
-        keeper = self.keeper
-        while True:
-            action = keeper.poll(self.clock.now)
-            if isinstance(action, Wait):
-                if action.until > deadline:
-                    self.clock.now = max(self.clock.now, deadline)
-                    return
-                self.clock.now = max(self.clock.now, action.until)
-            elif isinstance(action, Report):
-                self.reports.append(action.lease)
-            elif isinstance(action, RevokeUnused):
-                for lease_id in action.ids:
-                    try:
-                        self.etcd.revoke(lease_id)
-                    except ConnectionError:
-                        keeper.revoke_failed(self.clock.now)
-                        break
-                    keeper.revoked(lease_id)
-            else:
-                self.step(action)
+    async def drive(self, deadline: float) -> None:
+        """Run the keep loop, the clock moving from wait to wait, up to ``deadline``."""
+        self.deadline = deadline
+        with contextlib.suppress(Paused):
+            await self.loop.run()
 
-    def step(self, action: Renew | Verify | Reacquire) -> None:
-        keeper = self.keeper
-        try:
-            if isinstance(action, Renew):
-                keeper.renewed(self.clock.now, self.etcd.refresh(action.etcd_lease))
-            elif isinstance(action, Verify):
-                keeper.verified(self.clock.now, self.etcd.get(action.subnet))
-            else:
-                try:
-                    held = self.acquire(action.previous)
-                except ConfigError as e:
-                    keeper.reacquire_failed(self.clock.now, str(e))
-                else:
-                    keeper.reacquired(self.clock.now, held)
-        except ConnectionError:
-            keeper.failed(self.clock.now)
+    def run_until(self, deadline: float) -> None:
+        """``drive`` from outside an event loop."""
+        asyncio.run(self.drive(deadline))
 
     def run_for(self, seconds: float) -> None:
         self.run_until(self.clock.now + seconds)
+
+    # the store, as KeepLoop calls it
+
+    async def _refresh(self, etcd_lease: int) -> float:
+        return self.etcd.refresh(etcd_lease)
+
+    async def _read(self, subnet: IPv4Network) -> Stored | None:
+        return self.etcd.get(subnet)
+
+    async def _reacquire(self, previous: IPv4Network | None) -> tuple[float, Held]:
+        return self.clock.now, self.acquire(previous)
+
+    async def _revoke(self, etcd_lease: int) -> None:
+        self.etcd.revoke(etcd_lease)
+
+    async def _wait(self, until: float) -> None:
+        if until > self.deadline:
+            self.clock.now = max(self.clock.now, self.deadline)
+            raise Paused
+        self.clock.now = max(self.clock.now, until)

@@ -71,7 +71,7 @@ class FakeWorld:
     async def renewed(self) -> None:
         before = self.host.keeper.expires_at
         assert before is not None
-        self.host.run_until(self.host.keeper.renew_at)
+        await self.host.drive(self.host.keeper.renew_at)
         assert self.host.keeper.expires_at is not None and self.host.keeper.expires_at > before
 
     async def delete_own_key(self) -> None:
@@ -80,7 +80,7 @@ class FakeWorld:
         self.host.etcd.delete(lease.subnet)
 
     async def own_lease_reported(self) -> Lease:
-        self.host.run_for(0)
+        await self.host.drive(self.host.clock.now)
         assert self.host.reports
         return self.host.reports[-1]
 

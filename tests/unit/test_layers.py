@@ -51,6 +51,7 @@ LAYERS: dict[str, list[str]] = {
         "peers.static",
         "etcd.connection",
         "etcd.watch_loop",
+        "etcd.keep_loop",
         "etcd.registry",
         "etcd.listing",
     ],
@@ -85,6 +86,7 @@ FORBIDDEN = {
     "peers.static": {"backends", "daemon"},
     "etcd.registry": {"backends", "daemon"},
     "etcd.watch_loop": {"backends", "daemon"},
+    "etcd.keep_loop": {"backends", "daemon", "etcd.registry", "etcd.connection"},
     "netlink": {"peers", "backends"},
 }
 

@@ -42,23 +42,18 @@ from ..logonce import REPEAT_EVERY, Said
 from ..model import ConfigError, Lease, NetworkConfig, subnet_key
 from ..peers.base import OwnLease, Registry, Update
 from ..subnetenv import read_previous_subnet
-from ..supervise import TaskDied, own_cancellation
+from ..supervise import TaskDied
 from .acquire import Entry, Plan, PlanKind, config_drift, plan_acquisition, race_delay
 from .connection import RETRYABLE, Client, Connection, EtcdSettings, describe, guarded, settle
 from .cursor import WATCH_IDLE
+from .keep_loop import KeepLoop, LeaseStore
 from .keeper import (
     DEFAULT_RENEW_MARGIN,
     DEFAULT_TTL,
     Held,
     Keeper,
-    Reacquire,
-    Renew,
-    Report,
-    RevokeUnused,
     RevokeVerdict,
     Stored,
-    Verify,
-    Wait,
     revoke_verdict,
 )
 from .retry import Backoff
@@ -97,7 +92,6 @@ class EtcdRegistry(Registry):
         self.config_key = f"{settings.prefix}/config".encode()
         self.subnets_key = f"{settings.prefix}/subnets/".encode()
         self._conn = Connection(settings)
-        self._failures = Said(repeat=REPEAT_EVERY)  # unexpected errors: the traceback once a minute
         self._rng = rng or random.Random()
         self._clock = clock
         self._config: NetworkConfig | None = None
@@ -108,6 +102,15 @@ class EtcdRegistry(Registry):
         self._watchers: set[asyncio.Task[None]] = set()
         self._decoder = LeaseDecoder()
         self._watch: WatchLoop | None = None
+        store = LeaseStore(
+            refresh=self._refresh,
+            read=self._read_own,
+            reacquire=self._acquire,
+            revoke=self._revoke,
+            wait=self._wait,
+            report=lambda lease: self._updates.put_nowait(OwnLease(lease)),
+        )
+        self._keeping = KeepLoop(self.keeper, store, clock, retryable=RETRYABLE)
         self.config_poll = 10.0  # seconds between looks at the config, for drift only
         self.watch_idle = WATCH_IDLE  # seconds of watch silence before asking etcd for progress
 
@@ -198,8 +201,8 @@ class EtcdRegistry(Registry):
         self.keeper.acquired(at, held)
         due = self.keeper.revoke_due(self._clock())
         if due is not None:
-            await self._revoke(due)
-        self._keep_task = asyncio.create_task(self._keep(), name="etcd-lease-keeper")
+            await self._keeping.revoke(due)
+        self._keep_task = asyncio.create_task(self._keeping.run(), name="etcd-lease-keeper")
         return held.lease
 
     async def updates(self) -> AsyncIterator[Update]:
@@ -331,95 +334,41 @@ class EtcdRegistry(Registry):
             self.keeper.unused(plan.replaces)  # the key moved to the new lease; the old one would linger
         return granted_at, Held(lease, grant.id, grant.ttl)
 
-    # --- keeping our lease: the keeper decides, this runs its calls -------------------
+    # --- keeping our lease: the keeper decides, keep_loop.KeepLoop runs these calls --------
 
-    async def _keep(self) -> None:
-        """Run the keeper's actions until cancelled; never returns, never raises."""
-        while True:
-            self._wake.clear()
-            self._say()
-            action = self.keeper.poll(self._clock())
-            if isinstance(action, Wait):
-                await self._wait(action.until)
-            elif isinstance(action, Report):
-                self._updates.put_nowait(OwnLease(action.lease))
-            elif isinstance(action, RevokeUnused):
-                await self._revoke(action)
-            else:
-                await self._step(action)
+    async def _refresh(self, etcd_lease: int) -> float:
+        reply = await self._conn.call(lambda c: c.refresh_lease(etcd_lease))
+        return getattr(reply, "TTL", 0) if reply is not None else 0
+
+    async def _read_own(self, subnet: IPv4Network) -> Stored | None:
+        kv = await self._conn.call(lambda c: c.get(self._own_key(subnet)))
+        if kv is None:
+            return None
+        return Stored(self._decoder.decode(kv.key.decode(errors="replace"), kv.value)[0], kv.lease)
 
     async def _wait(self, until: float) -> None:
         """Until ``until`` (monotonic s), or until the watch sees something of our key."""
         delay = until - self._clock()
-        if math.isinf(delay):
-            await self._wake.wait()
-        elif delay > 0:
-            with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError):
+            if math.isinf(delay):
+                await self._wake.wait()
+            elif delay > 0:
                 await asyncio.wait_for(self._wake.wait(), delay)
+        self._wake.clear()  # what the watch saw is in the keeper already; the next poll reads it
 
-    async def _step(self, action: Renew | Verify | Reacquire) -> None:
-        keeper = self.keeper
-        try:
-            if isinstance(action, Renew):
-                reply = await self._conn.call(lambda c: c.refresh_lease(action.etcd_lease))
-                keeper.renewed(self._clock(), getattr(reply, "TTL", 0) if reply is not None else 0)
-            elif isinstance(action, Verify):
-                kv = await self._conn.call(lambda c: c.get(self._own_key(action.subnet)))
-                stored = None
-                if kv is not None:
-                    stored = Stored(
-                        self._decoder.decode(kv.key.decode(errors="replace"), kv.value)[0], kv.lease
-                    )
-                keeper.verified(self._clock(), stored)
-            else:
-                try:
-                    at, held = await self._acquire(action.previous)
-                except ConfigError as e:
-                    keeper.reacquire_failed(self._clock(), str(e))
-                else:
-                    keeper.reacquired(at, held)
-        except asyncio.CancelledError:
-            if own_cancellation():
-                raise
-            log.warning("keeping our lease: a call was cancelled; retrying")
-            keeper.failed(self._clock())
-        except Exception as e:  # a bug: the traceback once, then one line a minute while it lasts
-            if self._failures.due("keep", repr(e), time.monotonic()):
-                log.exception("keeping our lease failed; retrying")
-            keeper.failed(self._clock())
-
-    async def _revoke(self, action: RevokeUnused) -> None:
-        """One try at revoking each lease we stopped using; what fails is tried again later.
-
-        A lease that still has keys is left alone: someone re-attached a key
-        to it, and revoking it would delete that key.
-        """
-        for lease_id in action.ids:
-            try:
-                client = await guarded(self._conn.client())
-                info = await guarded(client.get_lease_info(lease_id, keys=True))
-                verdict = revoke_verdict(info.TTL, len(info.keys))
-                if verdict is RevokeVerdict.GONE:
-                    log.debug("etcd lease %x is already gone", lease_id)
-                elif verdict is RevokeVerdict.HOLDS_KEYS:
-                    log.info("not revoking etcd lease %x: it holds %d key(s) now", lease_id, len(info.keys))
-                else:
-                    await guarded(client.revoke_lease(lease_id))
-                    log.info("revoked etcd lease %x, which we no longer use", lease_id)
-            except RETRYABLE as e:
-                log.debug("revoking etcd lease %x failed (%s); trying again later", lease_id, describe(e))
-                self.keeper.revoke_failed(self._clock())
-                return
-            except Exception as e:
-                if self._failures.due("revoke", repr(e), time.monotonic()):
-                    log.exception("revoking etcd lease %x failed; trying again later", lease_id)
-                self.keeper.revoke_failed(self._clock())
-                return
-            self.keeper.revoked(lease_id)
-
-    def _say(self) -> None:
-        for line in self.keeper.messages():
-            log.log(line.level, "%s", line.text)
+    async def _revoke(self, etcd_lease: int) -> None:
+        """Revoke a lease we stopped using, unless it holds keys now: someone re-attached a
+        key to it, and revoking it would delete that key."""
+        client = await guarded(self._conn.client())
+        info = await guarded(client.get_lease_info(etcd_lease, keys=True))
+        verdict = revoke_verdict(info.TTL, len(info.keys))
+        if verdict is RevokeVerdict.GONE:
+            log.debug("etcd lease %x is already gone", etcd_lease)
+        elif verdict is RevokeVerdict.HOLDS_KEYS:
+            log.info("not revoking etcd lease %x: it holds %d key(s) now", etcd_lease, len(info.keys))
+        else:
+            await guarded(client.revoke_lease(etcd_lease))
+            log.info("revoked etcd lease %x, which we no longer use", etcd_lease)
 
     # --- the config, for drift only ---------------------------------------------------
 
