@@ -462,3 +462,82 @@ def test_a_config_changed_in_etcd_at_run_time_is_one_line_and_not_applied(stored
     running = NetworkConfig.parse({"Network": "10.100.0.0/16"})
     drift = config_drift(running, stored)
     assert drift is not None and says in drift and "\n" not in drift
+
+
+# --- files that are not what they say, and inputs named by their variable ---------------------
+
+NOT_UTF8 = b"\xff\xfe[]"
+
+
+def test_a_net_conf_that_is_not_utf8_is_one_line_naming_it(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "net-conf.json"
+    path.write_bytes(NOT_UTF8)
+    line = one_line(capsys, ["run", "--subnet", "10.100.5.0/24"], {"FLANNELD_NET_CONFIG_PATH": str(path)})
+    assert line == f"tunproxy: error: FLANNELD_NET_CONFIG_PATH {path} is not UTF-8 text"
+
+
+def test_a_peers_file_that_is_not_utf8_is_one_line_at_start(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "peers.json"
+    path.write_bytes(NOT_UTF8)
+    line = one_line(capsys, [*STATIC, "--peers-file", str(path)], {})
+    assert line == f"tunproxy: error: --peers-file {path} is not UTF-8 text"
+
+
+def test_a_peers_file_that_turns_to_garbage_keeps_the_table_on_sighup(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "peers.json"
+    path.write_text(json.dumps([{"PublicIP": "192.0.2.12", "Subnet": "10.100.6.0/24"}]))
+    config = NetworkConfig.parse({"Network": "10.100.0.0/16"})
+    registry = StaticRegistry(config, IPv4Network("10.100.5.0/24"), {}, path)
+    path.write_bytes(NOT_UTF8)
+    with caplog.at_level(logging.ERROR):
+        registry.reload()
+    assert [lease.subnet for lease in registry.current] == [IPv4Network("10.100.6.0/24")]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"peers not reloaded, keeping the previous 1: peers file {path} is not UTF-8 text"
+    ]
+
+
+def test_an_etcd_ca_file_that_is_not_pem_is_one_line_naming_the_flag(tmp_path: Path, capsys) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a pem\n")
+    argv = ["run", "--etcd-endpoints", "https://127.0.0.1:2379", "--etcd-cafile", str(ca)]
+    assert one_line(capsys, argv, {}) == f"tunproxy: error: --etcd-cafile {ca} holds no PEM certificate"
+    line = one_line(
+        capsys, ["leases", "--etcd-endpoints", "https://127.0.0.1:2379"], {"TUNPROXY_ETCD_CAFILE": str(ca)}
+    )
+    assert line == f"tunproxy: error: TUNPROXY_ETCD_CAFILE {ca} holds no PEM certificate"
+
+
+def test_an_etcd_cert_and_key_that_do_not_load_are_one_line(tmp_path: Path, capsys) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("junk")
+    key.write_text("junk")
+    argv = [
+        "leases",
+        "--etcd-endpoints",
+        "https://127.0.0.1:2379",
+        "--etcd-certfile",
+        str(cert),
+        "--etcd-keyfile",
+        str(key),
+    ]
+    assert "are not a PEM certificate and its private key" in one_line(capsys, argv, {})
+
+
+def test_a_missing_peers_file_from_the_environment_names_the_variable(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nope.json"
+    line = one_line(capsys, STATIC, {"TUNPROXY_PEERS_FILE": str(missing)})
+    assert line == f"tunproxy: error: cannot read TUNPROXY_PEERS_FILE {missing}: No such file or directory"
+
+
+def test_an_interface_from_the_environment_is_named_with_its_variable() -> None:
+    from tunproxy.model import ConfigError
+    from tunproxy.netlink import InterfaceChoice, find_underlay
+
+    with pytest.raises(ConfigError) as flag:
+        find_underlay(InterfaceChoice(("tp-nope0",)))
+    assert str(flag.value) == "interface 'tp-nope0' does not exist"
+    labels = ("FLANNELD_IFACE", "--iface-regex", "--iface-can-reach")
+    with pytest.raises(ConfigError) as variable:
+        find_underlay(InterfaceChoice(("tp-nope0",), labels=labels))
+    assert str(variable.value) == "interface 'tp-nope0' does not exist (FLANNELD_IFACE tp-nope0)"

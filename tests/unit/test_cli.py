@@ -115,3 +115,10 @@ def test_static_flags_with_etcd_are_one_warning_each_naming_the_flag_or_variable
         f"ignoring --peer: {said}",
         f"ignoring TUNPROXY_BACKEND: {said}",
     ]
+
+
+def test_run_takes_version_as_flanneld_does(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.parse(["run", "--version"], {})
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("tunproxy ")

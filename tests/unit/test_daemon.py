@@ -21,6 +21,7 @@ from tunproxy.daemon import Daemon, DaemonOptions
 from tunproxy.model import Lease, LeaseAdded, LeaseRemoved, NetworkConfig
 from tunproxy.netlink import Underlay
 from tunproxy.peers.base import Changes, OwnLease, Registry, Snapshot, Update
+from tunproxy.watcher import LeaseWatcher
 
 CONFIG = NetworkConfig.parse({"Network": "10.100.0.0/16", "Backend": {"Type": "udp"}})
 UNDERLAY = Underlay("eth9", 9, IPv4Address("192.0.2.11"), 24, 1500)
@@ -307,3 +308,54 @@ def test_each_refused_lease_is_tried_once_per_burst(tmp_path: Path) -> None:
         return tries
 
     asyncio.run(main())
+
+
+class OneRouteBackend:
+    """A backend whose table holds one route; records every apply call."""
+
+    name = "udp"
+
+    def __init__(self) -> None:
+        self.routes: dict[IPv4Network, Lease] = {}
+        self.calls: list[tuple[list[IPv4Network], list[IPv4Network]]] = []
+
+    async def apply(self, removed: Sequence[Lease], added: Sequence[Lease]) -> list[tuple[Lease, Exception]]:
+        self.calls.append(([lease.subnet for lease in removed], [lease.subnet for lease in added]))
+        for lease in removed:
+            self.routes.pop(lease.subnet, None)
+        failures: list[tuple[Lease, Exception]] = []
+        for lease in added:
+            if lease.subnet not in self.routes and len(self.routes) >= 1:
+                failures.append((lease, RouteTableFull("route table full (1 routes)")))
+            else:
+                self.routes[lease.subnet] = lease
+        return failures
+
+
+def small(n: int) -> Lease:
+    """The ``n``th /27 lease: many fit in one /16."""
+    return Lease(IPv4Network(f"10.100.{n // 8}.{n % 8 * 32}/27"), IPv4Address("192.0.2.12"), "udp")
+
+
+def test_a_waiting_lease_is_retried_once_per_burst_after_its_removals() -> None:
+    """A revocation of 1,200 peers used to offer the waiting lease again in every chunk of 512,
+    adding it and removing it within the burst, and logging additions nobody made."""
+
+    async def main() -> OneRouteBackend:
+        daemon = Daemon(None, DaemonOptions(iface=None, public_ip=None, subnet_file=None))  # type: ignore[arg-type]
+        backend = daemon.backend = OneRouteBackend()  # type: ignore[assignment]
+        daemon.watcher = LeaseWatcher("udp")
+        await daemon._apply(daemon.watcher.reset([small(1), small(2)]))
+        assert set(backend.routes) == {small(1).subnet} and set(daemon.waiting.leases) == {small(2).subnet}
+        burst = [LeaseAdded(small(n)) for n in range(10, 1210)]
+        await daemon._apply(daemon.watcher.update(burst))
+        backend.calls.clear()
+        await daemon._apply(
+            daemon.watcher.update([LeaseRemoved(small(n).subnet) for n in (1, *range(10, 1210))])
+        )
+        return backend
+
+    backend = asyncio.run(main())
+    offered = [added for _, added in backend.calls if small(2).subnet in added]
+    assert offered == [[small(2).subnet]]  # once, after every removal
+    assert set(backend.routes) == {small(2).subnet}

@@ -127,3 +127,21 @@ def test_a_lease_to_an_address_no_host_can_have_cannot_exist(ip):
 @pytest.mark.parametrize("ip", ["192.0.2.12", "127.0.0.2", "10.0.0.1", "223.255.255.254"])
 def test_any_unicast_address_can_be_a_public_ip(ip):
     assert Lease(IPv4Network("10.100.18.0/24"), IPv4Address(ip)).public_ip == IPv4Address(ip)
+
+
+def test_net_conf_keys_match_as_go_decodes_them_ignoring_case() -> None:
+    """flanneld reads net-conf.json with Go's encoding/json: key case does not matter there."""
+    doc = (
+        '{"network": "10.100.0.0/16", "subnetlen": 26,'
+        ' "backend": {"type": "vxlan", "vni": 7, "directrouting": true}}'
+    )
+    config = NetworkConfig.parse(doc)
+    assert (config.network, config.subnet_len, config.backend_type) == (
+        IPv4Network("10.100.0.0/16"),
+        26,
+        "vxlan",
+    )
+    assert config.backend.raw == {"VNI": 7, "DirectRouting": True} and config.warnings == ()
+    assert (config.backend.vni, config.backend.direct_routing) == (7, True)  # type: ignore[attr-defined]
+    exact = NetworkConfig.parse('{"Network": "10.100.0.0/16", "NETWORK": "10.7.0.0/16"}')
+    assert exact.network == IPv4Network("10.100.0.0/16")  # the exact spelling wins
