@@ -15,7 +15,7 @@ Everything here is pure.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 UDP_DEFAULT_PORT = 8285  # flannel's udp default
@@ -259,6 +259,10 @@ class UdpFlags:
                 "every host must use one port"
             )
         return self.port, None
+
+
+UDP_ONLY = tuple(f.name for f in fields(UdpFlags) if f.name != "sources")
+"""The udp backend's flags (fields of UdpFlags); another backend ignores them, with a warning."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import cli_observe
-from .backend_config import UdpFlags
+from .backend_config import UDP_ONLY, UdpFlags
 from .flags import UsageError, source
 from .model import ConfigError, NetworkConfig
 
@@ -130,7 +130,6 @@ def make_registry(args: argparse.Namespace) -> Registry:
 def udp_flags(args: argparse.Namespace) -> UdpFlags:
     """The udp backend's flags, with the flag or variable each given one came from (another
     backend warns about each, see create_backend)."""
-    from .backends import UDP_ONLY
 
     given = getattr(args, "sources", {})
     dests = {"offload": "no_offload"}  # the field is the positive; the flag turns it off

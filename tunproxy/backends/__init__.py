@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 
-from ..backend_config import BACKEND_TYPES, UdpFlags
+from ..backend_config import BACKEND_TYPES, UDP_ONLY
 from ..model import ConfigError
 from .base import Backend, BackendContext
 
@@ -21,10 +20,6 @@ def backend_class(name: str) -> type[Backend]:
     module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
     cls: type[Backend] = module.BACKEND
     return cls
-
-
-UDP_ONLY = tuple(f.name for f in dataclasses.fields(UdpFlags) if f.name != "sources")
-"""The udp backend's flags (fields of UdpFlags); another backend ignores them, with a warning."""
 
 
 def check_underlay(ctx: BackendContext) -> None:
@@ -62,4 +57,4 @@ def create_backend(ctx: BackendContext) -> Backend:
     return backend_class(ctx.network.backend_type)(ctx)
 
 
-__all__ = ["UDP_ONLY", "Backend", "BackendContext", "backend_class", "check_underlay", "create_backend"]
+__all__ = ["Backend", "BackendContext", "backend_class", "check_underlay", "create_backend"]
