@@ -272,8 +272,9 @@ class UdpSettings:
 
     ``workers`` is what is asked of the kernel (it may give fewer TUN queues);
     ``c_loop``, ``drain``, ``fast_csum``, ``uso`` and ``flow_steering`` are the
-    ``FEATURES`` left on; ``refuse`` the ones to treat as refused by the
-    kernel (``--refuse``); ``warnings`` one line each to log.
+    ``FEATURES`` left on; ``simd`` False keeps fast-csum off AVX2 (``--refuse
+    fast-csum``); ``refuse`` the features to treat as refused by the kernel
+    where it is asked (multiqueue, uso, flow-steering); ``warnings`` one line each to log.
     """
 
     tun_name: str = DEFAULT_TUN
@@ -287,6 +288,7 @@ class UdpSettings:
     c_loop: bool = True
     drain: bool = True
     fast_csum: bool = True
+    simd: bool = True
     uso: bool = True
     flow_steering: bool = True
     refuse: frozenset[str] = frozenset()
@@ -317,6 +319,7 @@ class UdpSettings:
             c_loop=c_loop,
             drain=flags.wants("drain"),
             fast_csum=flags.wants("fast-csum"),
+            simd="fast-csum" not in flags.refuse,  # refused: as on a CPU without AVX2
             uso=flags.wants("uso"),
             flow_steering=flags.wants("flow-steering"),
             refuse=flags.refuse,

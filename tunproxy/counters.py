@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 from ipaddress import IPv4Address
 
 DROP_PREFIX = "drop_"
+DROP_SNAP = 96  # bytes of a dropped packet the drop ring keeps: fastpath.h FP_DROP_SNAP, checked at import
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class Drop:
     caller's monotonic clock); ``direction`` is ``"tx"`` (read from the TUN,
     ``peer`` the next hop or None without a route) or ``"rx"`` (received,
     ``peer`` the sender); ``length`` is the packet's own length and ``data``
-    its first FP_DROP_SNAP bytes at most (fastpath.h), from the IPv4 header on; ``count``
+    its first ``DROP_SNAP`` bytes at most, from the IPv4 header on; ``count``
     is how many packets the record stands for (a refused train of datagrams
     is kept once).
     """

@@ -20,11 +20,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import IPv4Address
 from typing import Any, BinaryIO
 
-from .counters import Drop
+from .counters import DROP_SNAP, Drop
 
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 132: "sctp"}
 LINKTYPE_IPV4 = 228  # tcpdump.org link-layer header types
-SNAPLEN = 96
 
 
 def decode(data: bytes) -> dict[str, Any]:
@@ -121,7 +120,7 @@ def write_pcapng(out: BinaryIO, records: Iterable[Mapping[str, Any]]) -> None:
     drop with its reason in an opt_comment."""
     shb = struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)
     out.write(_block(0x0A0D0D0A, shb))
-    idb = struct.pack("<HHI", LINKTYPE_IPV4, 0, SNAPLEN) + _option(2, b"tunproxy drops") + _option(0, b"")
+    idb = struct.pack("<HHI", LINKTYPE_IPV4, 0, DROP_SNAP) + _option(2, b"tunproxy drops") + _option(0, b"")
     out.write(_block(1, idb))
     for r in records:
         data = bytes.fromhex(r["data"])

@@ -255,11 +255,6 @@ class FastPath:
         return bool(k & lib.FP_FEAT_FAST_CSUM and not k & lib.FP_FEAT_CSUM_NO_SIMD and lib.fp_have_avx2())
 
     @property
-    def drain(self) -> bool:
-        """Whether ``udp_to_tun`` reads the TUN for the kernel's replies after its writes."""
-        return bool(self._ctx.features & lib.FP_FEAT_DRAIN)
-
-    @property
     def udp_gso(self) -> bool:
         """Whether runs of datagrams still go out with UDP_SEGMENT (the kernel may refuse)."""
         return bool(self._ctx.offload & lib.FP_OFFLOAD_UDP_GSO)

@@ -23,7 +23,7 @@ from typing import Any
 
 from tunproxy._fastpath_cffi import ffi, lib
 
-from .counters import DROP_REASONS, PEER_COUNTERS, Drop, PeerCounters
+from .counters import DROP_REASONS, DROP_SNAP, PEER_COUNTERS, Drop, PeerCounters
 
 # The counters' names are the struct's fields (tunproxy.counters says what they mean).
 COUNTER_FIELDS: tuple[str, ...] = tuple(name for name, _ in ffi.typeof("struct fp_counters").fields)
@@ -31,8 +31,8 @@ assert [getattr(lib, "FP_DROP_" + r.upper()) for r in DROP_REASONS] == list(rang
 PEER = struct.Struct("=II4Q")  # struct fp_peer
 assert PEER.size == ffi.sizeof("struct fp_peer")
 assert tuple(name for name, _ in ffi.typeof("struct fp_peer").fields[2:]) == PEER_COUNTERS
-DROP_SNAP = lib.FP_DROP_SNAP
 DROP = struct.Struct(f"=QIIBBHI{DROP_SNAP}s")  # struct fp_drop
+assert lib.FP_DROP_SNAP == DROP_SNAP, "counters.DROP_SNAP is not fastpath.h's FP_DROP_SNAP"
 assert DROP.size == ffi.sizeof("struct fp_drop")
 
 Arrays = dict[str, Any]

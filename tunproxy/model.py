@@ -33,12 +33,13 @@ from .backend_config import (
     parse_backend,
 )
 
-# net-conf fields flannel knows and tunproxy does not use: one warning each, never silence.
-_IPV4_ONLY = "tunproxy carries IPv4 only"
-# The daemon's timings (--stats-interval, --check-interval), in seconds.
+# The daemon's timings (--stats-interval, --check-interval), in seconds: the defaults of its
+# options and of their flags.
 STATS_INTERVAL = 60.0  # between counter summaries in the log
 CHECK_INTERVAL = 10.0  # between checks that repair what was removed behind our back
 
+# net-conf fields flannel knows and tunproxy does not use: one warning each, never silence.
+_IPV4_ONLY = "tunproxy carries IPv4 only"
 IGNORED_FIELDS = {
     "EnableIPv6": _IPV4_ONLY,
     "IPv6Network": _IPV4_ONLY,

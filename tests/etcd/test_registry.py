@@ -289,7 +289,7 @@ def test_restart_reuses_the_subnet_with_a_fresh_lease(etcd):
         await put_config(etcd)
         first = registry(etcd.endpoint)
         lease = await first.acquire(ip(1), "udp", None)
-        old_id = first.own_etcd_lease
+        old_id = first.keeper.etcd_lease
         await first.close()
         # Someone else joins meanwhile; the restarted host must still get its own subnet back.
         other = registry(etcd.endpoint)
@@ -297,10 +297,10 @@ def test_restart_reuses_the_subnet_with_a_fresh_lease(etcd):
         again = registry(etcd.endpoint)
         relet = await again.acquire(ip(1), "vxlan", {"VtepMAC": "aa:bb:cc:dd:ee:ff"})
         assert relet.subnet == lease.subnet
-        assert again.own_etcd_lease not in (0, old_id)
+        assert again.keeper.etcd_lease not in (0, old_id)
         async with admin(etcd) as client:
             kv = await client.get(key(str(lease.subnet)))
-            assert kv.lease == again.own_etcd_lease
+            assert kv.lease == again.keeper.etcd_lease
             assert json.loads(kv.value)["BackendData"] == {"VtepMAC": "aa:bb:cc:dd:ee:ff"}
         await other.close()
         await again.close()
@@ -355,7 +355,7 @@ def test_a_reservation_naming_us_is_ours_without_a_lease(etcd):
         reg = registry(etcd.endpoint)
         lease = await reg.acquire(ip(5), "udp", None)
         assert str(lease.subnet) == "10.100.42.0/24"
-        assert reg.own_etcd_lease == 0
+        assert reg.keeper.etcd_lease == 0
         async with admin(etcd) as client:
             kv = await client.get(key("10.100.42.0/24"))
             assert kv.lease == 0
@@ -384,7 +384,7 @@ def test_renewal_is_retried_through_a_disconnect(etcd, caplog):
         proxy = await TcpProxy(etcd.port).start()
         reg = registry(proxy.endpoint, ttl=8, margin=6)  # renews every 2 s
         lease = await reg.acquire(ip(1), "udp", None)
-        lease_id = reg.own_etcd_lease
+        lease_id = reg.keeper.etcd_lease
         proxy.cut()
         await asyncio.sleep(3.5)  # a renewal falls due and fails
         assert messages(caplog, "unreachable")
@@ -393,7 +393,7 @@ def test_renewal_is_retried_through_a_disconnect(etcd, caplog):
         assert (await truth(etcd)).get(str(lease.subnet)) == "192.0.2.1"
         async with admin(etcd) as client:
             kv = await client.get(key(str(lease.subnet)))
-            assert kv.lease == lease_id == reg.own_etcd_lease  # kept alive, never re-acquired
+            assert kv.lease == lease_id == reg.keeper.etcd_lease  # kept alive, never re-acquired
         await reg.close()
         await proxy.close()
 
@@ -462,13 +462,13 @@ def test_an_expired_own_lease_is_acquired_again(etcd, caplog):
         await put_config(etcd)
         reg = registry(etcd.endpoint, ttl=4, margin=3)
         lease = await reg.acquire(ip(1), "udp", None)
-        old_id = reg.own_etcd_lease
+        old_id = reg.keeper.etcd_lease
         async with admin(etcd) as client:
             await client.revoke_lease(old_id)  # as if it had run out
         # No updates() consumer: the keeper alone notices, at its next renewal.
         update = await asyncio.wait_for(reg._updates.get(), 5)
         assert isinstance(update, OwnLease) and update.lease.subnet == lease.subnet
-        assert reg.own_etcd_lease not in (0, old_id)
+        assert reg.keeper.etcd_lease not in (0, old_id)
         assert (await truth(etcd)).get(str(lease.subnet)) == "192.0.2.1"
         await reg.close()
 
@@ -713,14 +713,14 @@ def test_a_lease_left_by_a_reacquire_is_revoked(etcd, caplog):
         await put_config(etcd)
         reg = registry(etcd.endpoint)
         lease = await reg.acquire(ip(1), "udp", None)
-        old_id = reg.own_etcd_lease
+        old_id = reg.keeper.etcd_lease
         follower = Follower(reg)
         assert isinstance(await follower.next(), Snapshot)
         async with admin(etcd) as client:
             await client.delete(key(str(lease.subnet)))  # our key goes; its etcd lease would stay
         await follower.until(lambda u: isinstance(u, OwnLease))
         await wait_for_log(caplog, f"revoked etcd lease {old_id:x}")
-        assert await etcd_leases(etcd) == {reg.own_etcd_lease}
+        assert await etcd_leases(etcd) == {reg.keeper.etcd_lease}
         await follower.stop()
         await reg.close()
 

@@ -32,7 +32,7 @@ class RealWorld:
         return lease
 
     def etcd_lease(self) -> int | None:
-        return self.reg.own_etcd_lease
+        return self.reg.keeper.etcd_lease
 
     def problem(self) -> str | None:
         return self.reg.lease_problem

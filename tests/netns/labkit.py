@@ -21,7 +21,7 @@ from lab import hosts as plan
 from lab.etcd import EtcdServer
 from lab.hosts import ETCD_ADDRESS, NETWORK, SEGMENT, STRANGER_ADDRESS, UNDERLAY
 from lab.netns import Host, Lab, Process
-from tunproxy.backends.vxlan_rules import vtep_mac
+from tunproxy.backends.rules import vtep_mac
 
 HOSTS = plan.pairs(plan.HOSTS)
 

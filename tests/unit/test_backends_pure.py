@@ -12,16 +12,17 @@ from hypothesis import strategies as st
 from tunproxy.backend_config import VXLAN_DEFAULT_PORT, UdpFlags, UdpOptions, UdpSettings, VxlanOptions
 from tunproxy.backends import BackendContext, backend_class, create_backend
 from tunproxy.backends.base import PeerRefused
-from tunproxy.backends.host_gw import refusal
-from tunproxy.backends.vxlan import VxlanBackend
-from tunproxy.backends.vxlan_rules import (
+from tunproxy.backends.rules import (
     VxlanSettings,
     device_name,
+    fit_routes,
+    host_gw_refusal,
     link_mismatch,
     peer_vtep_mac,
     routes_directly,
     vtep_mac,
 )
+from tunproxy.backends.vxlan import VxlanBackend
 from tunproxy.model import ConfigError, Lease, NetworkConfig
 from tunproxy.netlink import Underlay
 
@@ -208,11 +209,11 @@ def test_direct_routing_matches_a_brute_force_prefix_compare(n, plen):
 
 
 def test_host_gw_refuses_a_peer_off_the_segment():
-    assert refusal(IPv4Address("192.0.2.12"), UNDERLAY) is None
-    assert refusal(IPv4Address("198.51.100.12"), UNDERLAY) == (
+    assert host_gw_refusal(IPv4Address("192.0.2.12"), UNDERLAY) is None
+    assert host_gw_refusal(IPv4Address("198.51.100.12"), UNDERLAY) == (
         "host-gw needs peers on one L2 segment; 198.51.100.12 is not in 192.0.2.0/24"
     )
-    assert "our own address" in (refusal(IPv4Address("192.0.2.11"), UNDERLAY) or "")
+    assert "our own address" in (host_gw_refusal(IPv4Address("192.0.2.11"), UNDERLAY) or "")
 
 
 def test_host_gw_mtu_is_the_underlays():
@@ -303,3 +304,26 @@ def test_a_feature_turned_off_or_refused_is_settled_with_its_line():
 def test_udp_settings_carry_the_port_warning():
     s = udp_settings(options={"Port": 9000}, port=9100, sources={"port": "--port"})
     assert s.port == 9100 and s.warnings == (f"--port 9100 overrides Backend.Port 9000; {ONE_PORT}",)
+
+
+# --- how a burst fits the udp route table -----------------------------------------------------------
+
+
+def peer_lease(third: int, host: int = 12) -> Lease:
+    return Lease(IPv4Network(f"10.100.{third}.0/24"), IPv4Address(f"192.0.2.{host}"))
+
+
+def test_a_burst_fits_the_table_removals_first_and_repoints_cost_nothing():
+    table = {peer_lease(1).subnet: peer_lease(1).public_ip, peer_lease(2).subnet: peer_lease(2).public_ip}
+    removed = [peer_lease(1), peer_lease(9)]  # 9 is not in the table: nothing to remove
+    added = [peer_lease(2, host=13), peer_lease(3), peer_lease(4), peer_lease(3, host=14)]
+    gone, fresh, failures = fit_routes(table, removed, added, max_routes=2)
+    assert gone == {peer_lease(1).subnet}
+    # 2 is repointed in place, 3 takes the room 1 left, 3 again is a repoint within the burst
+    assert fresh == {
+        peer_lease(2).subnet: IPv4Address("192.0.2.13"),
+        peer_lease(3).subnet: IPv4Address("192.0.2.14"),
+    }
+    assert [(lease.subnet, str(e)) for lease, e in failures] == [
+        (peer_lease(4).subnet, "route table full (2 routes)")
+    ]

@@ -8,6 +8,8 @@ counter, say whether that call read it.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.support import packets as h
@@ -49,7 +51,6 @@ def reply(i: int = 0) -> bytes:
 
 
 def test_a_reply_waiting_in_the_tun_goes_out_in_the_same_call(env):
-    assert env.fp.drain
     answer = reply()
     assert wake_up(env, answer) == 1
     assert receive(env.peers[P2], 1) == [h.forward(answer)]
@@ -59,7 +60,6 @@ def test_without_drain_the_reply_waits_for_the_tuns_own_read():
     env = Env()
     try:
         env.fp.set_routes({NET("10.244.1.0/24"): P2})
-        assert not env.fp.drain
         answer = reply()
         assert wake_up(env, answer) == 0
         assert receive(env.peers[P2]) == []
@@ -85,3 +85,15 @@ def test_a_probe_that_finds_a_reply_turns_the_read_back_on(env):
     put_in_tun(env, reply())
     assert sum(wake_up(env) for _ in range(PROBE)) == 1  # the probe took it
     assert [wake_up(env, reply(i)) for i in range(MISSES + 2)] == [1] * (MISSES + 2)
+
+
+def test_a_drain_read_that_fails_counts_as_a_miss_not_as_an_error(env):
+    write_only_r, write_only = os.pipe()  # the datagrams' packets can be written there, never read back
+    try:
+        for _ in range(MISSES):
+            env.send_from(P2, udp("10.244.1.7", "10.244.0.5", size=40))
+            assert env.fp.udp_to_tun(env.udp.fileno(), write_only, env.now) == 1  # EBADF from the read
+    finally:
+        os.close(write_only_r)
+        os.close(write_only)
+    assert wake_up(env, reply()) == 0  # four misses in a row: the next read is the probe's

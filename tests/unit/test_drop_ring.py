@@ -11,8 +11,8 @@ import time
 import pytest
 
 from tests.support import packets as h
+from tunproxy.counters import DROP_SNAP
 from tunproxy.drops import decode, drop_records, format_drops, write_pcapng
-from tunproxy.fastpath_memory import DROP_SNAP
 
 from .test_fastpath import NET, P2, P3, Env, receive, udp
 

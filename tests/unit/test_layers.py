@@ -64,7 +64,7 @@ LAYERS: dict[str, list[str]] = {
         "backends.udp_steering",
         "backends.udp_workers",
         "backends.vxlan",
-        "backends.vxlan_rules",
+        "backends.rules",
         "backends.host_gw",
     ],
     # 6. the daemon: one registry, one backend, the fold between; its window

@@ -146,3 +146,13 @@ def test_the_previous_subnet_file_is_read_or_one_warning_names_it(tmp_path, capl
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ([] if said is None else [f"previous subnet file {path} {said}; ignoring it"])
     assert read_previous_subnet(None) is None
+
+
+def test_a_previous_subnet_file_that_cannot_be_read_is_one_warning_naming_it(tmp_path, caplog):
+    path = tmp_path / "subnet.env"
+    path.mkdir()  # read_text: IsADirectoryError
+    with caplog.at_level(logging.WARNING):
+        assert read_previous_subnet(path) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot read the previous subnet file {path}: Is a directory"
+    ]

@@ -30,21 +30,13 @@ from pyroute2.netlink.exceptions import NetlinkError
 from ..leftovers import LOOPBACK_LABEL, Kept
 from ..logonce import REPEAT_EVERY, Said
 from ..model import Lease
-from ..netlink import ForeignRoute, Underlay, delete_route, link_index, replace_route, routes_via, run_netlink
+from ..netlink import ForeignRoute, delete_route, link_index, replace_route, routes_via, run_netlink
 from .base import Backend, BackendContext, PeerRefused
+from .rules import host_gw_refusal
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "lo"
-
-
-def refusal(public_ip: IPv4Address, underlay: Underlay) -> str | None:
-    """Why host-gw cannot route to a peer at public_ip, or None if it can."""
-    if public_ip not in underlay.network:
-        return f"host-gw needs peers on one L2 segment; {public_ip} is not in {underlay.network}"
-    if public_ip == underlay.address:
-        return f"{public_ip} is our own address"
-    return None
 
 
 class HostGwBackend(Backend):
@@ -100,7 +92,7 @@ class HostGwBackend(Backend):
 
     async def add_peer(self, lease: Lease) -> None:
         """PeerRefused for a peer off our underlay subnet, for our own address, or for a route not ours."""
-        reason = refusal(lease.public_ip, self.ctx.underlay)
+        reason = host_gw_refusal(lease.public_ip, self.ctx.underlay)
         if reason:
             raise PeerRefused(reason)
 
@@ -167,6 +159,7 @@ class HostGwBackend(Backend):
 
     async def close(self) -> None:
         """Every route this backend added goes (the lo address too)."""
+
         def teardown(ipr: IPRoute) -> None:
             for lease in self.peers.values():
                 delete_route(ipr, **self._route(lease))

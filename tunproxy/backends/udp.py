@@ -41,7 +41,8 @@ from ..leftovers import DEFAULT_TUN, Kept
 from ..logonce import REPEAT_EVERY, Said
 from ..model import ConfigError, Lease
 from ..netlink import RT_SCOPE_LINK, delete_tun, ensure_address, link_index, replace_route, run_netlink
-from .base import Backend, BackendContext, RouteTableFull
+from .base import Backend, BackendContext
+from .rules import fit_routes
 from .udp_devices import (
     MultiQueueTun,
     attach_flow_steering,
@@ -210,7 +211,7 @@ class UdpBackend(Backend):
             drop_ring=s.drop_ring,
             allow_any_source=s.allow_any_source,
             fast_csum=s.fast_csum,
-            simd="fast-csum" not in s.refuse,  # refused: as on a CPU without AVX2
+            simd=s.simd,
             drain=s.drain,
         )
 
@@ -274,9 +275,9 @@ class UdpBackend(Backend):
     def _worker_error(self, direction: str, error: OSError) -> None:
         """A failed C call, from a worker's thread (one at a time) or _on_tun/_on_udp: a refused
         UDP GSO once (the datagrams went out one by one), anything else once a minute."""
-        if isinstance(error, UdpGsoDisabled):
+        if isinstance(error, UdpGsoDisabled):  # refused while sending, in whichever call (drain, c-loop)
             self._udp_gso = False
-            log.warning("%s: %s", self._path(direction), error.strerror)
+            log.warning("%s: %s", self._path("tun->udp"), error.strerror)
         else:
             self._log_error(direction, error)
 
@@ -325,18 +326,7 @@ class UdpBackend(Backend):
         Additions past ``max_routes`` come back as ``RouteTableFull``; the
         daemon retries them when a later change or the periodic check runs.
         """
-        gone = {lease.subnet for lease in removed if lease.subnet in self._routes}
-        size = len(self._routes) - len(gone)
-        fresh: dict[IPv4Network, IPv4Address] = {}
-        failures: list[tuple[Lease, Exception]] = []
-        for lease in added:
-            replacing = lease.subnet in fresh or (lease.subnet in self._routes and lease.subnet not in gone)
-            if not replacing:
-                if size >= self.max_routes:
-                    failures.append((lease, RouteTableFull(f"route table full ({self.max_routes} routes)")))
-                    continue
-                size += 1
-            fresh[lease.subnet] = lease.public_ip
+        gone, fresh, failures = fit_routes(self._routes, removed, added, self.max_routes)
         if self.fastpath is not None:
             self.fastpath.update_routes(gone, fresh)
         for subnet in gone:

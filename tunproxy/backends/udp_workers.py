@@ -281,10 +281,6 @@ class WorkerPool:
         for w in self.workers:
             w.stop()
 
-    def threads(self) -> list[threading.Thread]:
-        """The workers' threads, in worker order."""
-        return [w.thread for w in self.workers]
-
     # ---- one FastPath's face ----
 
     def set_routes(self, routes: Mapping[IPv4Network, IPv4Address]) -> None:
@@ -299,12 +295,6 @@ class WorkerPool:
         for w in self.workers:
             with w.holding():
                 w.fastpath.update_routes(removed, added)
-
-    def routes(self) -> dict[IPv4Network, IPv4Address]:
-        """The table, as worker 0 holds it (every worker holds the same)."""
-        w = self.workers[0]
-        with w.holding():
-            return w.fastpath.routes()
 
     def counters(self) -> Counters:
         """The sum over the workers (see ``sum_counters``)."""

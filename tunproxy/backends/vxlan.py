@@ -51,7 +51,7 @@ from ..netlink import (
     run_netlink,
 )
 from .base import Backend, BackendContext, PeerRefused
-from .vxlan_rules import (
+from .rules import (
     VxlanSettings,
     device_name,
     link_mismatch,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Network
@@ -116,5 +115,5 @@ class KeepLoop:
     def _failed(self, what: str, error: Exception) -> None:
         if isinstance(error, self.retryable):
             log.debug("%s failed (%s); trying again later", what, error)
-        elif self._failures.due(what, repr(error), time.monotonic()):
+        elif self._failures.due(what, repr(error), self.clock()):
             log.exception("%s failed; trying again later", what)

@@ -122,11 +122,6 @@ class EtcdRegistry(Registry):
         return self.keeper.lease
 
     @property
-    def own_etcd_lease(self) -> int | None:
-        """The etcd lease ID our key is attached to; 0 for a reservation; None before acquire."""
-        return self.keeper.etcd_lease if self.keeper.lease else None
-
-    @property
     def lease_problem(self) -> str | None:
         """Set while our lease is lost and being re-acquired."""
         return self.keeper.problem

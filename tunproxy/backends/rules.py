@@ -1,20 +1,22 @@
-"""The vxlan backend's rules, without netlink: the device's name and settings, VTEP MACs, peers.
+"""The backends' rules, without netlink or sockets: the vxlan device's name and settings, VTEP
+MACs and peers; which peers host-gw can route; how a burst of leases fits the udp route table.
 
-Pure, so each is unit-tested without root; ``backends/vxlan.py`` applies
-them. The MAC scheme and the MTU meaning follow flannel (see each docstring).
+Pure, so each is unit-tested without root; ``backends/vxlan.py``,
+``host_gw.py`` and ``udp.py`` apply them. The MAC scheme and the MTU meaning
+follow flannel (see each docstring).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING, Any
 
 from ..backend_config import MIN_MTU, VXLAN_DEFAULT_PORT, VXLAN_DEFAULT_VNI, VXLAN_OVERHEAD, VxlanOptions
 from ..model import ConfigError, Lease
-from .base import PeerRefused
+from .base import PeerRefused, RouteTableFull
 
 if TYPE_CHECKING:
     from ..netlink import Underlay
@@ -101,3 +103,34 @@ def link_mismatch(info: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]
     return [f"{k} {info.get(k)!r} != {v!r}" for k, v in want.items() if info.get(k) != v]
 
 
+def host_gw_refusal(public_ip: IPv4Address, underlay: Underlay) -> str | None:
+    """Why host-gw cannot route to a peer at ``public_ip``, or None if it can: the peer must be
+    on our link (flannel's host-gw needs one L2 segment) and not ourselves."""
+    if public_ip not in underlay.network:
+        return f"host-gw needs peers on one L2 segment; {public_ip} is not in {underlay.network}"
+    if public_ip == underlay.address:
+        return f"{public_ip} is our own address"
+    return None
+
+
+def fit_routes(
+    routes: Mapping[IPv4Network, IPv4Address],
+    removed: Sequence[Lease],
+    added: Sequence[Lease],
+    max_routes: int,
+) -> tuple[set[IPv4Network], dict[IPv4Network, IPv4Address], list[tuple[Lease, Exception]]]:
+    """How a burst changes the udp route table ``routes`` (subnet -> peer), at most ``max_routes``
+    long: the subnets to remove (those of ``removed`` it holds), the routes to add or repoint,
+    and the additions that do not fit, each with ``RouteTableFull``. Removals count first."""
+    gone = {lease.subnet for lease in removed if lease.subnet in routes}
+    size = len(routes) - len(gone)
+    fresh: dict[IPv4Network, IPv4Address] = {}
+    failures: list[tuple[Lease, Exception]] = []
+    for lease in added:
+        if not (lease.subnet in fresh or (lease.subnet in routes and lease.subnet not in gone)):
+            if size >= max_routes:
+                failures.append((lease, RouteTableFull(f"route table full ({max_routes} routes)")))
+                continue
+            size += 1
+        fresh[lease.subnet] = lease.public_ip
+    return gone, fresh, failures
