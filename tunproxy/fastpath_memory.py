@@ -32,12 +32,11 @@ PEER = struct.Struct("=II4Q")  # struct fp_peer
 assert PEER.size == ffi.sizeof("struct fp_peer")
 assert tuple(name for name, _ in ffi.typeof("struct fp_peer").fields[2:]) == PEER_COUNTERS
 DROP = struct.Struct(f"=QIIBBHI{DROP_SNAP}s")  # struct fp_drop
-assert lib.FP_DROP_SNAP == DROP_SNAP, "counters.DROP_SNAP is not fastpath.h's FP_DROP_SNAP"
+if lib.FP_DROP_SNAP != DROP_SNAP:  # a rebuilt extension with another snap length: refuse to misread
+    raise ImportError(f"counters.DROP_SNAP {DROP_SNAP} is not fastpath.h's FP_DROP_SNAP {lib.FP_DROP_SNAP}")
 assert DROP.size == ffi.sizeof("struct fp_drop")
 
 Arrays = dict[str, Any]
-
-
 
 
 def slots(routes: int, factor: int) -> int:

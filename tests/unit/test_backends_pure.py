@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -23,6 +25,7 @@ from tunproxy.backends.rules import (
     vtep_mac,
 )
 from tunproxy.backends.vxlan import VxlanBackend
+from tunproxy.fastpath import UdpGsoDisabled
 from tunproxy.model import ConfigError, Lease, NetworkConfig
 from tunproxy.netlink import Underlay
 
@@ -265,7 +268,7 @@ def udp_settings(cpus: int | None = 2, subnets: int = 256, options: dict | None 
 def test_udp_settings_default_to_every_speed_up_and_flannels_port():
     s = udp_settings()
     assert (s.port, s.batch, s.offload, s.workers, s.warnings) == (8285, 64, True, 1, ())
-    assert s.c_loop and s.drain and s.fast_csum and s.uso and s.flow_steering
+    assert s.c_loop and s.drain and s.fast_csum and s.simd and s.uso and s.flow_steering
 
 
 @pytest.mark.parametrize(
@@ -291,7 +294,7 @@ def test_udp_workers_from_the_cpus_the_flag_and_multiqueue(cpus, flags, expected
 
 def test_a_feature_turned_off_or_refused_is_settled_with_its_line():
     s = udp_settings(without=frozenset({"drain", "uso"}), refuse=frozenset({"c-loop", "fast-csum"}))
-    assert not s.drain and not s.uso and s.fast_csum and s.refuse == {"c-loop", "fast-csum"}
+    assert not s.drain and not s.uso and s.fast_csum and not s.simd and s.refuse == {"c-loop", "fast-csum"}
     assert not s.c_loop and s.warnings == (
         "c-loop refused (--refuse c-loop): Python wakes the fast path per wake-up",
     )
@@ -326,4 +329,17 @@ def test_a_burst_fits_the_table_removals_first_and_repoints_cost_nothing():
     }
     assert [(lease.subnet, str(e)) for lease, e in failures] == [
         (peer_lease(4).subnet, "route table full (2 routes)")
+    ]
+
+
+def test_a_refused_udp_gso_is_said_once_as_the_send_direction_whichever_call_met_it(caplog):
+    config = NetworkConfig.parse({"Network": "10.100.0.0/16"})
+    backend = create_backend(BackendContext(config, UNDERLAY, UNDERLAY.address))
+    refused = UdpGsoDisabled(errno.EIO, 3)
+    with caplog.at_level(logging.WARNING, logger="tunproxy"):
+        backend._worker_error("udp->tun", refused)  # the drain's send, inside udp_to_tun
+        backend._worker_error("tun->udp", refused)  # a second worker finding out for itself
+    assert [r.getMessage() for r in caplog.records] == [
+        f"tun->udp (tunproxy0 -> UDP {UNDERLAY.address}:8285): UDP GSO disabled, "
+        "sending datagrams one by one: Input/output error"
     ]

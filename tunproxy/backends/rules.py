@@ -1,5 +1,6 @@
-"""The backends' rules, without netlink or sockets: the vxlan device's name and settings, VTEP
-MACs and peers; which peers host-gw can route; how a burst of leases fits the udp route table.
+"""The backends' rules, as pure functions: the vxlan device's name and settings, VTEP MACs and
+peers; which peers host-gw can route; how a burst of leases fits the udp route table. No
+netlink and no sockets (the exceptions they return are backends.base's).
 
 Pure, so each is unit-tested without root; ``backends/vxlan.py``,
 ``host_gw.py`` and ``udp.py`` apply them. The MAC scheme and the MTU meaning

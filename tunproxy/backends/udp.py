@@ -276,8 +276,9 @@ class UdpBackend(Backend):
         """A failed C call, from a worker's thread (one at a time) or _on_tun/_on_udp: a refused
         UDP GSO once (the datagrams went out one by one), anything else once a minute."""
         if isinstance(error, UdpGsoDisabled):  # refused while sending, in whichever call (drain, c-loop)
+            if self._udp_gso:  # each worker's fast path finds out for itself: say it once
+                log.warning("%s: %s", self._path("tun->udp"), error.strerror)
             self._udp_gso = False
-            log.warning("%s: %s", self._path("tun->udp"), error.strerror)
         else:
             self._log_error(direction, error)
 
