@@ -268,7 +268,8 @@ UDP_ONLY = tuple(f.name for f in fields(UdpFlags) if f.name != "sources")
 @dataclass(frozen=True)
 class UdpSettings:
     """The udp backend's settings, settled once from its ``Backend`` options, the flags and the
-    host (``resolve``): what the backend and its fast path read, with nothing left to merge.
+    host by ``resolve``, its one maker: what the backend and its fast path read, with nothing
+    left to merge (the defaults are the flags').
 
     ``workers`` is what is asked of the kernel (it may give fewer TUN queues);
     ``c_loop``, ``drain``, ``fast_csum``, ``uso`` and ``flow_steering`` are the
@@ -277,22 +278,22 @@ class UdpSettings:
     where it is asked (multiqueue, uso, flow-steering); ``warnings`` one line each to log.
     """
 
-    tun_name: str = DEFAULT_TUN
-    port: int = UDP_DEFAULT_PORT
-    batch: int = BATCH_DEFAULT
-    offload: bool = True
-    allow_any_source: bool = False
-    max_routes: int = MIN_DEFAULT_ROUTES
-    drop_ring: int = DROP_RING_DEFAULT
-    workers: int = 1
-    c_loop: bool = True
-    drain: bool = True
-    fast_csum: bool = True
-    simd: bool = True
-    uso: bool = True
-    flow_steering: bool = True
-    refuse: frozenset[str] = frozenset()
-    warnings: tuple[str, ...] = ()
+    tun_name: str
+    port: int
+    batch: int
+    offload: bool
+    allow_any_source: bool
+    max_routes: int
+    drop_ring: int
+    workers: int
+    c_loop: bool
+    drain: bool
+    fast_csum: bool
+    simd: bool
+    uso: bool
+    flow_steering: bool
+    refuse: frozenset[str]
+    warnings: tuple[str, ...]
 
     @classmethod
     def resolve(cls, options: UdpOptions, flags: UdpFlags, *, cpus: int | None, subnets: int) -> UdpSettings:

@@ -20,9 +20,8 @@ from tunproxy.backend_config import default_workers
 from tunproxy.backends.udp_devices import IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, ifreq
 from tunproxy.backends.udp_steering import flow_steering_program
 from tunproxy.backends.udp_workers import WorkerPool, merge_drops, sum_counters
-from tunproxy.counters import COUNTERS, Counters, PeerCounters
+from tunproxy.counters import COUNTERS, Counters, Drop, PeerCounters
 from tunproxy.fastpath import FastPath
-from tunproxy.fastpath_memory import Drop
 
 MASK = 0xFFFFFFFF
 

@@ -236,7 +236,8 @@ class UdpBackend(Backend):
         )
 
     def _start_workers(self, paths: Sequence[FastPath], fds: Sequence[int]) -> None:
-        socks = [s.fileno() for s in self.socks] if self.socks else [self._socket().fileno()]
+        assert self.sock is not None
+        socks = [s.fileno() for s in self.socks or [self.sock]]
         self.pool = WorkerPool(paths, fds, socks, self._worker_error, c_loop=self.settings.c_loop)
         # The pool has FastPath's face for routes, counters and drops (what apply, stats and the
         # observers use); _on_tun/_on_udp, the only callers of the packet methods, never run with it.
@@ -252,10 +253,6 @@ class UdpBackend(Backend):
         else:
             who = "the event loop wakes the C"
         return f"{who}, drain {'on' if self.settings.drain else 'off'}"
-
-    def _socket(self) -> socket.socket:
-        assert self.sock is not None
-        return self.sock
 
     def _stop_workers(self) -> None:
         """End and join every worker thread (the fds stay open)."""

@@ -37,9 +37,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Network
 
-from ..counters import COUNTERS, Counters, PeerCounters
+from ..counters import COUNTERS, Counters, Drop, PeerCounters
 from ..fastpath import RUN_STOP, RUN_TUN_GONE, RUN_YIELD, FastPath, UdpGsoDisabled, now_ms
-from ..fastpath_memory import Drop
 
 log = logging.getLogger(__name__)
 
